@@ -1,0 +1,1 @@
+"""minc_rl.configs."""

@@ -1,0 +1,130 @@
+"""Encoders shared by the RL agents and image pretraining, and the BN-terminated projection head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+ENCODERS = ("impala", "nature", "mlp")
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv1(torch.relu(self.conv0(torch.relu(x))))
+
+
+class ImpalaCNN(nn.Module):
+    """IMPALA CNN (Espeholt et al. 2018) as used by Cobbe et al. 2020: stacks of conv, pool, 2 residual blocks."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: tuple[int, int] = (64, 64),
+        channels: Sequence[int] = (16, 32, 32),
+        features_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for previous, out in zip((in_channels, *channels), channels):
+            layers += [
+                nn.Conv2d(previous, out, 3, padding=1),
+                nn.MaxPool2d(3, stride=2, padding=1),
+                _ResidualBlock(out),
+                _ResidualBlock(out),
+            ]
+        self.conv = nn.Sequential(*layers, nn.ReLU(), nn.Flatten())
+        self.fc = nn.Sequential(nn.Linear(_flat_size(self.conv, in_channels, image_size), features_dim), nn.ReLU())
+        self.features_dim = features_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of float images (N, C, H, W) in [0, 1]."""
+        return self.fc(self.conv(x))
+
+
+class NatureCNN(nn.Module):
+    """Nature DQN CNN (Mnih et al. 2015): three convolutions and a linear layer."""
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int] = (84, 84), features_dim: int = 512) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        self.fc = nn.Sequential(nn.Linear(_flat_size(self.conv, in_channels, image_size), features_dim), nn.ReLU())
+        self.features_dim = features_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of float images (N, C, H, W) in [0, 1]."""
+        return self.fc(self.conv(x))
+
+
+class MLPEncoder(nn.Module):
+    """Two-layer tanh MLP for vector observations (SB3's default MlpPolicy body)."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int] = (64, 64), features_dim: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        for width in (*hidden, features_dim):
+            layers += [nn.Linear(in_features, width), nn.Tanh()]
+            in_features = width
+        self.net = nn.Sequential(*layers)
+        self.features_dim = features_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of flat float observations (N, ...)."""
+        return self.net(x.float())
+
+
+def _flat_size(conv: nn.Module, in_channels: int, image_size: tuple[int, int]) -> int:
+    with torch.no_grad():
+        return int(conv(torch.zeros(1, in_channels, *image_size)).shape[1])
+
+
+def build_encoder(name: str, input_shape: Sequence[int], features_dim: int | None = None) -> nn.Module:
+    """Encoder `name` ("impala", "nature", "mlp") for inputs of shape (C, H, W) or (features,)."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; valid encoders: {', '.join(ENCODERS)}")
+    if name == "mlp":
+        in_features = int(torch.tensor(input_shape).prod())
+        return MLPEncoder(in_features, features_dim=features_dim or 64)
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"encoder {name!r} needs image inputs of shape (C, H, W); got {tuple(input_shape)}; use encoder 'mlp'"
+        )
+    channels, height, width = input_shape
+    cls = ImpalaCNN if name == "impala" else NatureCNN
+    default_dim = 256 if name == "impala" else 512
+    return cls(channels, image_size=(height, width), features_dim=features_dim or default_dim)
+
+
+class ProjectionHead(nn.Module):
+    """HaoChen et al.'s head: Linear -> BN -> ReLU -> Linear -> BN (no affine); final BN optional for ablations."""
+
+    def __init__(self, in_dim: int, out_dim: int = 64, hidden_dim: int = 256, final_bn: bool = True) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Linear(in_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, out_dim),
+        ]
+        if final_bn:
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        self.net = nn.Sequential(*layers)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedding of encoder features."""
+        return self.net(x)

@@ -1,0 +1,51 @@
+"""Collapse and health monitors for embeddings and MINC's Lambda."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe effective rank (Garrido et al. 2023): exp of the entropy of the normalised singular values."""
+    singular = torch.linalg.svdvals(z.detach().float())
+    p = singular / (singular.sum() + eps) + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@torch.no_grad()
+def normalized_embedding_std(z: torch.Tensor) -> float:
+    """Mean over dimensions of the batch std of L2-normalised embeddings; ~1/sqrt(d) healthy, 0 collapsed."""
+    return float(F.normalize(z.detach().float(), dim=1).std(dim=0).mean())
+
+
+@torch.no_grad()
+def lambda_eigenvalues(cov: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of the symmetric matrix Lambda, largest first."""
+    return torch.linalg.eigvalsh(cov.detach().float()).flip(0)
+
+
+@torch.no_grad()
+def offdiagonal_ratio(cov: torch.Tensor) -> float:
+    """||Lambda - diag(Lambda)||_F / ||Lambda||_F: 0 when the features are orthogonal."""
+    cov = cov.detach().float()
+    total = torch.linalg.matrix_norm(cov)
+    if total == 0:
+        return 0.0
+    return float(torch.linalg.matrix_norm(cov - torch.diag(torch.diagonal(cov))) / total)
+
+
+def embedding_health(z: torch.Tensor, loss: torch.nn.Module | None = None) -> dict[str, float]:
+    """Health metrics of a batch of embeddings, plus Lambda's when `loss` is a MINCLoss."""
+    metrics = {"rankme": rankme(z), "embedding_std": normalized_embedding_std(z)}
+    cov = getattr(loss, "cov", None)
+    if cov is not None:
+        eigenvalues = lambda_eigenvalues(cov)
+        metrics.update(
+            lambda_offdiag_ratio=offdiagonal_ratio(cov),
+            lambda_eig_max=float(eigenvalues[0]),
+            lambda_eig_min=float(eigenvalues[-1]),
+            skipped_batches=float(loss.skipped),
+        )
+    return metrics
