@@ -128,3 +128,31 @@ class ProjectionHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embedding of encoder features."""
         return self.net(x)
+
+
+def save_encoder(path: str, encoder: nn.Module, name: str, input_shape: Sequence[int]) -> None:
+    """Write `encoder.pt`: architecture name, input shape, features_dim and weights, atomically."""
+    from minc_rl.io import atomic_torch_save
+
+    atomic_torch_save(
+        {
+            "name": name,
+            "input_shape": [int(s) for s in input_shape],
+            "features_dim": int(encoder.features_dim),
+            "state_dict": encoder.state_dict(),
+        },
+        path,
+    )
+
+
+def load_encoder_weights(path: str, encoder: nn.Module, name: str, input_shape: Sequence[int]) -> None:
+    """Load an `encoder.pt` into `encoder`, raising ValueError if its architecture or input shape differ."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    expected = (name, [int(s) for s in input_shape], int(encoder.features_dim))
+    found = (saved["name"], list(saved["input_shape"]), int(saved["features_dim"]))
+    if expected != found:
+        raise ValueError(
+            f"encoder file {path} holds (encoder, input_shape, features_dim) = {found}, "
+            f"but the agent's encoder is {expected}; pretrain with the same backbone and observation shape"
+        )
+    encoder.load_state_dict(saved["state_dict"])
