@@ -79,11 +79,15 @@ class MINCLoss(nn.Module):
             return torch.zeros_like(self.ema_sum)
         return self.ema_sum / (1.0 - (1.0 - self.ema) ** int(self.steps))
 
-    def _batch_moment(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _batch_moment(self, a: torch.Tensor, b: torch.Tensor, all_reduce: bool) -> torch.Tensor:
+        """C_batch (mean over ranks when `all_reduce`); all NaN when a or b holds a non-finite value."""
         moment = (second_moment(a) + second_moment(b)) / 2 if self.symmetric else second_moment(a)
-        if self.gather_distributed and distributed_world()[1] > 1:
-            dist.all_reduce(moment, op=dist.ReduceOp.SUM)
-            moment /= distributed_world()[1]
+        if not self.symmetric and not torch.isfinite(b).all():
+            moment.fill_(float("nan"))  # b is not in the moment, but a batch with a bad b must be skipped too
+        _, world = distributed_world()
+        if all_reduce and self.gather_distributed and world > 1:
+            dist.all_reduce(moment, op=dist.ReduceOp.SUM)  # a NaN on one rank makes every rank skip
+            moment /= world
         return moment
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -95,7 +99,7 @@ class MINCLoss(nn.Module):
             )
         with torch.autocast(device_type=a.device.type, enabled=False):
             if self.training:
-                moment = self._batch_moment(a, b)  # every rank joins the all-reduce, finite or not
+                moment = self._batch_moment(a, b, all_reduce=True)  # every rank joins, finite or not
                 if not torch.isfinite(moment).all():
                     self.skipped += 1
                     return torch.full((), float("nan"), device=a.device)
@@ -103,7 +107,8 @@ class MINCLoss(nn.Module):
                 self.steps += 1
                 cov = self.cov
             else:
-                cov = self.cov if int(self.steps) > 0 else self._batch_moment(a, b)
+                # no collective in eval mode: ranks may evaluate alone
+                cov = self.cov if int(self.steps) > 0 else self._batch_moment(a, b, all_reduce=False)
             loss = minc_loss_given_cov(a, b, cov, self.lower_triangular)
             if self.symmetric:
                 loss = (loss + minc_loss_given_cov(b, a, cov, self.lower_triangular)) / 2
