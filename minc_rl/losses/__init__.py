@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from minc_rl.losses.infonce import InfoNCELoss, info_nce_loss
@@ -9,21 +11,27 @@ from minc_rl.losses.minc import MINCLoss, minc_loss_given_cov, second_moment
 from minc_rl.losses.spectral import SpectralContrastiveLoss, spectral_contrastive_loss
 
 AUX_LOSSES = ("minc", "spectral", "infonce")
+_LOSS_CLASSES: dict[str, type[nn.Module]] = {
+    "minc": MINCLoss,
+    "spectral": SpectralContrastiveLoss,
+    "infonce": InfoNCELoss,
+}
 
 
 def build_aux_loss(name: str, dim: int, **kwargs) -> nn.Module:
     """Build the loss called `name` ("minc", "spectral" or "infonce") for embeddings of size `dim`.
 
     kwargs go to the loss's constructor: ema, lower_triangular, symmetric (minc), mu (spectral),
-    temperature (infonce), gather_distributed (all).
+    temperature (infonce), gather_distributed (all); an option the loss does not take is a ValueError.
     """
-    if name == "minc":
-        return MINCLoss(dim, **kwargs)
-    if name == "spectral":
-        return SpectralContrastiveLoss(**kwargs)
-    if name == "infonce":
-        return InfoNCELoss(**kwargs)
-    raise ValueError(f"unknown aux loss {name!r}; valid names: {', '.join(AUX_LOSSES)}")
+    if name not in _LOSS_CLASSES:
+        raise ValueError(f"unknown aux loss {name!r}; valid names: {', '.join(AUX_LOSSES)}")
+    loss_class = _LOSS_CLASSES[name]
+    options = [p for p in inspect.signature(loss_class.__init__).parameters if p not in ("self", "dim")]
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise ValueError(f"aux loss {name!r} does not take {unknown}; its options are {options}")
+    return loss_class(dim, **kwargs) if loss_class is MINCLoss else loss_class(**kwargs)
 
 
 __all__ = [
