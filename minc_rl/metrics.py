@@ -5,11 +5,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from minc_rl.losses import MINCLoss
+
 
 @torch.no_grad()
 def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
-    """RankMe effective rank (Garrido et al. 2023): exp of the entropy of the normalised singular values."""
-    singular = torch.linalg.svdvals(z.detach().float())
+    """RankMe effective rank (Garrido et al. 2023): exp of the entropy of the normalised singular values.
+
+    NaN for embeddings with a non-finite value (the SVD would raise), so a health log never crashes training.
+    """
+    z = z.detach().float()
+    if not torch.isfinite(z).all():
+        return float("nan")
+    singular = torch.linalg.svdvals(z)
     p = singular / (singular.sum() + eps) + eps
     return float(torch.exp(-(p * p.log()).sum()))
 
@@ -39,8 +47,8 @@ def offdiagonal_ratio(cov: torch.Tensor) -> float:
 def embedding_health(z: torch.Tensor, loss: torch.nn.Module | None = None) -> dict[str, float]:
     """Health metrics of a batch of embeddings, plus Lambda's when `loss` is a MINCLoss."""
     metrics = {"rankme": rankme(z), "embedding_std": normalized_embedding_std(z)}
-    cov = getattr(loss, "cov", None)
-    if cov is not None:
+    if isinstance(loss, MINCLoss):
+        cov = loss.cov
         eigenvalues = lambda_eigenvalues(cov)
         metrics.update(
             lambda_offdiag_ratio=offdiagonal_ratio(cov),
