@@ -1,0 +1,469 @@
+"""The loss core against DESIGN.md section 2: values, the MINC gradient contract, Lambda's EMA, GHA ordering."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from minc_rl.losses import (
+    AUX_LOSSES,
+    InfoNCELoss,
+    MINCLoss,
+    SpectralContrastiveLoss,
+    build_aux_loss,
+    info_nce_loss,
+    spectral_contrastive_loss,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest and immune to oversubscribed shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_pair(batch: int = 16, dim: int = 5, seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    a = scale * torch.randn(batch, dim, generator=g, dtype=torch.float64).float()
+    b = scale * torch.randn(batch, dim, generator=g, dtype=torch.float64).float()
+    return a.requires_grad_(), b.requires_grad_()
+
+
+# ---------------------------------------------------------------- spectral contrastive loss
+
+
+def official_spectral(z1: torch.Tensor, z2: torch.Tensor, mu: float = 1.0) -> torch.Tensor:
+    """HaoChen et al.'s `D(z1, z2, mu)` (models/spectral.py of their code), written out as they wrote it."""
+    mask1 = (torch.norm(z1, p=2, dim=1) < math.sqrt(mu)).float().unsqueeze(1)
+    mask2 = (torch.norm(z2, p=2, dim=1) < math.sqrt(mu)).float().unsqueeze(1)
+    z1 = mask1 * z1 + (1 - mask1) * F.normalize(z1, dim=1) * math.sqrt(mu)
+    z2 = mask2 * z2 + (1 - mask2) * F.normalize(z2, dim=1) * math.sqrt(mu)
+    loss_part1 = -2 * torch.mean(z1 * z2) * z1.shape[1]
+    square_term = torch.matmul(z1, z2.T) ** 2
+    loss_part2 = (
+        torch.mean(torch.triu(square_term, diagonal=1) + torch.tril(square_term, diagonal=-1))
+        * z1.shape[0]
+        / (z1.shape[0] - 1)
+    )
+    return (loss_part1 + loss_part2) / mu
+
+
+@pytest.mark.parametrize(
+    ("mu", "expected"),
+    [
+        # a_0 = (2, 0) is clipped to (1, 0) at mu=1; positives 0.6 + 0.5; one off-diagonal square 0.4^2 over B(B-1)=2
+        (1.0, -1.1 + 0.16 / 2),
+        # radius 2: a_0 stays; positives 1.2 + 0.5; same off-diagonal; divided by mu
+        (4.0, (-1.7 + 0.16 / 2) / 4),
+    ],
+)
+def test_spectral_hand_computed(mu: float, expected: float) -> None:
+    a = torch.tensor([[2.0, 0.0], [0.0, 0.5]])
+    b = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    assert_close(spectral_contrastive_loss(a, b, mu=mu), torch.tensor(expected))
+    assert_close(SpectralContrastiveLoss(mu=mu)(a, b), torch.tensor(expected))
+
+
+@pytest.mark.parametrize("mu", [1.0, 4.0, 25.0])
+def test_spectral_matches_official_code_value_and_gradient(mu: float) -> None:
+    a, b = random_pair(batch=12, dim=6, seed=1, scale=1.5)  # rows on both sides of sqrt(mu)
+    a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ours = spectral_contrastive_loss(a, b, mu=mu)
+    reference = official_spectral(a_ref, b_ref, mu=mu)
+    assert_close(ours, reference)
+    ours.backward()
+    reference.backward()
+    assert_close(a.grad, a_ref.grad)
+    assert_close(b.grad, b_ref.grad)
+
+
+def test_spectral_clipping_is_active_in_the_test_data() -> None:
+    a, _ = random_pair(batch=12, dim=6, seed=1, scale=1.5)
+    norms = a.detach().norm(dim=1)
+    assert (norms > 2.0).any() and (norms < 2.0).any()  # mu=4 clips some rows and keeps others
+
+
+# ---------------------------------------------------------------- InfoNCE
+
+
+def nt_xent_loop(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent written as a loop: every view must pick its partner among the 2B - 1 others."""
+    views = F.normalize(torch.cat([a, b]), dim=1)
+    n = views.shape[0]
+    batch = n // 2
+    total = torch.zeros(())
+    for i in range(n):
+        partner = (i + batch) % n
+        sims = [views[i] @ views[k] / temperature for k in range(n) if k != i]
+        total = total - (views[i] @ views[partner] / temperature - torch.logsumexp(torch.stack(sims), 0))
+    return total / n
+
+
+def test_infonce_hand_computed() -> None:
+    # orthonormal pairs at temperature 1: each view sees its partner at 1 and two others at 0
+    eye = torch.eye(2)
+    assert_close(info_nce_loss(eye, eye.clone(), temperature=1.0), torch.tensor(math.log(1 + 2 / math.e)))
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_infonce_matches_loop_formula(temperature: float) -> None:
+    a, b = random_pair(batch=6, dim=4, seed=2)
+    a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ours = InfoNCELoss(temperature)(a, b)
+    reference = nt_xent_loop(a_ref, b_ref, temperature)
+    assert_close(ours, reference)
+    ours.backward()
+    reference.backward()
+    assert_close(a.grad, a_ref.grad)
+    assert_close(b.grad, b_ref.grad)
+
+
+# ---------------------------------------------------------------- MINC: values and the gradient contract
+
+
+@pytest.mark.parametrize(
+    ("lower_triangular", "expected_grad"),
+    [
+        # Lambda = a^T a / 2 = [[.5, .5], [.5, 2.5]]; tril(Lambda) a_0 = (.5, 3), tril(Lambda) a_1 = (0, 5)
+        (True, [[-0.5, 2.0], [0.0, 4.0]]),
+        # Lambda a_0 = (1, 3), Lambda a_1 = (1, 5); a.grad = -(b - M a) at B = 2
+        (False, [[0.0, 2.0], [1.0, 4.0]]),
+    ],
+)
+def test_minc_hand_computed(lower_triangular: bool, expected_grad: list[list[float]]) -> None:
+    a = torch.tensor([[1.0, 1.0], [0.0, 2.0]], requires_grad=True)
+    b = torch.tensor([[1.0, 1.0], [0.0, 1.0]], requires_grad=True)
+    loss_fn = MINCLoss(2, ema=0.3, lower_triangular=lower_triangular, symmetric=False)
+    loss = loss_fn(a, b)
+    assert_close(loss_fn.cov, torch.tensor([[0.5, 0.5], [0.5, 2.5]]))
+    # -(2/2)(a_0.b_0 + a_1.b_1) + (1/2)(a_0 Lambda a_0 + a_1 Lambda a_1) = -4 + (4 + 10)/2
+    assert_close(loss, torch.tensor(3.0))
+    loss.backward()
+    assert_close(a.grad, torch.tensor(expected_grad))
+    assert b.grad is None  # no gradient into b
+
+
+@pytest.mark.parametrize("lower_triangular", [True, False])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_minc_gradient_contract(lower_triangular: bool, symmetric: bool) -> None:
+    batch = 16
+    loss_fn = MINCLoss(5, ema=0.2, lower_triangular=lower_triangular, symmetric=symmetric)
+    for seed in range(3):  # a few steps so that Lambda is an EMA, not just this batch
+        a, b = random_pair(batch=batch, seed=seed)
+        loss = loss_fn(a, b)
+    loss.backward()
+    cov = loss_fn.cov
+    mixing = torch.tril(cov) if lower_triangular else cov
+    a_, b_ = a.detach(), b.detach()
+    value = -(2 / batch) * (a_ * b_).sum() + ((a_ @ cov) * a_).sum() / batch
+    if symmetric:
+        value = (value - (2 / batch) * (a_ * b_).sum() + ((b_ @ cov) * b_).sum() / batch) / 2
+        assert_close(a.grad, -(1 / batch) * (b_ - a_ @ mixing.T), atol=1e-5, rtol=1e-5)
+        assert_close(b.grad, -(1 / batch) * (a_ - b_ @ mixing.T), atol=1e-5, rtol=1e-5)
+    else:
+        assert_close(a.grad, -(2 / batch) * (b_ - a_ @ mixing.T), atol=1e-5, rtol=1e-5)
+        assert b.grad is None
+    assert_close(loss, value)
+
+
+def test_minc_gradient_is_not_the_naive_autograd_of_the_value() -> None:
+    """The trap DESIGN.md names: d/da of a^T tril(Lambda) a would be (Lambda + diag Lambda) a."""
+    a, b = random_pair(seed=4)
+    loss_fn = MINCLoss(5, ema=1.0, symmetric=False)
+    loss_fn(a, b).backward()
+    cov = loss_fn.cov
+    naive = -(2 / 16) * (b.detach() - 0.5 * a.detach() @ (cov + torch.diag(torch.diagonal(cov))))
+    assert not torch.allclose(a.grad, naive, atol=1e-3)
+
+
+def test_minc_cov_at_step_one_is_the_batch_second_moment() -> None:
+    a, b = random_pair(batch=10, dim=4, seed=5)
+    symmetric = MINCLoss(4, ema=0.05)
+    symmetric(a, b)
+    expected = (a.detach().T @ a.detach() + b.detach().T @ b.detach()) / (2 * 10)
+    assert_close(symmetric.cov, expected)
+    one_sided = MINCLoss(4, ema=0.05, symmetric=False)
+    one_sided(a, b)
+    assert_close(one_sided.cov, a.detach().T @ a.detach() / 10)
+    assert symmetric.cov.dtype == torch.float32 and int(symmetric.steps) == 1
+
+
+def test_minc_lambda_follows_the_bias_corrected_ema() -> None:
+    ema = 0.3
+    loss_fn = MINCLoss(4, ema=ema)
+    running = torch.zeros(4, 4, dtype=torch.float64)
+    for step in range(1, 7):
+        a, b = random_pair(batch=8, dim=4, seed=10 + step, scale=float(step))  # moments that move
+        loss_fn(a, b)
+        moment = (a.detach().T @ a.detach() + b.detach().T @ b.detach()).double() / 16
+        running = (1 - ema) * running + ema * moment
+        assert_close(loss_fn.cov, (running / (1 - (1 - ema) ** step)).float())
+    assert int(loss_fn.steps) == 6
+
+
+def test_minc_equals_all_pairs_spectral_gradient() -> None:
+    """ema=1, full Lambda, one direction, Lambda from the other view: MINC's gradient is the all-pairs one."""
+    a, b = random_pair(batch=12, dim=6, seed=6)
+    loss_fn = MINCLoss(6, ema=1.0, lower_triangular=False, symmetric=False)
+    loss_fn(b.detach(), a.detach())  # one training step: Lambda = (1/B) sum_j b_j b_j^T
+    loss_fn.eval()
+    loss_fn(a, b).backward()
+    a_ref = a.detach().clone().requires_grad_()
+    b_sg = b.detach()
+    batch = a.shape[0]
+    all_pairs = -(2 / batch) * (a_ref * b_sg).sum() + ((a_ref @ b_sg.T) ** 2).sum() / batch**2
+    all_pairs.backward()
+    assert_close(a.grad, a_ref.grad, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- MINC: GHA property
+
+
+def train_linear_minc(lower_triangular: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train W (3 x 8) with MINC on x' = C x + noise; return W and the eigenvectors of C, largest first.
+
+    With x ~ N(0, I) and Cov(x') = I, the fixed points of the expected MINC update satisfy
+    W C = M W: GHA (M = tril(W W^T)) gives the top eigenvectors in order, with |w_i|^2 = lambda_i.
+    """
+    g = torch.Generator().manual_seed(0)
+    n, k, batch = 8, 3, 256
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    eigenvalues = torch.tensor([0.9, 0.75, 0.6, 0.4, 0.3, 0.2, 0.1, 0.0])
+    cross = basis @ torch.diag(eigenvalues) @ basis.T
+    noise = basis @ torch.diag((1 - eigenvalues**2).sqrt()) @ basis.T
+    weight = torch.nn.Parameter(0.1 * torch.randn(k, n, generator=g))
+    loss_fn = MINCLoss(k, ema=0.1, lower_triangular=lower_triangular)
+    optimizer = torch.optim.SGD([weight], lr=0.15)
+    for _ in range(600):
+        x = torch.randn(batch, n, generator=g)
+        x_next = x @ cross + torch.randn(batch, n, generator=g) @ noise
+        loss = loss_fn(x @ weight.T, x_next @ weight.T)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return weight.detach(), basis[:, :k].T
+
+
+def subspace_alignment(weight: torch.Tensor, eigenvectors: torch.Tensor) -> torch.Tensor:
+    """Norm of each eigenvector's projection onto the row space of `weight` (1 = inside it)."""
+    projection = weight.T @ torch.linalg.pinv(weight.T)
+    return torch.linalg.norm(eigenvectors @ projection, dim=1)
+
+
+def test_gha_recovers_top_eigenvectors_in_order() -> None:
+    weight, eigenvectors = train_linear_minc(lower_triangular=True)
+    cosines = F.cosine_similarity(weight, eigenvectors, dim=1).abs()
+    assert (cosines > 0.95).all(), cosines
+    assert_close(weight.norm(dim=1) ** 2, torch.tensor([0.9, 0.75, 0.6]), atol=0.1, rtol=0)
+
+
+def test_full_lambda_recovers_the_subspace_but_not_the_order() -> None:
+    weight, eigenvectors = train_linear_minc(lower_triangular=False)
+    assert (subspace_alignment(weight, eigenvectors) > 0.95).all()
+    cosines = F.cosine_similarity(weight, eigenvectors, dim=1).abs()
+    assert cosines.min() < 0.9, cosines  # rows are a rotation of the eigenvectors, not the eigenvectors
+
+
+# ---------------------------------------------------------------- MINC: state, modes, numerics
+
+
+def test_minc_state_dict_round_trip() -> None:
+    loss_fn = MINCLoss(5, ema=0.2)
+    for seed in range(3):
+        loss_fn(*random_pair(seed=seed))
+    loss_fn(torch.full((4, 5), float("nan")), torch.zeros(4, 5))
+    buffer = io.BytesIO()
+    torch.save(loss_fn.state_dict(), buffer)
+    buffer.seek(0)
+    restored = MINCLoss(5, ema=0.2)
+    restored.load_state_dict(torch.load(buffer))
+    assert set(loss_fn.state_dict()) == {"ema_sum", "steps", "skipped"}
+    assert torch.equal(restored.cov, loss_fn.cov)
+    assert int(restored.steps) == 3 and int(restored.skipped) == 1
+    a, b = random_pair(seed=9)
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    loss_fn(a, b).backward()
+    restored(a2, b2).backward()
+    assert torch.equal(a.grad, a2.grad) and torch.equal(restored.cov, loss_fn.cov)
+
+
+def test_minc_eval_mode_leaves_lambda_alone() -> None:
+    loss_fn = MINCLoss(5, ema=0.2)
+    loss_fn(*random_pair(seed=0))
+    ema_sum, steps = loss_fn.ema_sum.clone(), loss_fn.steps.clone()
+    loss_fn.eval()
+    a, b = random_pair(seed=1, scale=3.0)
+    loss = loss_fn(a, b)
+    assert torch.equal(loss_fn.ema_sum, ema_sum) and torch.equal(loss_fn.steps, steps)
+    cov = loss_fn.cov
+    expected = -(2 / 16) * (a * b).sum() + (((a @ cov) * a).sum() + ((b @ cov) * b).sum()) / 32
+    assert_close(loss, expected.detach())
+
+
+def test_minc_eval_before_any_training_uses_the_batch_moment() -> None:
+    loss_fn = MINCLoss(5).eval()
+    a, b = random_pair(seed=3)
+    loss_fn(a, b)
+    assert int(loss_fn.steps) == 0 and torch.equal(loss_fn.ema_sum, torch.zeros(5, 5))
+
+
+@pytest.mark.parametrize(
+    ("symmetric", "bad_view", "bad_value"),
+    [(True, "a", float("nan")), (True, "b", float("inf")), (False, "a", float("-inf")), (False, "b", float("nan"))],
+)
+def test_minc_non_finite_batch_is_skipped(symmetric: bool, bad_view: str, bad_value: float) -> None:
+    loss_fn = MINCLoss(5, ema=0.2, symmetric=symmetric)
+    loss_fn(*random_pair(seed=0))
+    ema_sum, steps = loss_fn.ema_sum.clone(), loss_fn.steps.clone()
+    a, b = random_pair(seed=1)
+    with torch.no_grad():
+        (a if bad_view == "a" else b)[3, 2] = bad_value
+    loss = loss_fn(a, b)
+    assert not torch.isfinite(loss)
+    assert torch.equal(loss_fn.ema_sum, ema_sum)  # bit-identical
+    assert torch.equal(loss_fn.steps, steps)
+    assert int(loss_fn.skipped) == 1
+    loss_fn(*random_pair(seed=2))  # training goes on
+    assert int(loss_fn.steps) == 2 and torch.isfinite(loss_fn.cov).all()
+
+
+def test_minc_overflowing_moment_is_skipped() -> None:
+    loss_fn = MINCLoss(5)
+    a, b = random_pair(seed=0, scale=1e30)  # finite embeddings whose squares overflow float32
+    assert torch.isfinite(a).all()
+    assert not torch.isfinite(loss_fn(a, b))
+    assert int(loss_fn.skipped) == 1 and int(loss_fn.steps) == 0
+
+
+@pytest.mark.parametrize("name", AUX_LOSSES)
+def test_losses_compute_in_float32_under_autocast(name: str) -> None:
+    """bf16 embeddings under autocast give exactly the float32 computation on their upcast values."""
+    a, b = random_pair(batch=32, dim=16, seed=7)
+    a16, b16 = a.detach().bfloat16().requires_grad_(), b.detach().bfloat16().requires_grad_()
+    a32, b32 = a16.detach().float().requires_grad_(), b16.detach().float().requires_grad_()
+    loss_16, loss_32 = build_aux_loss(name, 16), build_aux_loss(name, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value_16 = loss_16(a16, b16)
+    value_32 = loss_32(a32, b32)
+    (value_16 * 1000).backward()  # scaled so that bf16 rounding of the gradient is visible
+    (value_32 * 1000).backward()
+    assert value_16.dtype == torch.float32
+    assert_close(value_16, value_32, rtol=1e-6, atol=1e-6)
+    assert_close(a16.grad, a32.grad.bfloat16(), rtol=0, atol=0)
+    if name == "minc":
+        assert loss_16.cov.dtype == torch.float32
+        assert_close(loss_16.cov, loss_32.cov, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", AUX_LOSSES)
+def test_bf16_autocast_keeps_float32_and_values(name: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    encoder = torch.nn.Linear(12, 8)
+    x, x_next = torch.randn(64, 12, generator=g), torch.randn(64, 12, generator=g)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        loss_fn = build_aux_loss(name, 8)
+        encoder.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            a, b = encoder(x), encoder(x_next)
+            assert a.dtype == dtype
+            loss = loss_fn(a, b)
+        loss.backward()
+        assert loss.dtype == torch.float32
+        results[dtype] = (loss.detach(), encoder.weight.grad.clone(), getattr(loss_fn, "cov", None))
+    (loss32, grad32, cov32), (loss16, grad16, cov16) = results[torch.float32], results[torch.bfloat16]
+    assert_close(loss16, loss32, rtol=3e-2, atol=3e-2)
+    assert_close(grad16, grad32, rtol=5e-2, atol=5e-2 * grad32.abs().max().item())
+    if name == "minc":
+        assert cov16.dtype == torch.float32
+        assert_close(cov16, cov32, rtol=3e-2, atol=3e-2)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+LOSS_FACTORIES = {
+    "minc": lambda: MINCLoss(4),
+    "spectral": lambda: SpectralContrastiveLoss(),
+    "infonce": lambda: InfoNCELoss(),
+}
+
+
+@pytest.mark.parametrize("name", AUX_LOSSES)
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape", "message"),
+    [
+        ((8,), (8,), r"2-D.*got shapes \(8,\) and \(8,\)"),
+        ((8, 4, 1), (8, 4, 1), r"2-D.*got shapes \(8, 4, 1\) and \(8, 4, 1\)"),
+        ((8, 4), (8, 4, 1), r"2-D.*got shapes \(8, 4\) and \(8, 4, 1\)"),
+        ((8, 4), (6, 4), r"same shape.*\(8, 4\) and \(6, 4\)"),
+        ((1, 4), (1, 4), r"at least 2.*\(1, 4\)"),
+    ],
+)
+def test_bad_shapes_raise(name: str, a_shape: tuple, b_shape: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LOSS_FACTORIES[name]()(torch.zeros(a_shape), torch.zeros(b_shape))
+
+
+def test_minc_wrong_dim_raises() -> None:
+    with pytest.raises(ValueError, match=r"dim=4.*shape \(8, 6\)"):
+        MINCLoss(4)(torch.zeros(8, 6), torch.zeros(8, 6))
+
+
+@pytest.mark.parametrize("ema", [0.0, -0.1, 1.5, float("nan")])
+def test_bad_ema_raises(ema: float) -> None:
+    with pytest.raises(ValueError, match=rf"ema must be in \(0, 1\]; got {ema}"):
+        MINCLoss(4, ema=ema)
+
+
+@pytest.mark.parametrize("dim", [0, -3, 2.5])
+def test_bad_dim_raises(dim) -> None:
+    with pytest.raises(ValueError, match=rf"positive integer; got {dim}"):
+        MINCLoss(dim)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: SpectralContrastiveLoss(mu=0), r"mu must be > 0; got 0"),
+        (lambda: spectral_contrastive_loss(torch.ones(3, 2), torch.ones(3, 2), mu=-1.0), r"mu must be > 0; got -1.0"),
+        (lambda: InfoNCELoss(temperature=0.0), r"temperature must be > 0; got 0.0"),
+        (lambda: info_nce_loss(torch.ones(3, 2), torch.ones(3, 2), temperature=-2), r"temperature must be > 0; got -2"),
+    ],
+)
+def test_bad_hyperparameters_raise(build, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_build_aux_loss_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match=r"unknown aux loss 'byol'; valid names: minc, spectral, infonce"):
+        build_aux_loss("byol", 8)
+
+
+def test_build_aux_loss_unknown_option_lists_valid_options() -> None:
+    with pytest.raises(ValueError, match=r"'spectral' does not take \['ema'\]; its options are \['mu', 'gather_distributed'\]"):
+        build_aux_loss("spectral", 8, ema=0.1)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "expected_type", "attribute", "value"),
+    [
+        ("minc", {"ema": 0.2, "lower_triangular": False}, MINCLoss, "lower_triangular", False),
+        ("spectral", {"mu": 2.0}, SpectralContrastiveLoss, "mu", 2.0),
+        ("infonce", {"temperature": 0.5}, InfoNCELoss, "temperature", 0.5),
+    ],
+)
+def test_build_aux_loss_builds_the_named_loss(name, kwargs, expected_type, attribute, value) -> None:
+    loss_fn = build_aux_loss(name, 8, **kwargs)
+    assert type(loss_fn) is expected_type and getattr(loss_fn, attribute) == value
+    if name == "minc":
+        assert loss_fn.dim == 8 and loss_fn.ema == 0.2
