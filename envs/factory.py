@@ -1,0 +1,94 @@
+"""make_vec_env / make_eval_env: an SB3 VecEnv from a 'family:name' spec string."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium
+import numpy as np
+from stable_baselines3.common.env_util import make_atari_env
+from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
+from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecMonitor
+
+from .procgen_vec_env import ProcgenVecEnv
+from .quiet import make_gymnasium_env
+from .spec import (
+    check_n_envs,
+    check_seed,
+    parse_spec,
+    resolve_atari,
+    resolve_gym,
+    resolve_minatar,
+    resolve_procgen,
+)
+
+
+class MinAtarImage(gymnasium.ObservationWrapper):
+    """MinAtar's boolean (10, 10, C) state as a channel-first uint8 (C, 10, 10) image with values {0, 255}.
+
+    255 makes SB3 take it for an image and scale it to {0, 1}. Channel-first because SB3 guesses the channel
+    axis as the smallest one: seaquest's channel-last (10, 10, 10) would silently pass as channel-first, and
+    SB3's VecTransposeImage refuses it. As (C, 10, 10) every game is read right and SB3 adds no transpose.
+    """
+
+    def __init__(self, env: gymnasium.Env) -> None:
+        super().__init__(env)
+        height, width, channels = env.observation_space.shape
+        self.observation_space = gymnasium.spaces.Box(0, 255, (channels, height, width), np.uint8)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(observation.transpose(2, 0, 1), dtype=np.uint8) * np.uint8(255)
+
+
+def validate_spec(spec: str, n_envs: int = 1, **options: Any) -> None:
+    """Raise the ValueError make_vec_env would raise for these arguments, without building an environment."""
+    _resolve(spec, n_envs, options)
+
+
+def _resolve(spec: str, n_envs: int, options: dict[str, Any]) -> tuple[str, str, Any]:
+    family, name = parse_spec(spec)
+    check_n_envs(n_envs)
+    resolved = {
+        "procgen": resolve_procgen,
+        "atari": resolve_atari,
+        "minatar": resolve_minatar,
+        "gym": resolve_gym,
+    }[family](name, options)
+    return family, name, resolved
+
+
+def make_vec_env(spec: str, n_envs: int, seed: int = 0, **options: Any) -> VecEnv:
+    """Training envs for `spec` ('procgen:coinrun', 'atari:Pong', 'minatar:breakout', 'gym:CartPole-v1').
+
+    Every env reports finished episodes in info['episode'] (Monitor / VecMonitor): do not add a VecMonitor.
+    """
+    return _make(spec, n_envs, seed, options, evaluation=False)
+
+
+def make_eval_env(spec: str, n_envs: int, seed: int = 0, **options: Any) -> VecEnv:
+    """Held-out evaluation envs: procgen's full level distribution (num_levels=0, start_level=0, whatever the
+    training options say), Atari without end-of-life terminations and reward clipping; the rest as make_vec_env."""
+    return _make(spec, n_envs, seed, options, evaluation=True)
+
+
+def _make(spec: str, n_envs: int, seed: int, options: dict[str, Any], evaluation: bool) -> VecEnv:
+    family, name, resolved = _resolve(spec, n_envs, options)
+    check_seed(seed)
+    if family == "procgen":
+        if evaluation and resolved["distribution_mode"] != "exploration":
+            resolved.update(num_levels=0, start_level=0)
+        return VecMonitor(ProcgenVecEnv(name, n_envs, seed, **resolved))
+
+    options = dict(options)
+    if family == "atari":
+        frame_stack = options.pop("frame_stack", 4)
+        if evaluation:
+            options.update(terminal_on_life_loss=False, clip_reward=False)
+        venv = make_atari_env(make_gymnasium_env, n_envs, seed, env_kwargs={"env_id": resolved}, wrapper_kwargs=options)
+        return VecFrameStack(venv, frame_stack)
+    if family == "minatar":
+        from minatar.gym import BaseEnv
+
+        env_kwargs = {"game": name, "use_minimal_action_set": options.pop("minimal_action_set", False), **options}
+        return sb3_make_vec_env(BaseEnv, n_envs, seed, wrapper_class=MinAtarImage, env_kwargs=env_kwargs)
+    return sb3_make_vec_env(make_gymnasium_env, n_envs, seed, env_kwargs={"env_id": name, **options})
