@@ -1,0 +1,380 @@
+"""Image pretraining: digits learning signal, data sets and their errors, evaluation, resume, DDP, encoder.pt bridge."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from minc_rl.augment import TwoViewAugment, simclr_pipeline
+from minc_rl.backbones import build_backbone
+from minc_rl.data import DataRootError, load_data
+from minc_rl.encoders import build_encoder, load_encoder_weights
+from minc_rl.linear_eval import knn_accuracy, linear_probe_accuracy
+import minc_rl.pretrain
+from minc_rl.io import atomic_torch_save
+from minc_rl.pretrain import LARS, compose_config, pretrain, scaled_lr
+
+QUIET = ["progress=false", "eval.every=1000", "device=cpu"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two shared cores: one intra-op thread avoids oversubscription (and keeps CPU results deterministic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(out_dir: Path, *overrides: str) -> dict:
+    return pretrain(compose_config([*QUIET, *overrides]), out_dir)
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+# ---------------------------------------------------------------- digits: the learning signal and the outputs
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    """200 steps of MINC on digits (B=128, AdamW 1e-3, ema=1.0), the random-init backbone evaluated first."""
+    out = tmp_path_factory.mktemp("digits")
+    torch.set_num_threads(1)
+    run(out, "loss=minc", "loss.ema=1.0", "steps=200", "lr_scaling=none", "eval.every=5", "checkpoint_every=5")
+    return out
+
+
+def test_digits_minc_beats_random_init_on_held_out_split(digits_run):
+    summary = json.loads((digits_run / "summary.json").read_text())
+    initial, final = summary["initial"], summary["final"]
+    assert initial["step"] == 0 and final["step"] == 200
+    # 360 held-out digits: the random-init probe makes ~22 errors; the pretrained one must make ~1/3 fewer
+    assert final["probe_acc"] >= initial["probe_acc"] + 0.02, (initial, final)
+    assert final["knn_acc"] >= initial["knn_acc"] + 0.03, (initial, final)
+    assert final["collapsed"] == 0 and final["val_rankme"] > 10
+
+
+def test_digits_run_writes_config_metrics_checkpoint_and_encoder(digits_run):
+    assert (digits_run / "config.yaml").read_text().count("name: digits") == 1
+    rows = list(csv.DictReader(open(digits_run / "metrics.csv")))
+    # 11 steps per epoch (1437 train images, B=128, drop_last): 19 epochs, the 19th cut at step 200
+    assert [int(r["epoch"]) for r in rows] == list(range(0, 20))
+    assert [r["probe_acc"] != "" for r in rows] == [e % 5 == 0 or e == 19 for e in range(20)]
+    assert all(float(r["loss"]) == float(r["loss"]) for r in rows[1:])  # finite, logged every epoch
+    assert all(float(r["lambda_eig_max"]) > 0 for r in rows[1:])
+    assert list((digits_run / "tensorboard").glob("events.out.tfevents.*"))
+    checkpoint = torch.load(digits_run / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 19 and checkpoint["step"] == 200
+    assert checkpoint["loss"]["ema_sum"].dtype == torch.float32 and int(checkpoint["loss"]["steps"]) == 200
+    assert torch.isfinite(checkpoint["loss"]["ema_sum"]).all()
+    assert checkpoint["optimizer"]["state"], "optimizer moments are saved"
+    backbone = build_backbone("convnet", (1, 8, 8))
+    load_encoder_weights(str(digits_run / "encoder.pt"), backbone, "convnet", (1, 8, 8))
+    for name, value in backbone.state_dict().items():
+        torch.testing.assert_close(value, checkpoint["model"][f"backbone.{name}"])
+
+
+def test_linear_eval_entry_point_on_pretraining_checkpoint(digits_run, tmp_path):
+    command = [
+        sys.executable, "-m", "minc_rl.linear_eval", f"checkpoint={digits_run}", "epochs=3", "batch_size=64",
+        "crop_scale=[0.6,1.0]", "flip=0.0", "progress=false", "device=cpu", f"hydra.run.dir={tmp_path}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "linear_eval.json").read_text())
+    assert result["pretrain_epoch"] == 19 and result["epochs"] == 3
+    assert result["val_top1"] > 0.6  # chance is 0.1; 3 epochs of SGD on frozen features
+    assert result["lr"] == pytest.approx(0.1 * 64 / 256)
+
+
+def test_resume_after_a_crash_continues_exactly_where_the_run_stopped(tmp_path, monkeypatch):
+    common = ["loss=minc", "batch_size=256", "epochs=3", "eval.at_start=false", "checkpoint_every=1"]
+    run(tmp_path / "full", *common)
+
+    def save_then_crash(state, path):
+        atomic_torch_save(state, path)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(minc_rl.pretrain, "atomic_torch_save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "crashed", *common)
+    monkeypatch.undo()
+    run(tmp_path / "crashed", *common, f"resume={tmp_path / 'crashed'}")
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=False)
+    assert resumed["step"] == full["step"] == 3 * 5
+    torch.testing.assert_close(resumed["model"], full["model"])
+    torch.testing.assert_close(resumed["loss"], full["loss"])
+    torch.testing.assert_close(resumed["optimizer"], full["optimizer"])
+    rows = list(csv.DictReader(open(tmp_path / "crashed" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # appended after the crash, one header
+    with pytest.raises(ValueError, match="checkpoint has .*'minc'.*this run .*'spectral'"):
+        run(tmp_path / "bad", "loss=spectral", "batch_size=256", f"resume={tmp_path / 'crashed'}")
+
+
+def test_bf16_autocast_keeps_lambda_float32_and_finite(tmp_path):
+    summary = run(tmp_path, "precision=bf16", "steps=3", "batch_size=32", "eval.at_start=false")
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["loss"]["ema_sum"].dtype == torch.float32
+    assert torch.isfinite(checkpoint["loss"]["ema_sum"]).all() and summary["skipped_batches"] == 0
+
+
+@pytest.mark.parametrize("loss", ["spectral", "infonce"])
+def test_baseline_losses_and_ema_target_encoder_train(tmp_path, loss):
+    summary = run(tmp_path, f"loss={loss}", "steps=2", "batch_size=32", "target_momentum=0.9", "eval.at_start=false")
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    moved = [
+        not torch.equal(checkpoint["target"][k], checkpoint["model"][k])
+        for k in checkpoint["model"] if checkpoint["model"][k].is_floating_point()
+    ]
+    assert any(moved)  # the target lags the online network
+    assert summary["final"]["probe_acc"] > 0.5
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("precision=fp16", "unknown precision 'fp16'; valid: fp32, bf16"),
+        ("optimizer=rmsprop", "unknown optimizer 'rmsprop'; valid: sgd, lars, adamw"),
+        ("batch_size=1", "batch_size=1 must be >= 2"),
+        ("batch_size=4096", "batch_size=4096 is larger than the 1437 training pairs"),
+        ("backbone=vgg", "unknown backbone 'vgg'; valid backbones: resnet18, resnet50, convnet, impala"),
+        ("lr_scaling=cubic", "unknown lr_scaling 'cubic'; valid: linear, sqrt, none"),
+        ("target_momentum=1.5", "target_momentum must be in"),
+    ],
+)
+def test_bad_options_name_the_value_and_the_valid_ones(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        run(tmp_path, override)
+
+
+# ---------------------------------------------------------------- data sets on disk, and their errors
+
+
+def write_cifar(root: Path, per_batch: int = 16) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(per_batch)]}
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch, handle)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, handle)
+    return folder
+
+
+def write_imagefolder(root: Path, size: int = 40, per_class: int = 6) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for shade, name in ((40, "cat"), (200, "dog")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.clip(rng.normal(shade, 20, (size, size + 8, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+def test_cifar_fixture_trains_a_resnet18_small_stem_step_and_evaluates(tmp_path):
+    write_cifar(tmp_path / "cifar")
+    data = load_data("cifar10", root=str(tmp_path / "cifar"))
+    assert data.train.images.shape == (80, 3, 32, 32) and data.val.images.shape == (16, 3, 32, 32)
+    assert data.class_names[3] == "c3" and data.train.labels[:3].tolist() == [0, 1, 2]
+    summary = run(
+        tmp_path / "run", "data=cifar10", f"data.root={tmp_path / 'cifar'}", "backbone=resnet18",
+        "batch_size=16", "steps=1", "eval.at_start=false",
+    )
+    assert summary["steps"] == 1 and summary["backbone"] == "resnet18"
+    assert 0.0 <= summary["final"]["probe_acc"] <= 1.0 and 0.0 <= summary["final"]["knn_acc"] <= 1.0
+    resnet = build_backbone("resnet18", (3, 32, 32))
+    assert resnet.conv1.kernel_size == (3, 3) and resnet.conv1.stride == (1, 1)
+    assert isinstance(resnet.maxpool, nn.Identity) and resnet.features_dim == 512
+    assert resnet(torch.rand(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_imagefolder_fixture_trains_a_step_and_evaluates(tmp_path):
+    write_imagefolder(tmp_path / "images")
+    data = load_data("imagefolder", root=str(tmp_path / "images"), load_size=36)
+    images, positives, labels = data.train.__getitems__([0, 11])
+    assert images.shape == (2, 3, 36, 36) and images.dtype == torch.uint8 and positives is images
+    assert labels.tolist() == [0, 1] and data.class_names == ["cat", "dog"]
+    summary = run(
+        tmp_path / "run", "data=imagefolder", f"data.root={tmp_path / 'images'}", "data.load_size=36",
+        "data.image_size=32", "backbone=convnet", "optimizer=adamw", "lr=0.001", "batch_size=4", "steps=1",
+        "num_workers=0", "eval.at_start=false",
+    )
+    assert summary["steps"] == 1
+    assert summary["final"]["knn_acc"] == 1.0  # dark cats and bright dogs: even one step separates them
+
+
+def test_missing_or_malformed_data_roots_say_what_layout_is_expected(tmp_path):
+    with pytest.raises(DataRootError, match=r"cifar10 data root '.*nowhere' has no CIFAR-10 batches.*data_batch_1"):
+        load_data("cifar10", root=str(tmp_path / "nowhere"))
+    folder = write_cifar(tmp_path / "cifar")
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(DataRootError, match=r"cifar10 file '.*data_batch_3' is missing or malformed.*test_batch"):
+        load_data("cifar10", root=str(tmp_path / "cifar"))
+    with pytest.raises(DataRootError, match="cifar10 needs data.root"):
+        load_data("cifar10")
+    (tmp_path / "images" / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(DataRootError, match=r"no class folders in '.*images/val'; expected <root>/train/<class>"):
+        load_data("imagefolder", root=str(tmp_path / "images"))
+    (tmp_path / "images" / "val" / "cat").mkdir(parents=True)
+    with pytest.raises(DataRootError, match=r"split '.*images/train' holds no images"):
+        load_data("imagefolder", root=str(tmp_path / "images"))
+    with pytest.raises(ValueError, match="unknown data set 'mnist'; valid data sets: digits, procgen, cifar10, imagefolder"):
+        load_data("mnist")
+    with pytest.raises(DataRootError, match=r"cifar10 data root '.*nowhere'"):
+        run(tmp_path / "run", "data=cifar10", f"data.root={tmp_path / 'nowhere'}")
+
+
+# ---------------------------------------------------------------- procgen frames and the bridge to the RL agents
+
+
+def test_procgen_temporal_pairs_are_consecutive_frames_of_one_episode():
+    data = load_data("procgen", games=["coinrun", "starpilot"], pairs="temporal", num_envs=2, steps=6, val_steps=2)
+    train = data.train
+    assert train.images.shape == (2 * 6 * 2, 3, 64, 64) and data.class_names == ["coinrun", "starpilot"]
+    # frame t of env e sits at t * num_envs + e; its positive is the same env's next frame
+    assert torch.equal(train.positives - train.anchors, torch.full_like(train.anchors, 2))
+    assert set(train.labels[train.anchors].tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="unknown procgen pairs 'random'; valid: augment, temporal"):
+        load_data("procgen", pairs="random")
+
+
+def test_procgen_encoder_loads_into_minc_ppo_and_a_mismatch_fails_clearly(tmp_path):
+    from minc_rl.agents import MincPPO
+    from minc_rl.envs import make_vec_env
+
+    run(
+        tmp_path, "data=procgen", "data.games=[coinrun]", "data.num_envs=4", "data.steps=8",
+        "data.val_steps=2", "data.pairs=temporal", "batch_size=16", "steps=2", "eval.at_start=false",
+    )
+    saved = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert saved["name"] == "impala" and saved["input_shape"] == [3, 64, 64]
+    env = make_vec_env("procgen:coinrun", 2)
+    try:
+        agent = MincPPO("CnnPolicy", env, aux="minc", encoder="impala", n_steps=16, batch_size=32, device="cpu")
+        agent.load_pretrained_encoder(str(tmp_path / "encoder.pt"))
+        for name, value in agent.minc_extractor.encoder.state_dict().items():
+            torch.testing.assert_close(value, saved["state_dict"][name])
+        nature = MincPPO("CnnPolicy", env, aux="minc", encoder="nature", n_steps=16, batch_size=32, device="cpu")
+        with pytest.raises(ValueError, match=r"holds .*\('impala', \[3, 64, 64\], 256\).*is \('nature'"):
+            nature.load_pretrained_encoder(str(tmp_path / "encoder.pt"))
+    finally:
+        env.close()
+
+
+# ---------------------------------------------------------------- torchrun DDP (gloo, 2 CPU processes)
+
+
+def test_torchrun_two_processes_gloo_lambda_identical_and_one_checkpoint(tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "minc_rl.pretrain", "device=cpu", "progress=false", "batch_size=64", "steps=6",
+        "eval.at_start=false", f"hydra.run.dir={out}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    assert summary["lambda_rank_max_abs_diff"] == 0.0
+    assert sorted(p.name for p in tmp_path.rglob("*.pt")) == ["checkpoint.pt", "encoder.pt"]
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [6]  # 1437 images / 2 ranks / 32 per rank = 22 steps per epoch
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert int(checkpoint["loss"]["steps"]) == 6 and torch.isfinite(checkpoint["loss"]["ema_sum"]).all()
+
+
+# ---------------------------------------------------------------- building blocks against hand-derived values
+
+
+def test_lars_step_matches_the_hand_computed_update():
+    weight = nn.Parameter(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
+    bias = nn.Parameter(torch.tensor([1.0, -1.0]))
+    weight.grad, bias.grad = torch.tensor([[0.0, 1.0], [0.0, 0.0]]), torch.tensor([0.5, 0.5])
+    optimizer = LARS([weight, bias], lr=0.1, momentum=0.9, weight_decay=0.5, eta=0.01)
+    optimizer.step()
+    update = torch.tensor([[1.5, 1.0], [0.0, 2.0]])  # grad + wd * w
+    trust = 0.01 * 5.0 / update.norm()  # eta ||w|| / ||update||
+    torch.testing.assert_close(weight.detach(), torch.tensor([[3.0, 0.0], [0.0, 4.0]]) - 0.1 * trust * update)
+    torch.testing.assert_close(bias.detach(), torch.tensor([0.95, -1.05]))  # plain SGD for 1-D parameters
+    weight.grad, bias.grad = torch.zeros(2, 2), torch.zeros(2)
+    before = bias.detach().clone()
+    optimizer.step()
+    torch.testing.assert_close(bias.detach(), before - 0.1 * 0.9 * torch.tensor([0.5, 0.5]))  # momentum
+
+
+def test_lr_scales_with_the_global_batch():
+    assert scaled_lr(0.3, 4096, "linear") == pytest.approx(4.8)
+    assert scaled_lr(0.3, 64, "sqrt") == pytest.approx(0.15)
+    assert scaled_lr(0.3, 64, "none") == 0.3
+
+
+def test_weighted_knn_matches_hand_computed_votes():
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
+    labels = torch.tensor([0, 0, 1, 1])
+    query = torch.tensor([[0.6, 0.8]])
+    # k=3: neighbours (0.6,0.8) sim 1 label 1, (0.8,0.6) sim .96 label 0, (0,1) sim .8 label 1
+    # votes: class 1 = e^10 + e^8, class 0 = e^9.6 -> class 1
+    assert knn_accuracy(train, labels, query, torch.tensor([1]), k=3, temperature=0.1) == 1.0
+    # k=2: e^10 (class 1) vs e^9.6 (class 0) -> class 1; with the third neighbour of class 0 instead it flips
+    assert knn_accuracy(train, labels, query, torch.tensor([1]), k=2, temperature=0.1) == 1.0
+    # (0, 1) relabelled 0: at temperature 0.1 one e^10 (class 1) still beats e^9.6 + e^8 (class 0);
+    # at temperature 1 the two votes e^0.96 + e^0.8 beat e^1: the temperature is applied
+    flipped = torch.tensor([0, 0, 0, 1])
+    assert knn_accuracy(train, flipped, query, torch.tensor([1]), k=3, temperature=0.1) == 1.0
+    assert knn_accuracy(train, flipped, query, torch.tensor([0]), k=3, temperature=1.0) == 1.0
+    # k is capped at the train-set size
+    assert knn_accuracy(train, labels, query, torch.tensor([1]), k=200) == 1.0
+
+
+def test_linear_probe_separates_separable_features_and_not_noise():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=generator)
+    y = (x[:, 0] > 0).long()
+    assert linear_probe_accuracy(x[:100], y[:100], x[100:], y[100:]) > 0.95
+    noise = torch.randn(200, 5, generator=generator)
+    assert linear_probe_accuracy(noise[:100], y[:100], noise[100:], y[100:]) < 0.7
+
+
+def test_simclr_augmentation_is_per_sample_and_scaled_to_the_image():
+    torch.manual_seed(0)
+    augment = TwoViewAugment("simclr", 32, 3, blur=[1.0, 0.1], solarize=[0.0, 0.2])
+    images = torch.rand(1, 3, 32, 32).expand(8, 3, 32, 32).contiguous()
+    a, b = augment(images, images)
+    assert a.shape == b.shape == images.shape and 0 <= a.min() and a.max() <= 1
+    assert len({tuple(v.flatten()[:16].tolist()) for v in a}) == 8  # every sample got its own parameters
+    big = simclr_pipeline(224, 3, blur=1.0)
+    blur = [op for op in big if type(op).__name__ == "RandomGaussianBlur"][0]
+    assert blur.flags["kernel_size"] == 23  # ~10% of the side, odd
+    small = simclr_pipeline(8, 1, blur=1.0)  # no blur below 16 pixels; no saturation/hue/grayscale on 1 channel
+    assert [type(op).__name__ for op in small] == ["RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter"]
+    shifted, _ = TwoViewAugment("shift", 64, 3)(images[:, :, :8, :8].repeat(1, 1, 8, 8), images)
+    assert shifted.shape == (8, 3, 64, 64)
+    with pytest.raises(ValueError, match="unknown augmentation 'cutout'; valid: simclr, shift, none"):
+        TwoViewAugment("cutout", 32, 3)
+
+
+def test_resnet_without_torchvision_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.models", None)
+    with pytest.raises(ImportError, match=r"install the `vision` extra: pip install 'minc-rl\[vision\]'"):
+        build_backbone("resnet18", (3, 32, 32))
+    assert build_backbone("impala", (3, 64, 64)).features_dim == 256  # the rest works without it
+    assert build_encoder("nature", (3, 84, 84)).features_dim == 512
