@@ -30,7 +30,11 @@ def atari_game_ids() -> dict[str, str]:
 
     register_ale_envs()
     suffix = "NoFrameskip-v4"
-    return {env_id.removesuffix(suffix).lower(): env_id for env_id in gymnasium.registry if env_id.endswith(suffix) and "/" not in env_id}
+    return {
+        env_id.removesuffix(suffix).lower(): env_id
+        for env_id in gymnasium.registry
+        if env_id.endswith(suffix) and "/" not in env_id
+    }
 
 
 def make_gymnasium_env(env_id: str, **kwargs: Any) -> Any:

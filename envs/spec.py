@@ -88,7 +88,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
         )
     family, name = spec.split(":", 1)
     if family not in FAMILIES:
-        raise ValueError(f"Unknown environment family {family!r} in spec {spec!r}; valid families: {', '.join(FAMILIES)}.")
+        raise ValueError(
+            f"Unknown environment family {family!r} in spec {spec!r}; valid families: {', '.join(FAMILIES)}."
+        )
     if not name:
         raise ValueError(f"Environment spec {spec!r} names no environment after '{family}:'.")
     return family, name
@@ -169,11 +171,15 @@ def resolve_gym(env_id: str, options: dict[str, Any]) -> None:
     register_ale_envs()
     if env_id not in gymnasium.registry:
         close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=5, cutoff=0.6)
-        hint = f"close matches: {', '.join(close)}" if close else "no close match (gymnasium.pprint_registry() lists all)"
+        hint = (
+            f"close matches: {', '.join(close)}" if close else "no close match (gymnasium.pprint_registry() lists all)"
+        )
         raise ValueError(f"Unknown gymnasium id {env_id!r}; {hint}.")
     entry_point = gymnasium.spec(env_id).entry_point
     try:
-        creator = gymnasium.envs.registration.load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+        creator = (
+            gymnasium.envs.registration.load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+        )
     except (ImportError, gymnasium.error.Error) as err:
         raise ValueError(f"gymnasium id {env_id!r} cannot be loaded: {err}") from err
     parameters = inspect.signature(creator).parameters

@@ -11,6 +11,17 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 import pytest
+from minc_rl.envs import (
+    FAMILIES,
+    MINATAR_GAMES,
+    PROCGEN_GAMES,
+    ProcgenVecEnv,
+    make_eval_env,
+    make_vec_env,
+    parse_spec,
+    validate_spec,
+)
+from minc_rl.envs.spec import PROCGEN_MODE_GAMES
 from stable_baselines3 import DQN, PPO
 from stable_baselines3.common.atari_wrappers import (
     AtariWrapper,
@@ -34,18 +45,6 @@ from stable_baselines3.common.vec_env import (
     is_vecenv_wrapped,
 )
 from torch import nn
-
-from minc_rl.envs import (
-    FAMILIES,
-    MINATAR_GAMES,
-    PROCGEN_GAMES,
-    ProcgenVecEnv,
-    make_eval_env,
-    make_vec_env,
-    parse_spec,
-    validate_spec,
-)
-from minc_rl.envs.spec import PROCGEN_MODE_GAMES
 
 MINATAR_CHANNELS = {"asterix": 4, "breakout": 4, "freeway": 7, "seaquest": 10, "space_invaders": 6}
 # One short-episode environment per family, for the tests that run every family.
@@ -154,7 +153,9 @@ def test_procgen_consecutive_pairs_and_boundaries_match_a_single_env_replay():
         starts = [0, *(np.flatnonzero(dones[:, i]) + 1)]
         for t0 in starts:
             level = reset_infos[i]["level_seed"] if t0 == 0 else infos[t0 - 1][i]["level_seed"]
-            single = procgen_env(num=1, env_name="jumper", num_levels=1, start_level=int(level), distribution_mode="easy")
+            single = procgen_env(
+                num=1, env_name="jumper", num_levels=1, start_level=int(level), distribution_mode="easy"
+            )
             _, ob, first = single.observe()
             np.testing.assert_array_equal(ob["rgb"][0], obs[t0, i])
             for t in range(t0, len(actions)):
@@ -261,9 +262,9 @@ class TinyCNN(BaseFeaturesExtractor):
         return self.net(observations)
 
 
-@pytest.mark.parametrize("game", ["seaquest", "breakout"])
 @pytest.mark.parametrize("algo", [PPO, DQN])
-def test_minatar_sb3_algorithms_see_the_true_channel_axis(game, algo):
+def test_minatar_sb3_algorithms_see_the_true_channel_axis(algo):
+    game = "seaquest"  # (10, 10, 10): the game SB3's channel heuristic gets wrong when channel-last
     env = make_vec_env(f"minatar:{game}", 2, seed=0)
     kwargs = dict(n_steps=16, batch_size=16, n_epochs=1) if algo is PPO else dict(learning_starts=0, buffer_size=100)
     model = algo("CnnPolicy", env, policy_kwargs={"features_extractor_class": TinyCNN}, seed=0, **kwargs)
@@ -366,7 +367,9 @@ def _point_moviepy_at_bundled_ffmpeg(monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
-        (binary,) = Path(importlib.util.find_spec("imageio_ffmpeg").submodule_search_locations[0], "binaries").glob("ffmpeg*")
+        (binary,) = Path(importlib.util.find_spec("imageio_ffmpeg").submodule_search_locations[0], "binaries").glob(
+            "ffmpeg*"
+        )
         monkeypatch.setenv("FFMPEG_BINARY", str(binary))
 
 
@@ -377,23 +380,55 @@ BAD_INPUTS = [
     ("mujoco:Ant", {}, r"Unknown environment family 'mujoco'.*valid families: procgen, atari, minatar, gym"),
     ("procgen:", {}, r"names no environment after 'procgen:'"),
     ("procgen:coinrunn", {}, r"Unknown procgen game 'coinrunn'; valid games: bigfish, .*coinrun, .*starpilot"),
-    ("minatar:pong", {}, r"Unknown MinAtar game 'pong'; valid games: asterix, breakout, freeway, seaquest, space_invaders"),
+    (
+        "minatar:pong",
+        {},
+        r"Unknown MinAtar game 'pong'; valid games: asterix, breakout, freeway, seaquest, space_invaders",
+    ),
     ("atari:Breakot", {}, r"Unknown Atari game 'Breakot'; close matches: Breakout.*valid games: .*Pong"),
     ("gym:CartPol-v1", {}, r"Unknown gymnasium id 'CartPol-v1'; close matches: CartPole-v1"),
     ("gym:Qwzx", {}, r"Unknown gymnasium id 'Qwzx'; no close match"),
     ("procgen:coinrun", {"num_levels": -1}, r"procgen option num_levels: -1; expected an int >= 0"),
     ("procgen:coinrun", {"start_level": 1.5}, r"procgen option start_level: 1.5; expected an int >= 0"),
-    ("procgen:coinrun", {"distribution_mode": "medium"}, r"distribution_mode: 'medium'; expected one of \('easy', 'hard', 'extreme', 'memory', 'exploration'\)"),
-    ("procgen:bigfish", {"distribution_mode": "exploration"}, r"'bigfish' has no distribution_mode 'exploration'; 'exploration' exists for: caveflyer"),
-    ("procgen:coinrun", {"distribution_mode": "exploration", "num_levels": 5}, r"'exploration' fixes the level; drop num_levels"),
+    (
+        "procgen:coinrun",
+        {"distribution_mode": "medium"},
+        r"distribution_mode: 'medium'; expected one of \('easy', 'hard', 'extreme', 'memory', 'exploration'\)",
+    ),
+    (
+        "procgen:bigfish",
+        {"distribution_mode": "exploration"},
+        r"'bigfish' has no distribution_mode 'exploration'; 'exploration' exists for: caveflyer",
+    ),
+    (
+        "procgen:coinrun",
+        {"distribution_mode": "exploration", "num_levels": 5},
+        r"'exploration' fixes the level; drop num_levels",
+    ),
     ("procgen:coinrun", {"render_mode": "human"}, r"render_mode: 'human'; expected one of \(None, 'rgb_array'\)"),
     ("procgen:coinrun", {"use_backgrounds": 1}, r"use_backgrounds: 1; expected True or False"),
-    ("procgen:coinrun", {"levels": 3}, r"Unknown option 'levels' for procgen environments; valid options: center_agent, .*num_levels"),
+    (
+        "procgen:coinrun",
+        {"levels": 3},
+        r"Unknown option 'levels' for procgen environments; valid options: center_agent, .*num_levels",
+    ),
     ("atari:Pong", {"frame_stack": 0}, r"atari option frame_stack: 0; expected an int >= 1"),
-    ("atari:Pong", {"action_repeat_probability": 1.5}, r"action_repeat_probability: 1.5; expected a number in \[0, 1\]"),
+    (
+        "atari:Pong",
+        {"action_repeat_probability": 1.5},
+        r"action_repeat_probability: 1.5; expected a number in \[0, 1\]",
+    ),
     ("minatar:breakout", {"sticky_action_prob": -0.1}, r"sticky_action_prob: -0.1; expected a number in \[0, 1\]"),
-    ("minatar:breakout", {"num_levels": 3}, r"Unknown option 'num_levels' for minatar environments; valid options: difficulty_ramping, minimal_action_set, sticky_action_prob"),
-    ("gym:CartPole-v1", {"gravity": 3.0}, r"Unknown option 'gravity' for gym:CartPole-v1 environments; valid options: max_episode_steps, sutton_barto_reward"),
+    (
+        "minatar:breakout",
+        {"num_levels": 3},
+        r"Unknown option 'num_levels' for minatar environments; valid options: difficulty_ramping, minimal_action_set, sticky_action_prob",
+    ),
+    (
+        "gym:CartPole-v1",
+        {"gravity": 3.0},
+        r"Unknown option 'gravity' for gym:CartPole-v1 environments; valid options: max_episode_steps, sutton_barto_reward",
+    ),
     ("gym:CartPole-v1", {"max_episode_steps": 0}, r"max_episode_steps: 0; expected an int >= 1"),
 ]
 
@@ -429,7 +464,10 @@ def test_validate_spec_builds_nothing(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(gymnasium, "make", refuse)
     for spec in ("procgen:coinrun", "atari:Pong", "minatar:seaquest", "gym:CartPole-v1", "gym:ALE/Pong-v5"):
         assert validate_spec(spec, 8) is None
-    assert validate_spec("procgen:dodgeball", 64, distribution_mode="extreme", num_levels=0, render_mode="rgb_array") is None
+    assert (
+        validate_spec("procgen:dodgeball", 64, distribution_mode="extreme", num_levels=0, render_mode="rgb_array")
+        is None
+    )
 
 
 def test_a_normal_run_prints_no_third_party_banner():
