@@ -23,6 +23,8 @@ class ProcgenVecEnv(VecEnv):
     reset() restarts every game: it rebuilds the C++ env with the seed set by seed(), else with the next
     seed of a generator seeded by `seed` (the first build uses `seed` itself), so runs are reproducible.
     The batch is a single object: get_attr, set_attr and env_method act on this VecEnv for every index.
+    `procgen_kwargs` go to ProcgenGym3Env unchecked and with procgen's own defaults; make_vec_env checks them
+    and applies minc_rl's (200 levels, easy).
     """
 
     def __init__(self, game: str, num_envs: int, seed: int = 0, render_mode: str | None = None, **procgen_kwargs: Any):
