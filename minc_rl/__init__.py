@@ -1,3 +1,19 @@
 """minc_rl: MINC (Mutual Information Non-Contrastive) representation learning for RL and image SSL."""
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["MincAuxCallback", "MincExtractor"]
+
+_LAZY = {"MincExtractor": "minc_rl.extractor", "MincAuxCallback": "minc_rl.callback"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import MincExtractor / MincAuxCallback on first use, so `import minc_rl` stays light (no torch, no SB3)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'minc_rl' has no attribute {name!r}")
