@@ -45,10 +45,10 @@ from minc_rl.metrics import embedding_health, rankme
 OPTIMIZERS = ("sgd", "lars", "adamw")
 LR_SCALINGS = ("linear", "sqrt", "none")
 PRECISIONS = ("fp32", "bf16")
+EVAL_FIELDS = ("probe_acc", "knn_acc", "feature_rankme", "val_rankme", "val_embedding_std", "collapsed")
 CSV_FIELDS = (
     "epoch", "step", "lr", "loss", "skipped_batches", "seconds", "images_per_s",
-    "rankme", "embedding_std", "lambda_offdiag_ratio", "lambda_eig_max", "lambda_eig_min",
-    "probe_acc", "knn_acc", "feature_rankme", "val_rankme", "val_embedding_std", "collapsed",
+    "rankme", "embedding_std", "lambda_offdiag_ratio", "lambda_eig_max", "lambda_eig_min", *EVAL_FIELDS,
 )
 
 
@@ -151,6 +151,8 @@ def evaluate(model: SSLModel, data: SSLData, cfg: DictConfig, image_size: int, d
     val_set = subsample(data.val, cfg.eval.max_samples, cfg.seed)
     train_f, train_y = extract_features(model.backbone, train_set, image_size, device, cfg.eval.batch_size, cfg.num_workers)
     val_f, val_y = extract_features(model.backbone, val_set, image_size, device, cfg.eval.batch_size, cfg.num_workers)
+    if not (torch.isfinite(train_f).all() and torch.isfinite(val_f).all()):  # a diverged run: report, don't probe
+        return {key: float("nan") for key in EVAL_FIELDS} | {"collapsed": 1}
     was_training = model.training
     model.eval()
     val_z = model.head(val_f)

@@ -23,6 +23,7 @@ from minc_rl.linear_eval import knn_accuracy, linear_probe_accuracy
 import minc_rl.pretrain
 from minc_rl.io import atomic_torch_save
 from minc_rl.pretrain import LARS, compose_config, pretrain, scaled_lr
+from test_packaging import installed  # noqa: F401  (the module-scoped wheel fixture)
 
 QUIET = ["progress=false", "eval.every=1000", "device=cpu"]
 REPO = Path(__file__).resolve().parent.parent
@@ -130,6 +131,15 @@ def test_bf16_autocast_keeps_lambda_float32_and_finite(tmp_path):
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert checkpoint["loss"]["ema_sum"].dtype == torch.float32
     assert torch.isfinite(checkpoint["loss"]["ema_sum"]).all() and summary["skipped_batches"] == 0
+
+
+def test_a_diverged_run_skips_non_finite_batches_and_writes_no_checkpoint(tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite weights or Lambda at epoch 1; checkpoint not written"):
+        run(tmp_path, "optimizer=sgd", "lr=1e15", "steps=5", "batch_size=64", "eval.at_start=false")
+    assert not (tmp_path / "checkpoint.pt").exists()
+    (row,) = csv.DictReader(open(tmp_path / "metrics.csv"))  # the epoch is still logged
+    assert int(row["skipped_batches"]) >= 1 and row["probe_acc"] == "nan" and row["collapsed"] == "1"
+    assert float(row["lambda_eig_max"]) == float(row["lambda_eig_max"])  # Lambda stayed finite
 
 
 @pytest.mark.parametrize("loss", ["spectral", "infonce"])
@@ -378,3 +388,23 @@ def test_resnet_without_torchvision_names_the_extra(monkeypatch):
         build_backbone("resnet18", (3, 32, 32))
     assert build_backbone("impala", (3, 64, 64)).features_dim == 256  # the rest works without it
     assert build_encoder("nature", (3, 84, 84)).features_dim == 512
+
+
+# ---------------------------------------------------------------- the config folder from a built wheel
+
+
+@pytest.mark.slow
+def test_pretrain_configs_resolve_from_the_built_wheel(installed):
+    script = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(installed)!r})\n"
+        "from minc_rl.linear_eval import config_dir\n"
+        "from minc_rl.pretrain import compose_config\n"
+        "cfg = compose_config(['data=procgen', 'loss=spectral'])\n"
+        "print(json.dumps({'dir': config_dir(), 'backbone': cfg.backbone, 'mu': cfg.loss.mu}))\n"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(found["dir"]).is_relative_to(installed.resolve()) and (Path(found["dir"]) / "config.yaml").is_file()
+    assert found["backbone"] == "impala" and found["mu"] == 1.0
