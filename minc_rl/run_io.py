@@ -1,0 +1,170 @@
+"""The files of a training run (minc_rl.train): checkpoints, progress.csv, evaluations.csv, summary.json, the plot.
+
+Layout of a run directory:
+    config.yaml                     the resolved config
+    progress.csv, events.out.*      SB3's logger (CSV and TensorBoard)
+    evaluations.csv                 one row per evaluation and split
+    checkpoints/step_<N>.zip        SB3 model: policy (encoder, head, Lambda), optimizer, step count
+    checkpoints/step_<N>.vecnormalize.pkl   reward-normalisation statistics, when used
+    checkpoints/replay_buffer.pkl   DQN's replay buffer, when checkpoint.replay_buffer=true
+    summary.json, learning_curve.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.logger import CSVOutputFormat
+
+from minc_rl.io import atomic_write
+
+EVALUATION_FIELDS = ("step", "split", "return_mean", "return_std", "length_mean", "episodes")
+STEP_COLUMN = "time/total_timesteps"
+_CHECKPOINT = re.compile(r"step_(\d+)\.zip")
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives."""
+    return run_dir / "checkpoints" / f"step_{step:012d}.zip"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the largest step count in run_dir/checkpoints, or None."""
+    found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*.zip") if (m := _CHECKPOINT.fullmatch(p.name))]
+    return max(found)[1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step count in a checkpoint's file name."""
+    return int(_CHECKPOINT.fullmatch(path.name).group(1))
+
+
+def vecnormalize_path(checkpoint: Path) -> Path:
+    """The reward-normalisation statistics saved with `checkpoint`."""
+    return checkpoint.with_suffix(".vecnormalize.pkl")
+
+
+def replay_buffer_path(run_dir: Path) -> Path:
+    """DQN's replay buffer (the latest one only: it can be large)."""
+    return run_dir / "checkpoints" / "replay_buffer.pkl"
+
+
+def parameters_finite(model: BaseAlgorithm) -> bool:
+    """Whether every floating-point tensor of the policy (weights, Lambda, BN statistics) is finite."""
+    return all(torch.isfinite(t).all() for t in model.policy.state_dict().values() if t.is_floating_point())
+
+
+def save_checkpoint(model: BaseAlgorithm, run_dir: Path, replay_buffer: bool) -> Path:
+    """Write the checkpoint of the model's current step atomically; the .zip, written last, marks it complete."""
+    path = checkpoint_path(run_dir, model.num_timesteps)
+    if replay_buffer and getattr(model, "replay_buffer", None) is not None:
+        atomic_write(replay_buffer_path(run_dir), model.save_replay_buffer)
+    vec_normalize = model.get_vec_normalize_env()
+    if vec_normalize is not None:
+        atomic_write(vecnormalize_path(path), vec_normalize.save)
+    atomic_write(path, model.save)
+    return path
+
+
+def open_progress_csv(path: Path, until_step: int | None) -> CSVOutputFormat:
+    """SB3's CSV writer on `path`; when resuming (until_step given), the rows up to that step are kept."""
+    kept = None
+    if until_step is not None and path.exists() and path.stat().st_size > 0:
+        kept = pd.read_csv(path)
+        kept = kept[kept[STEP_COLUMN] <= until_step] if STEP_COLUMN in kept else kept.iloc[:0]
+    writer = CSVOutputFormat(str(path))  # opens with "w+", i.e. truncates
+    if kept is not None and len(kept.columns):
+        kept.to_csv(writer.file, index=False)
+        writer.keys = list(kept.columns)
+        writer.file.flush()
+    return writer
+
+
+def truncate_evaluations(path: Path, until_step: int) -> None:
+    """Drop the rows of evaluations.csv after `until_step` (those a resumed run will redo)."""
+    if path.exists():
+        rows = [row for row in read_evaluations(path) if int(row["step"]) <= until_step]
+        atomic_write(path, lambda tmp: _write_rows(tmp, rows))
+
+
+def append_evaluation(path: Path, row: dict[str, Any]) -> None:
+    """Add one row (EVALUATION_FIELDS) to evaluations.csv."""
+    new = not path.exists()
+    with open(path, "a", newline="") as file:
+        writer = csv.DictWriter(file, EVALUATION_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def read_evaluations(path: Path) -> list[dict[str, str]]:
+    """The rows of evaluations.csv ([] when there is none)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _write_rows(path: str, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, EVALUATION_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every non-finite float (also inside dicts and lists) replaced by None, for strict JSON."""
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """summary.json as a dict ({} when there is none)."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """summary.json, atomically; numbers that are not finite become null."""
+    text = json.dumps(finite_or_none(summary), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def plot_learning_curve(run_dir: Path, title: str) -> Path:
+    """learning_curve.png: training episode return (progress.csv) and evaluation returns against steps."""
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    progress = run_dir / "progress.csv"
+    if progress.exists() and progress.stat().st_size > 0:
+        frame = pd.read_csv(progress)
+        if "rollout/ep_rew_mean" in frame and STEP_COLUMN in frame:
+            frame = frame.dropna(subset=["rollout/ep_rew_mean"])
+            axes.plot(frame[STEP_COLUMN], frame["rollout/ep_rew_mean"], label="training episodes (last 100)", alpha=0.7)
+    evaluations = pd.DataFrame(read_evaluations(run_dir / "evaluations.csv"))
+    if len(evaluations):
+        for column in ("step", "return_mean", "return_std"):
+            evaluations[column] = evaluations[column].astype(float)
+        for split, rows in evaluations.groupby("split", sort=False):
+            axes.errorbar(rows["step"], rows["return_mean"], yerr=rows["return_std"], marker="o", capsize=3, label=f"eval: {split}")
+    axes.set_xlabel("environment steps")
+    axes.set_ylabel("episode return")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    if axes.has_data():
+        axes.legend()
+    path = run_dir / "learning_curve.png"
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    return path
