@@ -153,7 +153,10 @@ def backbone_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
 
 
 def linear_evaluation(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Train a linear classifier on the frozen backbone with SGD on crop/flip-augmented images; top-1 on val."""
+    """Train a linear classifier on the frozen backbone with SGD on crop/flip-augmented images; top-1 on val.
+
+    With `feature_bn` the classifier sees BatchNorm-standardised features (no affine parameters), as in MAE.
+    """
     checkpoint = load_checkpoint(cfg.checkpoint)
     data_cfg = dict(checkpoint["config"]["data"])
     data_cfg.update({k: v for k, v in OmegaConf.to_container(cfg.data).items() if v is not None})
@@ -162,7 +165,10 @@ def linear_evaluation(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     backbone = backbone_from_checkpoint(checkpoint).to(device).eval().requires_grad_(False)
     image_size = int(checkpoint["input_shape"][-1])
-    classifier = nn.Linear(backbone.features_dim, data.num_classes).to(device)
+    classifier = nn.Linear(backbone.features_dim, data.num_classes)
+    if cfg.feature_bn:  # MAE's linear probe: a parameter-free BN standardises the features (still a linear map)
+        classifier = nn.Sequential(nn.BatchNorm1d(backbone.features_dim, affine=False), classifier)
+    classifier = classifier.to(device)
     lr = cfg.lr * cfg.batch_size / 256
     optimizer = torch.optim.SGD(
         classifier.parameters(), lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
@@ -187,6 +193,7 @@ def linear_evaluation(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
     val_features, val_labels = extract_features(backbone, data.val, image_size, device, num_workers=cfg.num_workers)
+    classifier.eval()
     with torch.no_grad():
         top1 = float((classifier(val_features).argmax(1) == val_labels).float().mean())
     result = {

@@ -126,11 +126,13 @@ def test_resume_after_a_crash_continues_exactly_where_the_run_stopped(tmp_path, 
         run(tmp_path / "bad", "loss=spectral", "batch_size=256", f"resume={tmp_path / 'crashed'}")
 
 
-def test_bf16_autocast_keeps_lambda_float32_and_finite(tmp_path):
-    summary = run(tmp_path, "precision=bf16", "steps=3", "batch_size=32", "eval.at_start=false")
+def test_bf16_autocast_keeps_lambda_float32_and_finite_and_wandb_logs_offline(tmp_path):
+    summary = run(tmp_path, "precision=bf16", "steps=3", "batch_size=32", "eval.at_start=false", "wandb.enabled=true")
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert checkpoint["loss"]["ema_sum"].dtype == torch.float32
     assert torch.isfinite(checkpoint["loss"]["ema_sum"]).all() and summary["skipped_batches"] == 0
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(offline.glob("*.wandb"))
 
 
 def test_a_diverged_run_skips_non_finite_batches_and_writes_no_checkpoint(tmp_path):
