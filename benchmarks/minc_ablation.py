@@ -113,6 +113,33 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    plot(table, init, args.out.with_suffix(".png"), args.batch_size, args.steps)
+
+
+def plot(table: list[dict], init: tuple[float, float], path: Path, batch_size: int, steps: int) -> None:
+    """Probe and kNN accuracy per cell (mean +- std over seeds), collapsed cells marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=True)
+    rows = list(range(len(table)))
+    for axis, metric, title in ((axes[0], "probe_acc", "linear probe"), (axes[1], "knn_acc", "kNN")):
+        means = [row[metric][0] for row in table]
+        axis.barh(rows, means, xerr=[row[metric][1] for row in table], capsize=2,
+                  color=["tab:red" if row["collapsed_seeds"] else "tab:blue" for row in table])
+        if metric == "probe_acc":
+            axis.axvline(init[0], color="gray", linestyle="--", label="random-init probe")
+            axis.legend(loc="lower left")
+        axis.set_xlim(min(means) - 0.05, 1.0)
+        axis.set_title(title)
+        axis.set_xlabel("held-out accuracy")
+    figure.suptitle(f"MINC ablation on digits, B={batch_size}, {steps} steps per run, mean +- std over seeds (red: collapsed)")
+    axes[0].set_yticks(rows, [row["name"] for row in table])
+    axes[0].invert_yaxis()
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
 
 if __name__ == "__main__":

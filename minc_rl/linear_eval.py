@@ -26,7 +26,6 @@ from minc_rl.data import collate_pairs, load_data, to_float
 from minc_rl.io import atomic_write
 
 
-
 def config_dir() -> str:
     """Absolute path of the pretraining Hydra configs, found through the `minc_rl.configs` package (editable or wheel)."""
     import minc_rl.configs
