@@ -34,6 +34,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from procgen import ProcgenGym3Env  # noqa: E402
@@ -224,6 +225,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
     for ax, title in zip(axes, ("tr Cov(encoder gradient)", "tr Cov / ||E g||^2")):
         ax.set(xscale="log", yscale="log", xlabel="batch size B", title=title)
         ax.set_xticks(batches, [str(b) for b in batches])
+        ax.xaxis.set_minor_locator(NullLocator())
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -156,6 +157,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
                 ax.plot([c["batch"] for c in chosen], [c["median_s"][name] for c in chosen], "o-", label=label)
             ax.set(xscale="log", yscale="log", title=f"{config}, d={dim}", xlabel="batch size B")
             ax.set_xticks([c["batch"] for c in chosen], [str(c["batch"]) for c in chosen])
+            ax.xaxis.set_minor_locator(NullLocator())
             if col == 0:
                 ax.set_ylabel("forward+backward (s)")
     axes[0][0].legend()
