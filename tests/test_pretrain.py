@@ -54,7 +54,7 @@ def digits_run(tmp_path_factory) -> Path:
     """200 steps of MINC on digits (B=128, AdamW 1e-3, ema=1.0), the random-init backbone evaluated first."""
     out = tmp_path_factory.mktemp("digits")
     torch.set_num_threads(1)
-    run(out, "loss=minc", "loss.ema=1.0", "steps=200", "lr_scaling=none", "eval.every=5", "checkpoint_every=5")
+    run(out, "loss=minc", "loss.ema=1.0", "steps=200", "lr=0.001", "eval.every=5", "checkpoint_every=5")
     return out
 
 
