@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,8 +102,10 @@ def free_port() -> int:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Run the two-process job once and load what each rank saved."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    with pytest.MonkeyPatch.context() as patch:
+        if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ:
+            patch.setenv("GLOO_SOCKET_IFNAME", "lo")  # gloo would otherwise bind to whatever the hostname resolves to
+        mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
