@@ -241,6 +241,7 @@ class MincAuxMixin:
         self.aux_target_encoder = None
         self.pair_loss = None
         if self.aux != "none":
+            extractor.reset_head()
             if self.aux_target_tau is not None:
                 self.aux_target_encoder = copy.deepcopy(extractor.encoder).requires_grad_(False)
             self.pair_loss = PairLoss(extractor, self._aux_policy, self.aux_augment, self.aux_target_encoder)

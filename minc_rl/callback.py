@@ -53,6 +53,8 @@ class MincAuxCallback(BaseCallback):
                 "MincAuxCallback needs policy_kwargs=dict(features_extractor_class=MincExtractor) with aux one of "
                 f"{', '.join(map(repr, AUX_LOSSES))}; the policy's features extractor is {built}"
             )
+        if int(extractor.head.net[1].num_batches_tracked) == 0:  # a fresh head: undo SB3's orthogonal init
+            extractor.reset_head()
         self.pair_loss = PairLoss(extractor, network, self.aux_augment)
 
     def _on_step(self) -> bool:

@@ -102,6 +102,21 @@ class MincExtractor(BaseFeaturesExtractor):
         """Encoder features of preprocessed observations."""
         return self.encoder(self.encoder_inputs(observations))
 
+    def reset_head(self) -> None:
+        """PyTorch's default init for the projection head, without moving the global RNG streams.
+
+        SB3 policies re-initialise every Linear layer of their features extractor orthogonally (gain sqrt 2);
+        on the head that slowed the aux loss several-fold in our measurement (see the README's agents section),
+        so MincPPO / MincDQN / MincAuxCallback call this after SB3 built the policy.
+        """
+        if self.head is None:
+            return
+        cuda = sorted({p.device.index or 0 for p in self.head.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=cuda):
+            for module in self.head.modules():
+                if module is not self.head and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         """Projection-head embedding of encoder features (what the auxiliary loss sees)."""
         if self.head is None:
