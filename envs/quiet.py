@@ -1,17 +1,9 @@
-"""Third-party set-up without start-up banners (legacy gym's deprecation notice, ALE's version line)."""
+"""Third-party set-up without start-up banners (ALE's version line; legacy gym's notice is muted in minc_rl/__init__)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 from typing import Any
-
-
-def mute_legacy_gym() -> None:
-    """Import legacy gym (procgen depends on it; SB3 imports it when present) once, with its stderr notice muted."""
-    with contextlib.suppress(ImportError), contextlib.redirect_stderr(io.StringIO()):
-        import gym  # noqa: F401
 
 
 def register_ale_envs() -> None:

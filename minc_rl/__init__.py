@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Any
+
+# procgen depends on legacy gym, and stable_baselines3 imports it whenever it is installed; its import
+# prints a deprecation notice to stderr. Importing it once here, muted, keeps every minc_rl entry quiet.
+with contextlib.suppress(ImportError), contextlib.redirect_stderr(io.StringIO()):
+    import gym  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["MincAuxCallback", "MincExtractor"]
