@@ -26,7 +26,7 @@ setup: $(VENV)/.base
 setup-vision: $(VENV)/.vision
 
 train: setup
-	$(PY) -m minc_rl.train env=procgen:coinrun aux=minc total_steps=65536
+	$(PY) -m minc_rl.train env=procgen:coinrun aux=minc total_steps=8192 n_envs=8 eval.episodes=8 torch_threads=1
 
 test: setup-vision
 	$(PY) -m pytest -m "not slow"

@@ -183,6 +183,8 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             fail(f"{key} must be an integer >= 1; got {value!r}")
+    if cfg.torch_threads is not None and (not isinstance(cfg.torch_threads, int) or cfg.torch_threads < 1):
+        fail(f"torch_threads must be null (torch's default) or an integer >= 1; got {cfg.torch_threads!r}")
     if cfg.device not in DEVICES:
         fail(f"device={cfg.device!r} is not valid; choose one of {', '.join(map(repr, DEVICES))}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -287,72 +289,6 @@ class ProgressBar(BaseCallback):
         self.bar.close()
 
 
-class EverySteps(BaseCallback):
-    """Calls run() at the first rollout start at or past each multiple of `every` steps: a rollout starts right after
-    the latest update (PPO's epochs, DQN's gradient steps), so run() sees the model trained on every step so far."""
-
-    def __init__(self, every: int) -> None:
-        super().__init__()
-        self.every = every
-
-    def _on_training_start(self) -> None:
-        self.next_step = (self.model.num_timesteps // self.every + 1) * self.every
-
-    def _on_rollout_start(self) -> None:
-        if self.model.num_timesteps >= self.next_step:
-            self.run()
-            self.next_step = (self.model.num_timesteps // self.every + 1) * self.every
-
-    def _on_step(self) -> bool:
-        return True
-
-    def run(self) -> Any:
-        raise NotImplementedError
-
-
-class Evaluation(EverySteps):
-    """evaluate_policy on each split's env; logged under eval/ and appended to evaluations.csv."""
-
-    def __init__(self, envs: dict[str, VecEnv], every: int, episodes: int, deterministic: bool, path: Path) -> None:
-        super().__init__(every)
-        self.envs, self.episodes, self.deterministic, self.path = envs, episodes, deterministic, path
-
-    def run(self) -> None:
-        """One evaluation of every split at the model's current step."""
-        for split, env in self.envs.items():
-            returns, lengths = evaluate_policy(
-                self.model, env, self.episodes, deterministic=self.deterministic, return_episode_rewards=True
-            )
-            row = {
-                "step": self.model.num_timesteps,
-                "split": split,
-                "return_mean": float(np.mean(returns)),
-                "return_std": float(np.std(returns)),
-                "length_mean": float(np.mean(lengths)),
-                "episodes": len(returns),
-            }
-            run_io.append_evaluation(self.path, row)
-            self.logger.record(f"eval/{split}_return", row["return_mean"])
-            self.logger.record(f"eval/{split}_length", row["length_mean"])
-
-
-class Checkpoints(EverySteps):
-    """An atomic checkpoint: model with optimizer and Lambda, step count, reward statistics, DQN's replay buffer."""
-
-    def __init__(self, run_dir: Path, every: int, replay_buffer: bool) -> None:
-        super().__init__(every)
-        self.run_dir, self.replay_buffer = run_dir, replay_buffer
-
-    def run(self) -> Path:
-        """Write the checkpoint of the current step; a model with non-finite parameters is never saved."""
-        if not run_io.parameters_finite(self.model):
-            raise RuntimeError(
-                f"non-finite parameters at step {self.model.num_timesteps}: not checkpointed; "
-                f"the last good checkpoint is {run_io.latest_checkpoint(self.run_dir)}"
-            )
-        return run_io.save_checkpoint(self.model, self.run_dir, self.replay_buffer)
-
-
 class StopOnSignal(BaseCallback):
     """Ctrl-C (SIGINT) or SIGTERM makes learn() return at the next environment step; a second one acts as usual."""
 
@@ -378,6 +314,93 @@ class StopOnSignal(BaseCallback):
 
     def _on_step(self) -> bool:
         return self.signum is None
+
+
+class EverySteps(BaseCallback):
+    """Calls run() at the first rollout start at or past each multiple of `every` steps: a rollout starts right after
+    the latest update (PPO's epochs, DQN's gradient steps), so run() sees the model trained on every step so far."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__()
+        self.every = every
+
+    def _on_training_start(self) -> None:
+        self.next_step = (self.model.num_timesteps // self.every + 1) * self.every
+
+    def _on_rollout_start(self) -> None:
+        if self.model.num_timesteps >= self.next_step:
+            self.run()
+            self.next_step = (self.model.num_timesteps // self.every + 1) * self.every
+
+    def _on_step(self) -> bool:
+        return True
+
+    def run(self) -> Any:
+        raise NotImplementedError
+
+
+class EvaluationAbandoned(Exception):
+    """Raised inside evaluate_policy when Ctrl-C or SIGTERM arrives, so that the run stops without waiting for it."""
+
+
+class Evaluation(EverySteps):
+    """evaluate_policy on each split's env; logged under eval/ and appended to evaluations.csv."""
+
+    def __init__(
+        self, envs: dict[str, VecEnv], every: int, episodes: int, deterministic: bool, path: Path, stop: StopOnSignal
+    ) -> None:
+        super().__init__(every)
+        self.envs, self.episodes, self.deterministic, self.path, self.stop = envs, episodes, deterministic, path, stop
+
+    def run(self) -> None:
+        """One evaluation of every split at the model's current step; abandoned (no row) on Ctrl-C or SIGTERM."""
+        for split, env in self.envs.items():
+            try:
+                returns, lengths = evaluate_policy(
+                    self.model,
+                    env,
+                    self.episodes,
+                    deterministic=self.deterministic,
+                    return_episode_rewards=True,
+                    callback=self._abandon_on_signal,
+                )
+            except EvaluationAbandoned:
+                log.warning("evaluation at step %d abandoned", self.model.num_timesteps)
+                return
+            row = {
+                "step": self.model.num_timesteps,
+                "split": split,
+                "return_mean": float(np.mean(returns)),
+                "return_std": float(np.std(returns)),
+                "length_mean": float(np.mean(lengths)),
+                "episodes": len(returns),
+            }
+            run_io.append_evaluation(self.path, row)
+            self.logger.record(f"eval/{split}_return", row["return_mean"])
+            self.logger.record(f"eval/{split}_length", row["length_mean"])
+            log.info("step %d, %s: return %.2f +- %.2f over %d episodes", row["step"], split, row["return_mean"],
+                     row["return_std"], row["episodes"])  # fmt: skip
+
+    def _abandon_on_signal(self, locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
+        if self.stop.signum is not None:
+            raise EvaluationAbandoned
+
+
+class Checkpoints(EverySteps):
+    """An atomic checkpoint: model with optimizer and Lambda, step count, reward statistics, DQN's replay buffer."""
+
+    def __init__(self, run_dir: Path, every: int, replay_buffer: bool) -> None:
+        super().__init__(every)
+        self.run_dir, self.replay_buffer = run_dir, replay_buffer
+
+    def run(self) -> Path:
+        """Write the checkpoint of the current step; a model with non-finite parameters is never saved."""
+        if not run_io.parameters_finite(self.model):
+            raise RuntimeError(
+                f"non-finite parameters at step {self.model.num_timesteps}: not checkpointed; "
+                f"the last good checkpoint is {run_io.latest_checkpoint(self.run_dir)}"
+            )
+        return run_io.save_checkpoint(self.model, self.run_dir, self.replay_buffer)
 
 
 def start_wandb(cfg: DictConfig, run_dir: Path) -> Any:
@@ -420,6 +443,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.wandb.enabled and cfg.wandb.id is None:
         cfg.wandb.id = secrets.token_hex(4)  # saved with the config, so resume= continues the same wandb run
     save_config(cfg, run_dir)
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
     log.info(
         "config: %s + the command line; resolved in %s",
         ", ".join(
@@ -453,11 +478,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
 
     deterministic = cfg.eval.deterministic if cfg.eval.deterministic is not None else cfg.agent.name == "dqn"
-    evaluation = Evaluation(eval_envs, cfg.eval.every, cfg.eval.episodes, deterministic, run_dir / "evaluations.csv")
-    checkpoints = Checkpoints(run_dir, cfg.checkpoint.every, cfg.checkpoint.replay_buffer)
     stop = StopOnSignal()
+    evaluation = Evaluation(eval_envs, cfg.eval.every, cfg.eval.episodes, deterministic, run_dir / "evaluations.csv", stop)
+    checkpoints = Checkpoints(run_dir, cfg.checkpoint.every, cfg.checkpoint.replay_buffer)
     callbacks = [evaluation, checkpoints, stop] + ([ProgressBar(cfg.total_steps)] if cfg.progress_bar else [])
     stop.install()
+    learn_started = time.time()
     try:
         model.learn(
             total_timesteps=max(cfg.total_steps - start_step, 0),
@@ -465,6 +491,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log_interval=cfg.agent.log_interval,
             reset_num_timesteps=checkpoint is None,
         )
+        learn_time = time.time() - learn_started
         saved = checkpoints.run()
         if stop.signum is None:
             evaluation.run()
@@ -473,7 +500,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finally:
         stop.restore()
 
-    summary = run_summary(cfg, model, run_dir, latest.values, time.time() - started, start_step, stop.signum is not None)
+    speed = (model.num_timesteps - start_step) / learn_time
+    summary = run_summary(cfg, model, run_dir, latest.values, time.time() - started, speed, stop.signum is not None)
     run_io.write_summary(run_dir / "summary.json", summary)
     run_io.plot_learning_curve(run_dir, f"{cfg.env} {cfg.agent.name} aux={cfg.aux.name} seed={cfg.seed}")
     if wandb_run is not None:
@@ -495,10 +523,12 @@ def run_summary(
     run_dir: Path,
     logged: dict[str, Any],
     wall_time: float,
-    start_step: int,
+    steps_per_s: float,
     interrupted: bool,
 ) -> dict[str, Any]:
-    """What summary.json holds: the run's identity, its speed, its final returns and its final aux metrics."""
+    """What summary.json holds: the run's identity, its wall time (summed over resumed sessions), its speed (this
+    session's steps over its learn() time, periodic evaluations and checkpoints included), its final returns
+    (training episodes: the last 100; evaluation: the last one of each split) and its final aux metrics."""
     previous = run_io.read_summary(run_dir / "summary.json") if cfg.resume else {}
     final_eval: dict[str, float] = {}
     for row in run_io.read_evaluations(run_dir / "evaluations.csv"):
@@ -514,7 +544,7 @@ def run_summary(
         "total_steps": cfg.total_steps,
         "interrupted": interrupted,
         "wall_time_s": previous.get("wall_time_s", 0.0) + wall_time,
-        "steps_per_s": (model.num_timesteps - start_step) / wall_time,
+        "steps_per_s": steps_per_s,
         "final_train_return": float(np.mean(episodes)) if episodes else None,
         "final_test_return": final_eval.get("unseen_levels", final_eval.get("test")),
         "final_eval": final_eval,
