@@ -248,10 +248,13 @@ def build_model(cfg: DictConfig, env: VecEnv) -> BaseAlgorithm:
             verbose=0,
             **kwargs,
         )
-        if cfg.encoder.init is not None:
+    except (ValueError, TypeError) as error:  # what only the spaces can refute (encoder=nature on 10 x 10 MinAtar), a
+        fail(str(error).replace("aux_", "aux."))  # bad aux.loss_kwargs key, or an agent key SB3 does not take (+agent.x=)
+    if cfg.encoder.init is not None:
+        try:
             model.load_pretrained_encoder(cfg.encoder.init)
-    except ValueError as error:  # settings that only the spaces can refute, e.g. encoder=nature on 10 x 10 MinAtar
-        fail(str(error).replace("aux_", "aux."))
+        except ValueError as error:
+            fail(str(error))
     return model
 
 
@@ -310,10 +313,12 @@ class StopOnSignal(BaseCallback):
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
         signal.signal(signum, self.previous[signum])
-        log.warning("%s: stopping at the next step and writing a checkpoint", signal.Signals(signum).name)
 
     def _on_step(self) -> bool:
-        return self.signum is None
+        if self.signum is None:
+            return True
+        log.warning("%s: stopping and writing a checkpoint", signal.Signals(self.signum).name)
+        return False
 
 
 class EverySteps(BaseCallback):

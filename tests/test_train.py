@@ -23,6 +23,8 @@ from omegaconf import OmegaConf
 
 from minc_rl import train
 from minc_rl.agents import MincDQN, MincPPO
+from minc_rl.encoders import build_encoder, save_encoder
+from minc_rl.envs import make_vec_env
 
 # One torch thread per process: on a shared 2-core machine, torch's default of one thread per core makes every
 # process wait on the others (a 25x slowdown measured here under load).
@@ -363,13 +365,60 @@ def test_sigint_checkpoints_and_resume_continues(tmp_path, monkeypatch, one_thre
     assert OmegaConf.load(run_dir / "config.yaml").total_steps == step + 128
 
 
-def test_resume_refuses_another_agent_aux_or_env(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("aux=none", "resume: the run in {run} has aux=minc; it cannot continue with aux=none"),
+        ("env=procgen:coinrun", "resume: the run in {run} has env=procgen:bigfish; it cannot continue with env=procgen:coinrun"),
+    ],
+)
+def test_resume_refuses_another_env_or_aux(monkeypatch, capsys, tmp_path, override, message):
     with initialize_config_dir(str(train.CONFIG_DIR), version_base="1.3"):
         cfg = train.with_family_defaults("procgen:bigfish", ["env=procgen:bigfish"])
     tmp_path.joinpath("config.yaml").write_text(OmegaConf.to_yaml(cfg))
     with pytest.raises(SystemExit) as exit_info:
-        run_in_process(monkeypatch, f"resume={tmp_path}", "aux=none")
+        run_in_process(monkeypatch, f"resume={tmp_path}", override)
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == (
-        f"minc_rl.train: error: resume: the run in {tmp_path} has aux=minc; it cannot continue with aux=none"
-    )
+    assert capsys.readouterr().err.strip() == "minc_rl.train: error: " + message.format(run=tmp_path)
+
+
+# --- encoder.init and checkpoint hygiene ---------------------------------------------------------------------------
+
+
+def test_encoder_init_loads_a_pretrained_encoder_and_refuses_a_mismatched_one(tmp_path, monkeypatch, capsys, one_thread):
+    torch.manual_seed(1)
+    pretrained = build_encoder("impala", (3, 64, 64))
+    save_encoder(str(tmp_path / "impala.pt"), pretrained, "impala", (3, 64, 64))
+    # learning rate 0: the weights the run ends with are the ones it loaded
+    run_in_process(
+        monkeypatch, "env=procgen:bigfish", f"encoder.init={tmp_path / 'impala.pt'}", "agent.learning_rate=0",
+        "total_steps=128", *TINY_PPO, "eval.every=1000", "eval.episodes=1", "eval.n_envs=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    encoder = MincPPO.load(tmp_path / "run" / "checkpoints" / "step_000000000128.zip", device="cpu").minc_extractor.encoder
+    for name, weight in pretrained.state_dict().items():
+        torch.testing.assert_close(encoder.state_dict()[name], weight, rtol=0, atol=0)
+
+    save_encoder(str(tmp_path / "nature.pt"), build_encoder("nature", (3, 64, 64)), "nature", (3, 64, 64))
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(
+            monkeypatch, "env=procgen:bigfish", f"encoder.init={tmp_path / 'nature.pt'}", "total_steps=128", *TINY_PPO,
+            f"hydra.run.dir={tmp_path / 'mismatch'}",
+        )  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("minc_rl.train: error: encoder file") and "'nature'" in err and "'impala'" in err
+    assert not (tmp_path / "mismatch" / "checkpoints").exists()
+
+
+def test_a_model_with_non_finite_parameters_is_never_checkpointed(tmp_path, one_thread):
+    model = MincPPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), encoder="mlp", n_steps=16, batch_size=16)
+    checkpoints = train.Checkpoints(tmp_path, every=1, replay_buffer=False)
+    checkpoints.init_callback(model)
+    healthy = checkpoints.run().read_bytes()  # a healthy model is saved
+    with torch.no_grad():
+        next(model.policy.parameters())[0].fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite parameters at step 0: not checkpointed"):
+        checkpoints.run()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000000000000.zip"]
+    assert (tmp_path / "checkpoints" / "step_000000000000.zip").read_bytes() == healthy
