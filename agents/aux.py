@@ -141,7 +141,9 @@ class PairLoss:
         target_encoder: torch.nn.Module | None = None,
     ) -> None:
         if augment == "shift" and len(extractor.input_shape) != 3:
-            raise ValueError(f"aux_augment='shift' needs image observations; the encoder input is {extractor.input_shape}")
+            raise ValueError(
+                f"aux_augment='shift' needs image observations; the encoder input is {extractor.input_shape}"
+            )
         self.extractor = extractor
         self.policy = policy
         self.augment = augment
@@ -257,7 +259,8 @@ class MincAuxMixin:
     def _aux_step_done(self) -> None:
         """After each optimizer step: move the EMA target encoder towards the online one."""
         if self.aux_target_encoder is not None:
-            polyak_update(self.minc_extractor.encoder.parameters(), self.aux_target_encoder.parameters(), self.aux_target_tau)
+            online, target = self.minc_extractor.encoder.parameters(), self.aux_target_encoder.parameters()
+            polyak_update(online, target, self.aux_target_tau)
 
     def load_pretrained_encoder(self, path: str) -> None:
         """Load an `encoder.pt` (minc_rl.encoders.save_encoder) into the encoder, and into its target copies."""

@@ -40,7 +40,8 @@ class MincDQN(MincAuxMixin, DQN):
         **sb3_kwargs: Any,
     ) -> None:
         sb3_kwargs = self._init_aux(
-            aux, aux_coef, aux_dim, aux_batch, aux_ema, aux_augment, aux_target_tau, encoder, aux_loss_kwargs, sb3_kwargs
+            aux, aux_coef, aux_dim, aux_batch, aux_ema, aux_augment, aux_target_tau, encoder, aux_loss_kwargs,
+            sb3_kwargs,
         )
         super().__init__(policy, env, **sb3_kwargs)
 

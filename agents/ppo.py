@@ -58,7 +58,8 @@ class MincPPO(MincAuxMixin, PPO):
         **sb3_kwargs: Any,
     ) -> None:
         sb3_kwargs = self._init_aux(
-            aux, aux_coef, aux_dim, aux_batch, aux_ema, aux_augment, aux_target_tau, encoder, aux_loss_kwargs, sb3_kwargs
+            aux, aux_coef, aux_dim, aux_batch, aux_ema, aux_augment, aux_target_tau, encoder, aux_loss_kwargs,
+            sb3_kwargs,
         )
         super().__init__(policy, env, **sb3_kwargs)
 
@@ -91,11 +92,14 @@ class MincPPO(MincAuxMixin, PPO):
         rows = np.flatnonzero(valid[batch_inds])[: self.aux_batch]
         return rows, gather_successors(self.rollout_buffer.observations, self._last_obs, successor[batch_inds[rows]])
 
-    def _aux_loss(self, batch_inds: np.ndarray, rollout_data: RolloutBufferSamples, features: th.Tensor) -> th.Tensor | None:
+    def _aux_loss(
+        self, batch_inds: np.ndarray, rollout_data: RolloutBufferSamples, features: th.Tensor
+    ) -> th.Tensor | None:
         """Auxiliary loss of the valid pairs whose o_t is in this minibatch, reusing the minibatch's features."""
         rows, next_obs = self._minibatch_pairs(batch_inds)
         rows_t = th.as_tensor(rows, device=self.device)
-        return self.pair_loss(rollout_data.observations[rows_t], self.rollout_buffer.to_torch(next_obs), features[rows_t])
+        next_obs_t = self.rollout_buffer.to_torch(next_obs)
+        return self.pair_loss(rollout_data.observations[rows_t], next_obs_t, features[rows_t])
 
     def train(self) -> None:
         """SB3's PPO.train, with the features computed once per minibatch and the auxiliary loss added."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from minc_rl import MincAuxCallback, MincExtractor
 from minc_rl.agents import AUGMENT_CHOICES, AUX_CHOICES, MincDQN, MincPPO
-from minc_rl.agents.aux import PairLoss, gather_successors, rollout_successors
+from minc_rl.agents.aux import gather_successors, rollout_successors
 from minc_rl.encoders import save_encoder
 from minc_rl.envs import make_vec_env
 from stable_baselines3 import A2C, DQN, PPO
@@ -84,7 +84,7 @@ def test_gather_successors_reads_after_rollout_rows():
 
 @pytest.mark.filterwarnings("ignore:You have specified a mini-batch size")  # the truncated last minibatch is wanted
 def test_minibatch_pairs_on_hand_built_rollout_buffer():
-    """Observations encode (t, env): every pair MincPPO draws is (t, env) -> (t+1, env) in one episode, all are drawn."""
+    """Observations encode (t, env): each pair MincPPO draws is (t, env) -> (t+1, env) in one episode; all are drawn."""
     n_steps, n_envs = 5, 3
     model = MincPPO(
         "MlpPolicy", make_vec_env("gym:CartPole-v1", n_envs), n_steps=n_steps, batch_size=4, aux_batch=1000, seed=0
@@ -262,7 +262,8 @@ def test_callback_trains_stock_a2c_and_dqn(algo):
 
 def test_callback_needs_a_minc_extractor_with_a_loss():
     with pytest.raises(ValueError, match="MincAuxCallback needs .*features extractor is NatureCNN"):
-        PPO("CnnPolicy", make_vec_env("procgen:coinrun", 1), n_steps=8, batch_size=8).learn(8, callback=MincAuxCallback())
+        model = PPO("CnnPolicy", make_vec_env("procgen:coinrun", 1), n_steps=8, batch_size=8)
+        model.learn(8, callback=MincAuxCallback())
     model = PPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), n_steps=8, batch_size=8,
                 policy_kwargs=dict(features_extractor_class=MincExtractor, features_extractor_kwargs=dict(aux="none")))
     with pytest.raises(ValueError, match=r"MincExtractor\(aux='none'\)"):
@@ -292,7 +293,8 @@ def test_save_load_round_trip_keeps_lambda_optimizer_target_and_continues(cls, t
     for (name, saved), restored in zip(model.aux_target_encoder.state_dict().items(),
                                        loaded.aux_target_encoder.state_dict().values()):
         torch.testing.assert_close(restored, saved, rtol=0, atol=0, msg=name)
-    saved_state, loaded_state = model.policy.optimizer.state_dict()["state"], loaded.policy.optimizer.state_dict()["state"]
+    saved_state = model.policy.optimizer.state_dict()["state"]
+    loaded_state = loaded.policy.optimizer.state_dict()["state"]
     assert saved_state.keys() == loaded_state.keys() and len(saved_state) > 0
     for key in saved_state:
         torch.testing.assert_close(loaded_state[key]["exp_avg"], saved_state[key]["exp_avg"], rtol=0, atol=0)
@@ -308,8 +310,9 @@ def test_save_load_round_trip_keeps_lambda_optimizer_target_and_continues(cls, t
 
 @pytest.mark.parametrize("cls", [MincPPO, MincDQN])
 def test_load_pretrained_encoder_syncs_targets(cls, tmp_path):
+    rollout = dict(n_steps=8, batch_size=8) if cls is MincPPO else {}
     model = cls("CnnPolicy", make_vec_env("minatar:breakout", 1), encoder="impala", aux_target_tau=0.05,
-                policy_kwargs=dict(features_extractor_kwargs=SMALL), **({"n_steps": 8, "batch_size": 8} if cls is MincPPO else {}))
+                policy_kwargs=dict(features_extractor_kwargs=SMALL), **rollout)
     extractor = model.minc_extractor
     pretrained = type(extractor.encoder)(4, (10, 10), features_dim=32)
     save_encoder(str(tmp_path / "encoder.pt"), pretrained, "impala", extractor.input_shape)

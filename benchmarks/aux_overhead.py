@@ -1,0 +1,181 @@
+"""Env steps/s of MincPPO (aux none / minc / spectral) and stock SB3 PPO with the same encoder, interleaved.
+
+    python benchmarks/aux_overhead.py                        # Nature and IMPALA CNN, 3 rounds (long on a CPU)
+    python benchmarks/aux_overhead.py --rounds 5 --impala-rounds 1 --impala-warmup 0 --threads 1   # README's run
+    python benchmarks/aux_overhead.py --quick                # smoke run, a few seconds
+
+procgen coinrun, 64 envs. Each PPO iteration is one rollout of n_steps x 64 env steps and n_epochs passes over
+it in minibatches of --batch-size (2048, 3 epochs: the per-sample work of Cobbe et al. 2020's PPO, whose
+256-step rollouts make 8 such minibatches). Only the number of minibatches per rollout is smaller, so each
+variant's cost per env step is that of the full configuration. The variants take turns iteration by iteration
+(the order rotating every round), so the load other processes put on the machine falls on all alike.
+"stock" is stable_baselines3.PPO with MincExtractor(aux="none"): the same encoder, SB3's own train().
+Writes benchmarks/results/aux_overhead.json and .png and prints a table of steps/s and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from minc_rl.envs import make_vec_env  # noqa: E402  (first: it mutes legacy gym's notice before SB3 imports gym)
+import torch  # noqa: E402
+from minc_rl.agents import MincPPO  # noqa: E402
+from stable_baselines3 import PPO  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from minc_rl import MincExtractor  # noqa: E402
+from minc_rl.io import atomic_write  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+# name -> (aux, aux_batch); None marks stock SB3 PPO
+VARIANTS = {
+    "stock": None,
+    "none": ("none", 256),
+    "minc": ("minc", 256),
+    "spectral": ("spectral", 256),
+    "minc@2048": ("minc", 2048),
+    "spectral@2048": ("spectral", 2048),
+}
+
+
+def build(variant: str, encoder: str, args: argparse.Namespace):
+    """The PPO model of `variant` on its own 64 coinrun envs (same seed for all)."""
+    env = make_vec_env("procgen:coinrun", args.n_envs, seed=0, num_threads=0)
+    ppo = dict(n_steps=args.n_steps, batch_size=args.batch_size, n_epochs=args.n_epochs, seed=0, device=args.device)
+    if VARIANTS[variant] is None:
+        extractor = dict(aux="none", encoder=encoder)
+        policy_kwargs = dict(features_extractor_class=MincExtractor, features_extractor_kwargs=extractor, net_arch=[])
+        return PPO("CnnPolicy", env, policy_kwargs=policy_kwargs, **ppo)
+    aux, aux_batch = VARIANTS[variant]
+    return MincPPO("CnnPolicy", env, aux=aux, aux_batch=aux_batch, encoder=encoder, **ppo)
+
+
+def measure(encoder: str, rounds: int, warmup: int, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Env steps per wall-clock and per CPU second of every variant, `iterations` PPO iterations per variant per
+    round, after `warmup` untimed iterations (the first one also resets the envs)."""
+    models = {name: build(name, encoder, args) for name in args.variants}
+    steps = args.n_steps * args.n_envs
+    for model in models.values():
+        model.learn(warmup * steps)
+    names = list(models)
+    sps = {name: {"wall": [], "cpu": []} for name in names}
+    for round_ in tqdm(range(rounds), desc=encoder):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            models[name].learn(args.iterations * steps, reset_num_timesteps=False)
+            sps[name]["wall"].append(args.iterations * steps / (time.perf_counter() - start_wall))
+            sps[name]["cpu"].append(args.iterations * steps / (time.process_time() - start_cpu))
+    return sps
+
+
+def ratios(sps: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Steps/s per clock (median over rounds, and the best wall-clock round: other processes only ever slow a
+    round down), the speed of each variant relative to stock, and its time per env step relative to `none`."""
+    rates = {
+        name: {"wall": statistics.median(c["wall"]), "wall_best": max(c["wall"]), "cpu": statistics.median(c["cpu"])}
+        for name, c in sps.items()
+    }
+    out: dict[str, dict[str, float]] = {}
+    for name, rate in rates.items():
+        row = {f"steps_per_s_{clock}": value for clock, value in rate.items()}
+        for clock in rate:
+            if "stock" in rates:
+                row[f"speed_vs_stock_{clock}"] = rate[clock] / rates["stock"][clock]
+            if "none" in rates:
+                row[f"time_vs_none_{clock}"] = rates["none"][clock] / rate[clock]
+        out[name] = row
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    encoders = list(results["encoders"])
+    fig, axes = plt.subplots(1, len(encoders), figsize=(5 * len(encoders), 3.5), squeeze=False)
+    for ax, encoder in zip(axes[0], encoders):
+        rows = results["encoders"][encoder]["summary"]
+        names = list(rows)
+        width = 0.4
+        for offset, clock, color in ((-width / 2, "wall_best", "tab:blue"), (width / 2, "cpu", "tab:orange")):
+            ax.bar([i + offset for i in range(len(names))], [rows[n][f"time_vs_none_{clock}"] for n in names],
+                   width, color=color, label=f"{clock.replace('_', ' ')} clock")
+        ax.set_xticks(range(len(names)), names)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(1.25, color="tab:red", lw=0.8, ls="--", label="goal for minc: 1.25x")
+        ax.set_title(f"{encoder} CNN, procgen coinrun x{results['config']['n_envs']}")
+        ax.set_ylabel("time per env step / aux=none")
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoders", nargs="+", default=["nature", "impala"], choices=["nature", "impala"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=3, help="timed iterations per variant (median reported)")
+    parser.add_argument("--impala-rounds", type=int, default=None, help="rounds for IMPALA (default: --rounds)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed PPO iterations per variant first")
+    parser.add_argument("--impala-warmup", type=int, default=None,
+                        help="warm-up iterations for IMPALA (default: --warmup); 0 saves ~1 min per variant on a CPU, "
+                        "where one iteration takes ~1 min and the first-call overhead is under 1%% of it")
+    parser.add_argument("--iterations", type=int, default=1, help="PPO iterations per timed turn")
+    parser.add_argument("--n-envs", type=int, default=64)
+    parser.add_argument("--n-steps", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--n-epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="smoke run: Nature CNN, 8 envs, tiny rollouts")
+    parser.add_argument("--out", type=Path, default=RESULTS / "aux_overhead.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.encoders, args.n_envs, args.n_steps, args.batch_size, args.n_epochs, args.rounds = (
+            ["nature"], 8, 16, 64, 1, 1)
+        args.variants = [v for v in args.variants if "2048" not in v]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = {
+        "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "torch_threads": torch.get_num_threads(),
+                   "machine": platform.platform(), "processor": platform.processor(), "torch": torch.__version__},
+        "encoders": {},
+    }
+    for encoder in args.encoders:
+        impala = encoder == "impala"
+        rounds = args.impala_rounds if impala and args.impala_rounds is not None else args.rounds
+        warmup = args.impala_warmup if impala and args.impala_warmup is not None else args.warmup
+        sps = measure(encoder, rounds, warmup, args)
+        results["encoders"][encoder] = {"rounds": rounds, "warmup": warmup, "steps_per_s": sps, "summary": ratios(sps)}
+
+    print(f"\nprocgen coinrun x{args.n_envs}, n_steps={args.n_steps}, batch_size={args.batch_size}, "
+          f"n_epochs={args.n_epochs}, torch threads={torch.get_num_threads()}, device={args.device}")
+    print("steps/s: median over rounds (wall clock, CPU time of this process) and the best wall-clock round;")
+    print("vs stock: speed relative to stock SB3 PPO; vs none: time per env step relative to MincPPO(aux='none')")
+    header = ["encoder", "variant", "wall", "wall best", "cpu", "vs stock wall", "vs stock cpu",
+              "vs none wall", "vs none best", "vs none cpu"]
+    print(f"{header[0]:8} {header[1]:14}" + "".join(f"{h:>14}" for h in header[2:]))
+    for encoder, result in results["encoders"].items():
+        for name, row in result["summary"].items():
+            keys = ["steps_per_s_wall", "steps_per_s_wall_best", "steps_per_s_cpu", "speed_vs_stock_wall",
+                    "speed_vs_stock_cpu", "time_vs_none_wall", "time_vs_none_wall_best", "time_vs_none_cpu"]
+            cells = [row.get(key, float("nan")) for key in keys]
+            print(f"{encoder:8} {name:14}" + "".join(f"{c:14.1f}" for c in cells[:3])
+                  + "".join(f"{c:14.3f}" for c in cells[3:]))
+    atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(results, indent=2)))
+    if not args.quick:
+        plot(results, args.out.with_suffix(".png"))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
