@@ -2,6 +2,7 @@
 
     python benchmarks/aux_overhead.py                        # Nature and IMPALA CNN, 3 rounds (long on a CPU)
     python benchmarks/aux_overhead.py --rounds 5 --impala-rounds 1 --impala-warmup 0 --threads 1   # README's run
+    python benchmarks/aux_overhead.py --train-only --encoders nature --rounds 8 --threads 1   # the update alone
     python benchmarks/aux_overhead.py --quick                # smoke run, a few seconds
 
 procgen coinrun, 64 envs. Each PPO iteration is one rollout of n_steps x 64 env steps and n_epochs passes over
@@ -10,7 +11,9 @@ it in minibatches of --batch-size (2048, 3 epochs: the per-sample work of Cobbe 
 variant's cost per env step is that of the full configuration. The variants take turns iteration by iteration
 (the order rotating every round), so the load other processes put on the machine falls on all alike.
 "stock" is stable_baselines3.PPO with MincExtractor(aux="none"): the same encoder, SB3's own train().
-Writes benchmarks/results/aux_overhead.json and .png and prints a table of steps/s and ratios.
+With --train-only only PPO's update is timed (steps/s = rollout samples trained per second): the aux loss's
+own cost, without the env and rollout noise. Writes benchmarks/results/aux_overhead[_train_only].json and .png
+and prints a table of steps/s and ratios.
 """
 
 from __future__ import annotations
@@ -71,7 +74,11 @@ def measure(encoder: str, rounds: int, warmup: int, args: argparse.Namespace) ->
     for round_ in tqdm(range(rounds), desc=encoder):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             start_wall, start_cpu = time.perf_counter(), time.process_time()
-            models[name].learn(args.iterations * steps, reset_num_timesteps=False)
+            if args.train_only:  # the update alone, on the rollout the warm-up left in the buffer
+                for _ in range(args.iterations):
+                    models[name].train()
+            else:
+                models[name].learn(args.iterations * steps, reset_num_timesteps=False)
             sps[name]["wall"].append(args.iterations * steps / (time.perf_counter() - start_wall))
             sps[name]["cpu"].append(args.iterations * steps / (time.process_time() - start_cpu))
     return sps
@@ -135,9 +142,12 @@ def main() -> None:
     parser.add_argument("--n-epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--train-only", action="store_true",
+                        help="time PPO's update alone (train() on a filled buffer), without collecting rollouts")
     parser.add_argument("--quick", action="store_true", help="smoke run: Nature CNN, 8 envs, tiny rollouts")
-    parser.add_argument("--out", type=Path, default=RESULTS / "aux_overhead.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/aux_overhead[_train_only].json")
     args = parser.parse_args()
+    args.out = args.out or RESULTS / f"aux_overhead{'_train_only' if args.train_only else ''}.json"
     if args.quick:
         args.encoders, args.n_envs, args.n_steps, args.batch_size, args.n_epochs, args.rounds = (
             ["nature"], 8, 16, 64, 1, 1)
@@ -154,6 +164,7 @@ def main() -> None:
         impala = encoder == "impala"
         rounds = args.impala_rounds if impala and args.impala_rounds is not None else args.rounds
         warmup = args.impala_warmup if impala and args.impala_warmup is not None else args.warmup
+        warmup = max(warmup, 1) if args.train_only else warmup  # train() needs a full rollout buffer
         sps = measure(encoder, rounds, warmup, args)
         results["encoders"][encoder] = {"rounds": rounds, "warmup": warmup, "steps_per_s": sps, "summary": ratios(sps)}
 

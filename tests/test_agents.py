@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import ale_py
 import gymnasium
 import numpy as np
@@ -420,3 +423,10 @@ def test_pair_loss_uses_the_target_encoder_for_successors():
     torch.testing.assert_close(loss, extractor.aux_loss(a, b))
     assert all(p.grad is None for p in model.aux_target_encoder.parameters())
     assert all(p.grad is not None for p in extractor.encoder.parameters())
+
+
+def test_import_minc_rl_is_light_and_exports_lazily():
+    code = ("import sys, minc_rl; assert 'torch' not in sys.modules and 'stable_baselines3' not in sys.modules; "
+            "from minc_rl import MincExtractor, MincAuxCallback; "
+            "assert MincExtractor.__module__ == 'minc_rl.extractor' and MincAuxCallback.__module__ == 'minc_rl.callback'")
+    subprocess.run([sys.executable, "-c", code], check=True)
