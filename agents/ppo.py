@@ -50,7 +50,7 @@ class MincPPO(MincAuxMixin, PPO):
         aux_coef: float = 1.0,
         aux_dim: int = 64,
         aux_batch: int = 256,
-        aux_ema: float = 0.05,
+        aux_ema: float = 0.2,
         aux_augment: str = "none",
         aux_target_tau: float | None = None,
         encoder: str = "auto",

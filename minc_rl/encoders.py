@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 ENCODERS = ("impala", "nature", "mlp")
+NATURE_MIN_SIZE = 36  # smallest image side the Nature CNN's 8/4, 4/2, 3/1 convolutions accept
 
 
 class _ResidualBlock(nn.Module):
@@ -104,6 +105,11 @@ def build_encoder(name: str, input_shape: Sequence[int], features_dim: int | Non
             f"encoder {name!r} needs image inputs of shape (C, H, W); got {tuple(input_shape)}; use encoder 'mlp'"
         )
     channels, height, width = input_shape
+    if name == "nature" and min(height, width) < NATURE_MIN_SIZE:
+        raise ValueError(
+            f"encoder 'nature' needs images of at least {NATURE_MIN_SIZE}x{NATURE_MIN_SIZE}; the observations are "
+            f"{height}x{width} (shape {tuple(input_shape)}); use encoder='impala' or encoder='mlp'"
+        )
     cls = ImpalaCNN if name == "impala" else NatureCNN
     default_dim = 256 if name == "impala" else 512
     return cls(channels, image_size=(height, width), features_dim=features_dim or default_dim)

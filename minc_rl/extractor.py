@@ -9,12 +9,11 @@ import torch
 from stable_baselines3.common.preprocessing import is_image_space_channels_first
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-from minc_rl.encoders import ENCODERS, ProjectionHead, build_encoder
+from minc_rl.encoders import NATURE_MIN_SIZE, ENCODERS, ProjectionHead, build_encoder
 from minc_rl.losses import AUX_LOSSES, build_aux_loss
 
 AUX_CHOICES = ("none", *AUX_LOSSES)
 ENCODER_CHOICES = ("auto", *ENCODERS)
-NATURE_MIN_SIZE = 36  # smallest image side the Nature CNN's 8/4, 4/2, 3/1 convolutions accept
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -34,16 +33,13 @@ def encoder_input_shape(observation_space: gym.Space) -> tuple[int, ...]:
 
 
 def resolve_encoder(encoder: str, input_shape: tuple[int, ...]) -> str:
-    """The encoder name for `encoder` ("auto": nature for images, mlp for vectors), checked against the input."""
+    """The encoder name for `encoder` ("auto": nature for images, impala for images too small for it, mlp for vectors)."""
     check_choice("encoder", encoder, ENCODER_CHOICES)
-    is_image = len(input_shape) == 3
-    name = ("nature" if is_image else "mlp") if encoder == "auto" else encoder
-    if name == "nature" and is_image and min(input_shape[1:]) < NATURE_MIN_SIZE:
-        raise ValueError(
-            f"encoder 'nature' needs images of at least {NATURE_MIN_SIZE}x{NATURE_MIN_SIZE}; the observations are "
-            f"{input_shape[1]}x{input_shape[2]} (shape {input_shape}); use encoder='impala' or encoder='mlp'"
-        )
-    return name
+    if encoder != "auto":
+        return encoder
+    if len(input_shape) != 3:
+        return "mlp"
+    return "nature" if min(input_shape[1:]) >= NATURE_MIN_SIZE else "impala"
 
 
 class MincExtractor(BaseFeaturesExtractor):
@@ -62,7 +58,7 @@ class MincExtractor(BaseFeaturesExtractor):
         features_dim: int | None = None,
         aux: str = "minc",
         aux_dim: int = 64,
-        aux_ema: float = 0.05,
+        aux_ema: float = 0.2,
         head_hidden: int = 256,
         final_bn: bool = True,
         aux_loss_kwargs: dict[str, Any] | None = None,

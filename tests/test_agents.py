@@ -360,7 +360,8 @@ def test_bad_aux_arguments_raise_clear_errors(cls, kwargs, message):
 def test_extractor_and_policy_mismatches_raise_clear_errors():
     with pytest.raises(ValueError, match=r"encoder 'nature' needs images of at least 36x36; the observations are "
                                          r"10x10 .* use encoder='impala' or encoder='mlp'"):
-        MincPPO("CnnPolicy", make_vec_env("minatar:breakout", 1))
+        MincPPO("CnnPolicy", make_vec_env("minatar:breakout", 1), encoder="nature")
+    assert MincPPO("CnnPolicy", make_vec_env("minatar:breakout", 1)).minc_extractor.encoder_name == "impala"
     env = make_vec_env("gym:CartPole-v1", 1)
     with pytest.raises(ValueError, match=r"aux='minc' needs a MincExtractor .* got FlattenExtractor"):
         MincPPO("MlpPolicy", env, policy_kwargs=dict(features_extractor_class=FlattenExtractor))
@@ -379,7 +380,7 @@ def test_constants_and_defaults():
     assert AUX_CHOICES == ("none", "minc", "spectral", "infonce") and AUGMENT_CHOICES == ("none", "shift")
     extractor = MincExtractor(make_vec_env("procgen:coinrun", 1).observation_space)  # every argument has a default
     assert (extractor.encoder_name, extractor.input_shape, extractor.features_dim) == ("nature", (3, 64, 64), 512)
-    assert extractor.head.out_dim == 64 and extractor.aux_loss.ema == 0.05
+    assert extractor.head.out_dim == 64 and extractor.aux_loss.ema == 0.2
     assert MincExtractor(gymnasium.spaces.Box(-1, 1, (5,))).encoder_name == "mlp"
     channels_last = MincExtractor(gymnasium.spaces.Box(0, 1, (10, 10, 4)), encoder="impala", features_dim=8)
     assert channels_last.input_shape == (4, 10, 10)

@@ -45,7 +45,7 @@ class MINCLoss(nn.Module):
     def __init__(
         self,
         dim: int,
-        ema: float = 0.05,
+        ema: float = 0.2,
         lower_triangular: bool = True,
         symmetric: bool = True,
         gather_distributed: bool = False,
