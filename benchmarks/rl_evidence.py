@@ -1,0 +1,308 @@
+"""Does the MINC auxiliary loss help RL agents? Runs issue 7's sweeps through minc_rl.train and aggregates them.
+
+    python benchmarks/rl_evidence.py run --suite procgen --steps 500000            # PPO starpilot, aux none/minc/spectral
+    python benchmarks/rl_evidence.py run --suite minatar --steps 100000            # DQN breakout + space_invaders, none/minc
+    python benchmarks/rl_evidence.py run --suite minatar --steps 2000 --seeds 0 --runs /tmp/r --out /tmp/o   # smoke
+    python benchmarks/rl_evidence.py aggregate                                      # tables, JSON and plots
+
+`run` starts one `python -m minc_rl.train` process per (env, aux, seed), seed by seed so that an unfinished
+benchmark still compares every aux at the seeds it finished, in the run directory <runs>/<suite>/<game>/<aux>/seed<k>
+(hydra.run.dir). A run that finished (summary.json, not interrupted, at least --steps steps) is skipped; one with
+a checkpoint is resumed (resume=<run dir>); one without a checkpoint starts afresh. Ctrl-C or SIGTERM is passed on
+to the run, which writes a checkpoint before it stops: the same command later continues where it stopped. After
+each finished run, its summary.json and evaluations.csv (nothing else) are copied to <out>/<suite>/<game>/<aux>/seed<k>.
+
+`aggregate` reads those copies and writes <out>/<suite>_table.md (also printed), <out>/<suite>.json and the
+learning curves <out>/<suite>_<game>.png (evaluation return against steps, mean over seeds with a shaded
+standard-error band, one line per aux; procgen: training-level and unseen-level panels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from minc_rl import run_io  # noqa: E402
+from minc_rl.io import atomic_write  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "rl_evidence"
+RUNS = ROOT / "outputs" / "rl_evidence"
+COPIED = ("summary.json", "evaluations.csv")
+# suite -> the entry point's settings shared by every run, the games and the compared aux losses
+SUITES: dict[str, dict[str, Any]] = {
+    "procgen": {
+        "overrides": ["agent=ppo", "encoder=nature"],  # family/procgen.yaml: 200 levels, easy, reward normalisation
+        "games": ["starpilot"],
+        "aux": ["none", "minc", "spectral"],
+        "splits": ["train_levels", "unseen_levels"],
+    },
+    "minatar": {
+        "overrides": ["agent=dqn"],  # family/minatar.yaml: IMPALA CNN (the Nature CNN does not fit 10 x 10 frames)
+        "games": ["breakout", "space_invaders"],
+        "aux": ["none", "minc"],
+        "splits": ["test"],
+    },
+}
+SPLIT_LABELS = {"train_levels": "training levels", "unseen_levels": "unseen levels", "test": "evaluation (greedy)"}
+# Cobbe et al. 2020 (PPO, IMPALA CNN, 25M steps, 200 levels, easy): mean test return on unseen levels
+COBBE_STEPS = 25_000_000
+COBBE_TEST_RETURN = {"coinrun": 8.7, "starpilot": 23.5, "bigfish": 4.7}
+
+
+def run_finished(run_dir: Path, steps: int) -> bool:
+    """Whether run_dir holds a run that reached `steps` without being interrupted."""
+    summary = run_io.read_summary(run_dir / "summary.json")
+    return bool(summary) and not summary["interrupted"] and summary["steps"] >= steps
+
+
+def train_command(suite: str, game: str, aux: str, seed: int, run_dir: Path, args: argparse.Namespace) -> list[str]:
+    """The minc_rl.train command line of one run: fresh, or resume=run_dir when it has a checkpoint."""
+    every = max(args.steps // args.evaluations, 1)
+    command = [sys.executable, "-m", "minc_rl.train", f"env={suite}:{game}", *SUITES[suite]["overrides"], f"aux={aux}"]
+    command += [f"seed={seed}", f"total_steps={args.steps}", f"eval.every={every}", f"checkpoint.every={every}"]
+    command += [*args.override, f"hydra.run.dir={run_dir}"]
+    if run_io.latest_checkpoint(run_dir) is not None:
+        command.append(f"resume={run_dir}")
+    return command
+
+
+def run_training(command: list[str]) -> int:
+    """Run one training process in its own session; a SIGINT or SIGTERM to this script is passed on once, so the
+    run writes its checkpoint and stops (a second Ctrl-C would interrupt that checkpoint)."""
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        if not received:
+            process.send_signal(signum)
+        received.append(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        returncode = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 + received[0] if received else returncode
+
+
+def run(args: argparse.Namespace) -> None:
+    """Train every (seed, game, aux) of the suite that has not finished, and copy each finished run's small files."""
+    if args.steps < 1 or args.evaluations < 1:
+        raise ValueError(f"--steps and --evaluations must be >= 1; got {args.steps} and {args.evaluations}")
+    suite = SUITES[args.suite]
+    jobs = [(game, aux, seed) for seed in args.seeds for game in suite["games"] for aux in suite["aux"]]
+    for number, (game, aux, seed) in enumerate(jobs, 1):
+        name = f"[{number}/{len(jobs)}] {args.suite}:{game} aux={aux} seed={seed}"
+        run_dir = (args.runs / args.suite / game / aux / f"seed{seed}").resolve()
+        if run_finished(run_dir, args.steps):
+            print(f"{name}: finished in {run_dir}", flush=True)
+        else:
+            if run_dir.exists() and run_io.latest_checkpoint(run_dir) is None:
+                print(f"{name}: {run_dir} has no checkpoint; starting afresh", flush=True)
+                shutil.rmtree(run_dir)
+            command = train_command(args.suite, game, aux, seed, run_dir, args)
+            print(f"{name}: {' '.join(command[1:])}", flush=True)
+            returncode = run_training(command)
+            if returncode != 0:
+                print(f"{name}: stopped (exit code {returncode}); run the same command again to continue", flush=True)
+                raise SystemExit(returncode)
+        copy_dir = args.out / args.suite / game / aux / f"seed{seed}"
+        copy_dir.mkdir(parents=True, exist_ok=True)
+        for filename in COPIED:
+            shutil.copyfile(run_dir / filename, copy_dir / filename)
+    print(f"done; tables and plots: python {Path(__file__).name} aggregate --results {args.out}", flush=True)
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean over seeds (NaN standard error for a single seed)."""
+    array = np.asarray(values, dtype=float)
+    se = float(array.std(ddof=1) / math.sqrt(len(array))) if len(array) > 1 else math.nan
+    return float(array.mean()), se
+
+
+def load_runs(results: Path, suite: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """game -> aux -> the runs (summary and evaluation rows by split) copied by `run`, seeds in order."""
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for summary_path in sorted((results / suite).glob("*/*/seed*/summary.json")):
+        game, aux = summary_path.parts[-4], summary_path.parts[-3]
+        curves: dict[str, list[tuple[int, float]]] = {}
+        for row in run_io.read_evaluations(summary_path.parent / "evaluations.csv"):
+            curves.setdefault(row["split"], []).append((int(row["step"]), float(row["return_mean"])))
+        runs.setdefault(game, {}).setdefault(aux, []).append({"summary": run_io.read_summary(summary_path), "curves": curves})
+    return runs
+
+
+def fmt(mean: float, se: float) -> str:
+    """'mean ± se' for the table."""
+    return f"{mean:.2f} ± {se:.2f}" if math.isfinite(se) else f"{mean:.2f} (1 seed)"
+
+
+def aggregate_suite(results: Path, suite: str) -> dict[str, Any] | None:
+    """Final returns (mean, standard error, change against aux=none) per game, aux and split; None without runs."""
+    runs = load_runs(results, suite)
+    if not runs:
+        return None
+    splits = SUITES[suite]["splits"]
+    games: dict[str, Any] = {}
+    for game, by_aux in runs.items():
+        rows: dict[str, Any] = {}
+        for aux in [a for a in SUITES[suite]["aux"] if a in by_aux] + sorted(set(by_aux) - set(SUITES[suite]["aux"])):
+            group = by_aux[aux]
+            row: dict[str, Any] = {
+                "seeds": [r["summary"]["seed"] for r in group],
+                "steps": sorted({r["summary"]["steps"] for r in group}),
+                "steps_per_s": mean_and_se([r["summary"]["steps_per_s"] for r in group])[0],
+                "wall_time_s": sum(r["summary"]["wall_time_s"] for r in group),
+                "aux_metrics": {
+                    key: float(np.mean([r["summary"]["aux_metrics"].get(key, np.nan) for r in group]))
+                    for key in group[0]["summary"]["aux_metrics"]
+                },
+            }
+            for split in splits:
+                finals = [r["curves"][split][-1][1] for r in group if r["curves"].get(split)]
+                row[split] = dict(zip(("mean", "se"), mean_and_se(finals))) if finals else None
+            rows[aux] = row
+        for row in rows.values():
+            for split in splits:
+                base = rows.get("none", {}).get(split)
+                if row[split] is not None and base is not None:
+                    row[split]["change_vs_none"] = row[split]["mean"] - base["mean"]
+                    row[split]["relative_change_vs_none"] = (
+                        (row[split]["mean"] - base["mean"]) / abs(base["mean"]) if base["mean"] != 0 else None
+                    )
+        games[game] = rows
+    return {"suite": suite, "splits": splits, "games": games}
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The suite's results as markdown: one row per game and aux, a note on budgets and Cobbe et al. 2020."""
+    splits = result["splits"]
+    header = ["game", "aux", "seeds", "steps"]
+    for split in splits:
+        header += [f"{SPLIT_LABELS[split]}: final return", "vs none"]
+    header += ["steps/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = []
+    for game, rows in result["games"].items():
+        for aux, row in rows.items():
+            cells = [game, aux, str(len(row["seeds"])), "/".join(f"{s:,}" for s in row["steps"])]
+            for split in splits:
+                value = row[split]
+                if value is None:
+                    cells += ["-", "-"]
+                    continue
+                cells.append(fmt(value["mean"], value["se"]))
+                relative = value.get("relative_change_vs_none")
+                change = value.get("change_vs_none")
+                cells.append("-" if change is None or aux == "none" else
+                             f"{change:+.2f}" + (f" ({relative:+.0%})" if relative is not None else ""))
+            cells.append(f"{row['steps_per_s']:.0f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        steps = sorted({s for row in rows.values() for s in row["steps"]})
+        if len(steps) > 1:
+            notes.append(f"{game}: runs stopped at different step counts ({', '.join(f'{s:,}' for s in steps)}); "
+                         "the comparison is not at equal steps.")
+        if result["suite"] == "procgen" and steps and max(steps) < COBBE_STEPS:
+            reference = COBBE_TEST_RETURN.get(game)
+            notes.append(
+                f"{game}: {max(steps):,} steps per run, {max(steps) / COBBE_STEPS:.1%} of Cobbe et al. 2020's 25M "
+                "(PPO, IMPALA CNN, 200 levels, easy; test returns coinrun 8.7, starpilot 23.5, bigfish 4.7"
+                + (f"; {game}: {reference}" if reference is not None else "")
+                + "): these are early-learning returns, not comparable with theirs."
+            )
+    notes.append("Final return: the last evaluation of each run (minc_rl.train's eval.episodes episodes per split), "
+                 "mean ± standard error over seeds; vs none: difference of the means (relative change).")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+
+
+def plot_curves(results: Path, suite: str) -> list[Path]:
+    """One PNG per game: evaluation return against steps, mean over seeds with a shaded standard-error band."""
+    paths = []
+    splits = SUITES[suite]["splits"]
+    for game, by_aux in load_runs(results, suite).items():
+        figure, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False)
+        for axis, split in zip(axes[0], splits):
+            for aux, group in by_aux.items():
+                curves = [r["curves"][split] for r in group if r["curves"].get(split)]
+                if not curves:
+                    continue
+                length = min(len(c) for c in curves)  # the k-th evaluation of every seed (same steps by construction)
+                steps = np.mean([[s for s, _ in c[:length]] for c in curves], axis=0)
+                returns = np.array([[r for _, r in c[:length]] for c in curves])
+                mean = returns.mean(axis=0)
+                se = returns.std(axis=0, ddof=1) / math.sqrt(len(curves)) if len(curves) > 1 else np.zeros_like(mean)
+                axis.plot(steps, mean, marker="o", label=f"{aux} ({len(curves)} seeds)")
+                axis.fill_between(steps, mean - se, mean + se, alpha=0.25)
+            axis.set_title(f"{suite}:{game}, {SPLIT_LABELS[split]}")
+            axis.set_xlabel("environment steps")
+            axis.set_ylabel("episode return")
+            axis.grid(alpha=0.3)
+            if axis.has_data():
+                axis.legend()
+        path = results / f"{suite}_{game}.png"
+        atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def aggregate(args: argparse.Namespace) -> None:
+    """Tables, JSON and learning curves of every suite with copied runs under --results."""
+    found = False
+    for suite in SUITES:
+        result = aggregate_suite(args.results, suite)
+        if result is None:
+            continue
+        found = True
+        table = markdown_table(result)
+        print(f"## {suite}\n\n{table}")
+        atomic_write(args.results / f"{suite}_table.md", lambda tmp: Path(tmp).write_text(f"## {suite}\n\n{table}"))
+        text = json.dumps(run_io.finite_or_none(result), indent=2, allow_nan=False) + "\n"
+        atomic_write(args.results / f"{suite}.json", lambda tmp: Path(tmp).write_text(text))
+        for path in plot_curves(args.results, suite):
+            print(f"wrote {path}")
+    if not found:
+        raise ValueError(f"no runs under {args.results}: expected <suite>/<game>/<aux>/seed<k>/summary.json "
+                         f"for a suite in {', '.join(SUITES)} (written by `run`)")
+
+
+def main() -> None:
+    """Parse the command line and run a subcommand."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="train the suite's runs (resuming unfinished ones)")
+    run_parser.add_argument("--suite", choices=list(SUITES), required=True)
+    run_parser.add_argument("--steps", type=int, required=True, help="environment steps per run (total_steps)")
+    run_parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run_parser.add_argument("--evaluations", type=int, default=10,
+                            help="evaluations (and checkpoints) per run: eval.every = checkpoint.every = steps / this")
+    run_parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                            help="extra minc_rl.train override for every run (repeatable), e.g. n_envs=8")
+    run_parser.add_argument("--runs", type=Path, default=RUNS, help="run directories (checkpoints; not committed)")
+    run_parser.add_argument("--out", type=Path, default=RESULTS, help="where summary.json and evaluations.csv go")
+    aggregate_parser = commands.add_parser("aggregate", help="tables, JSON and learning curves from `run`'s copies")
+    aggregate_parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    try:
+        run(args) if args.command == "run" else aggregate(args)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+if __name__ == "__main__":
+    main()
