@@ -165,6 +165,7 @@ def aggregate_suite(results: Path, suite: str) -> dict[str, Any] | None:
             group = by_aux[aux]
             row: dict[str, Any] = {
                 "seeds": [r["summary"]["seed"] for r in group],
+                "encoder": group[0]["summary"]["encoder"],
                 "steps": sorted({r["summary"]["steps"] for r in group}),
                 "steps_per_s": mean_and_se([r["summary"]["steps_per_s"] for r in group])[0],
                 "wall_time_s": sum(r["summary"]["wall_time_s"] for r in group),
@@ -218,12 +219,12 @@ def markdown_table(result: dict[str, Any]) -> str:
             notes.append(f"{game}: runs stopped at different step counts ({', '.join(f'{s:,}' for s in steps)}); "
                          "the comparison is not at equal steps.")
         if result["suite"] == "procgen" and steps and max(steps) < COBBE_STEPS:
-            reference = COBBE_TEST_RETURN.get(game)
+            encoders = sorted({row["encoder"] for row in rows.values()})
+            reference = ", ".join(f"{name} {value}" for name, value in COBBE_TEST_RETURN.items())
             notes.append(
-                f"{game}: {max(steps):,} steps per run, {max(steps) / COBBE_STEPS:.1%} of Cobbe et al. 2020's 25M "
-                "(PPO, IMPALA CNN, 200 levels, easy; test returns coinrun 8.7, starpilot 23.5, bigfish 4.7"
-                + (f"; {game}: {reference}" if reference is not None else "")
-                + "): these are early-learning returns, not comparable with theirs."
+                f"{game}: {max(steps):,} steps per run with the {'/'.join(encoders)} encoder, "
+                f"{max(steps) / COBBE_STEPS:.1%} of Cobbe et al. 2020's 25M steps with the IMPALA CNN (PPO, 200 "
+                f"levels, easy; unseen-level returns {reference}): early-learning returns, not comparable with theirs."
             )
     notes.append("Final return: the last evaluation of each run (minc_rl.train's eval.episodes episodes per split), "
                  "mean ± standard error over seeds; vs none: difference of the means (relative change).")
