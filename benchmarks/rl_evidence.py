@@ -147,6 +147,11 @@ def load_runs(results: Path, suite: str) -> dict[str, dict[str, list[dict[str, A
     return runs
 
 
+def aux_order(suite: str, names: Any) -> list[str]:
+    """The aux names in the suite's order (none first), then any others found (e.g. from an --override run)."""
+    return [a for a in SUITES[suite]["aux"] if a in names] + sorted(set(names) - set(SUITES[suite]["aux"]))
+
+
 def fmt(mean: float, se: float) -> str:
     """'mean ± se' for the table."""
     return f"{mean:.2f} ± {se:.2f}" if math.isfinite(se) else f"{mean:.2f} (1 seed)"
@@ -161,7 +166,7 @@ def aggregate_suite(results: Path, suite: str) -> dict[str, Any] | None:
     games: dict[str, Any] = {}
     for game, by_aux in runs.items():
         rows: dict[str, Any] = {}
-        for aux in [a for a in SUITES[suite]["aux"] if a in by_aux] + sorted(set(by_aux) - set(SUITES[suite]["aux"])):
+        for aux in aux_order(suite, by_aux):
             group = by_aux[aux]
             row: dict[str, Any] = {
                 "seeds": [r["summary"]["seed"] for r in group],
@@ -238,7 +243,8 @@ def plot_curves(results: Path, suite: str) -> list[Path]:
     for game, by_aux in load_runs(results, suite).items():
         figure, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False)
         for axis, split in zip(axes[0], splits):
-            for aux, group in by_aux.items():
+            for aux in aux_order(suite, by_aux):
+                group = by_aux[aux]
                 curves = [r["curves"][split] for r in group if r["curves"].get(split)]
                 if not curves:
                     continue
