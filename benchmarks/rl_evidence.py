@@ -1,9 +1,9 @@
 """Does the MINC auxiliary loss help RL agents? Runs issue 7's sweeps through minc_rl.train and aggregates them.
 
-    python benchmarks/rl_evidence.py run --suite procgen --steps 500000            # PPO starpilot, aux none/minc/spectral
-    python benchmarks/rl_evidence.py run --suite minatar --steps 100000            # DQN breakout + space_invaders, none/minc
-    python benchmarks/rl_evidence.py run --suite minatar --steps 2000 --seeds 0 --runs /tmp/r --out /tmp/o   # smoke
-    python benchmarks/rl_evidence.py aggregate                                      # tables, JSON and plots
+    python benchmarks/rl_evidence.py run --suite procgen --steps 491520     # PPO starpilot, aux none/minc/spectral
+    python benchmarks/rl_evidence.py run --suite minatar --steps 40000      # DQN breakout, space_invaders; none/minc
+    python benchmarks/rl_evidence.py run --suite minatar --steps 6000 --seeds 0 --runs /tmp/r --out /tmp/o  # smoke
+    python benchmarks/rl_evidence.py aggregate                              # tables, JSON and plots
 
 `run` starts one `python -m minc_rl.train` process per (env, aux, seed), seed by seed so that an unfinished
 benchmark still compares every aux at the seeds it finished, in the run directory <runs>/<suite>/<game>/<aux>/seed<k>
@@ -15,6 +15,7 @@ each finished run, its summary.json and evaluations.csv (nothing else) are copie
 `aggregate` reads those copies and writes <out>/<suite>_table.md (also printed), <out>/<suite>.json and the
 learning curves <out>/<suite>_<game>.png (evaluation return against steps, mean over seeds with a shaded
 standard-error band, one line per aux; procgen: training-level and unseen-level panels).
+How to run the full benchmark, its time budget and how to resume: benchmarks/README_rl_evidence.md.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def load_runs(results: Path, suite: str) -> dict[str, dict[str, list[dict[str, A
         curves: dict[str, list[tuple[int, float]]] = {}
         for row in run_io.read_evaluations(summary_path.parent / "evaluations.csv"):
             curves.setdefault(row["split"], []).append((int(row["step"]), float(row["return_mean"])))
-        runs.setdefault(game, {}).setdefault(aux, []).append({"summary": run_io.read_summary(summary_path), "curves": curves})
+        run = {"summary": run_io.read_summary(summary_path), "curves": curves}
+        runs.setdefault(game, {}).setdefault(aux, []).append(run)
     return runs
 
 
