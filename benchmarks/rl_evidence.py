@@ -120,13 +120,14 @@ def run(args: argparse.Namespace) -> None:
             print(f"{name}: {' '.join(command[1:])}", flush=True)
             returncode = run_training(command)
             if returncode != 0:
-                print(f"{name}: stopped (exit code {returncode}); run the same command again to continue", flush=True)
+                advice = "run the same command again to continue" if returncode > 128 else "see the error above"
+                print(f"{name}: stopped (exit code {returncode}); {advice}", flush=True)
                 raise SystemExit(returncode)
         copy_dir = args.out / args.suite / game / aux / f"seed{seed}"
         copy_dir.mkdir(parents=True, exist_ok=True)
         for filename in COPIED:
             shutil.copyfile(run_dir / filename, copy_dir / filename)
-    print(f"done; tables and plots: python {Path(__file__).name} aggregate --results {args.out}", flush=True)
+    print(f"done; tables and plots: python benchmarks/rl_evidence.py aggregate --results {args.out}", flush=True)
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:
