@@ -13,7 +13,7 @@ from stable_baselines3.common.utils import polyak_update
 
 from minc_rl.augment import random_shift
 from minc_rl.encoders import load_encoder_weights
-from minc_rl.extractor import AUX_CHOICES, ENCODER_CHOICES, MincExtractor, check_choice
+from minc_rl.extractor import AUX_CHOICES, ENCODER_CHOICES, MincExtractor, check_choice, check_fraction, check_int
 from minc_rl.metrics import embedding_health
 
 AUGMENT_CHOICES = ("none", "shift")
@@ -53,18 +53,6 @@ def scl_plugin(a: torch.Tensor, b: torch.Tensor) -> float:
     squares = (a @ b.T) ** 2
     off_diagonal = squares.sum() - squares.diagonal().sum()
     return float(-2.0 * (a * b).sum() / batch + off_diagonal / (batch * (batch - 1)))
-
-
-def check_int(name: str, value: Any, low: int) -> None:
-    """Raise ValueError unless `value` is an integer >= low."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-
-
-def check_fraction(name: str, value: Any) -> None:
-    """Raise ValueError unless `value` is a number in (0, 1]."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1]; got {value!r}")
 
 
 def check_coef(name: str, value: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
 from stable_baselines3.common.preprocessing import is_image_space_channels_first
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
@@ -20,6 +21,18 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
     """Raise ValueError naming `name`, the bad `value` and the valid `choices`."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+    """Raise ValueError unless `value` is an integer >= low."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
+def check_fraction(name: str, value: Any) -> None:
+    """Raise ValueError unless `value` is a number in (0, 1]."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1]; got {value!r}")
 
 
 def encoder_input_shape(observation_space: gym.Space) -> tuple[int, ...]:
@@ -69,8 +82,7 @@ class MincExtractor(BaseFeaturesExtractor):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if features_dim is not None and (not isinstance(features_dim, int) or features_dim < 1):
             raise ValueError(f"features_dim must be a positive integer or None; got {features_dim!r}")
-        if not 0.0 < aux_ema <= 1.0:
-            raise ValueError(f"aux_ema must be in (0, 1]; got {aux_ema!r}")
+        check_fraction("aux_ema", aux_ema)
         loss_kwargs = _check_loss_kwargs(aux, aux_loss_kwargs or {})
 
         input_shape = encoder_input_shape(observation_space)
