@@ -25,13 +25,7 @@ MINC_KEYS = {"aux_lambda_offdiag_ratio", "aux_skipped_batches"}
 SMALL = dict(features_dim=32)  # smallest encoders that make the point
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny networks on a shared 2-core machine: one thread avoids oversubscription (3-4x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Recorder(KVWriter):

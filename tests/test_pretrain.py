@@ -29,13 +29,7 @@ QUIET = ["progress=false", "eval.every=1000", "device=cpu"]
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared cores: one intra-op thread avoids oversubscription (and keeps CPU results deterministic)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(out_dir: Path, *overrides: str) -> dict:

@@ -56,15 +56,6 @@ def run_in_process(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
         GlobalHydra.instance().clear()
 
 
-@pytest.fixture
-def one_thread():
-    """torch on one thread for in-process runs (see ENV)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def numbers(value):
     """Every number inside a JSON value."""
     if isinstance(value, dict):
@@ -321,7 +312,7 @@ def test_multirun_runs_every_job(tmp_path):
 # --- Ctrl-C and resume ---------------------------------------------------------------------------------------------
 
 
-def test_sigint_checkpoints_and_resume_continues(tmp_path, monkeypatch, one_thread):
+def test_sigint_checkpoints_and_resume_continues(tmp_path, monkeypatch, one_torch_thread):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, "-m", "minc_rl.train", "env=procgen:bigfish", "aux=minc", "total_steps=1000000", *TINY_PPO,
@@ -385,7 +376,7 @@ def test_resume_refuses_another_env_or_aux(monkeypatch, capsys, tmp_path, overri
 # --- encoder.init and checkpoint hygiene ---------------------------------------------------------------------------
 
 
-def test_encoder_init_loads_a_pretrained_encoder_and_refuses_a_mismatched_one(tmp_path, monkeypatch, capsys, one_thread):
+def test_encoder_init_loads_a_pretrained_encoder_and_refuses_a_mismatched_one(tmp_path, monkeypatch, capsys, one_torch_thread):
     torch.manual_seed(1)
     pretrained = build_encoder("impala", (3, 64, 64))
     save_encoder(str(tmp_path / "impala.pt"), pretrained, "impala", (3, 64, 64))
@@ -411,7 +402,7 @@ def test_encoder_init_loads_a_pretrained_encoder_and_refuses_a_mismatched_one(tm
     assert not (tmp_path / "mismatch" / "checkpoints").exists()
 
 
-def test_a_model_with_non_finite_parameters_is_never_checkpointed(tmp_path, one_thread):
+def test_a_model_with_non_finite_parameters_is_never_checkpointed(tmp_path, one_torch_thread):
     model = MincPPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), encoder="mlp", n_steps=16, batch_size=16)
     checkpoints = train.Checkpoints(tmp_path, every=1, replay_buffer=False)
     checkpoints.init_callback(model)
