@@ -52,7 +52,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "splits": ["train_levels", "unseen_levels"],
     },
     "minatar": {
-        "overrides": ["agent=dqn"],  # family/minatar.yaml: IMPALA CNN (the Nature CNN does not fit 10 x 10 frames)
+        "overrides": ["agent=dqn"],  # family/minatar.yaml: the MinAtar paper's CNN (encoder=minatar)
         "games": ["breakout", "space_invaders"],
         "aux": ["none", "minc"],
         "splits": ["test"],

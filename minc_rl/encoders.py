@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-ENCODERS = ("impala", "nature", "mlp")
+ENCODERS = ("impala", "nature", "minatar", "mlp")
 NATURE_MIN_SIZE = 36  # smallest image side the Nature CNN's 8/4, 4/2, 3/1 convolutions accept
 
 
@@ -71,6 +71,20 @@ class NatureCNN(nn.Module):
         return self.fc(self.conv(x))
 
 
+class MinAtarCNN(nn.Module):
+    """Young and Tian 2019's MinAtar network body: one 3x3 convolution (16 channels) and a linear layer (128)."""
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int] = (10, 10), features_dim: int = 128) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(in_channels, 16, 3, stride=1), nn.ReLU(), nn.Flatten())
+        self.fc = nn.Sequential(nn.Linear(_flat_size(self.conv, in_channels, image_size), features_dim), nn.ReLU())
+        self.features_dim = features_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of float images (N, C, H, W) in [0, 1]."""
+        return self.fc(self.conv(x))
+
+
 class MLPEncoder(nn.Module):
     """Two-layer tanh MLP for vector observations (SB3's default MlpPolicy body)."""
 
@@ -94,7 +108,7 @@ def _flat_size(conv: nn.Module, in_channels: int, image_size: tuple[int, int]) -
 
 
 def build_encoder(name: str, input_shape: Sequence[int], features_dim: int | None = None) -> nn.Module:
-    """Encoder `name` ("impala", "nature", "mlp") for inputs of shape (C, H, W) or (features,)."""
+    """Encoder `name` ("impala", "nature", "minatar", "mlp") for inputs of shape (C, H, W) or (features,)."""
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; valid encoders: {', '.join(ENCODERS)}")
     if name == "mlp":
@@ -108,10 +122,9 @@ def build_encoder(name: str, input_shape: Sequence[int], features_dim: int | Non
     if name == "nature" and min(height, width) < NATURE_MIN_SIZE:
         raise ValueError(
             f"encoder 'nature' needs images of at least {NATURE_MIN_SIZE}x{NATURE_MIN_SIZE}; the observations are "
-            f"{height}x{width} (shape {tuple(input_shape)}); use encoder='impala' or encoder='mlp'"
+            f"{height}x{width} (shape {tuple(input_shape)}); use encoder='minatar', 'impala' or 'mlp'"
         )
-    cls = ImpalaCNN if name == "impala" else NatureCNN
-    default_dim = 256 if name == "impala" else 512
+    cls, default_dim = {"impala": (ImpalaCNN, 256), "nature": (NatureCNN, 512), "minatar": (MinAtarCNN, 128)}[name]
     return cls(channels, image_size=(height, width), features_dim=features_dim or default_dim)
 
 

@@ -46,13 +46,13 @@ def encoder_input_shape(observation_space: gym.Space) -> tuple[int, ...]:
 
 
 def resolve_encoder(encoder: str, input_shape: tuple[int, ...]) -> str:
-    """The encoder name for `encoder` ("auto": nature for images, impala for images too small for it, mlp for vectors)."""
+    """The encoder name for `encoder` ("auto": nature for images, minatar for images too small for it, mlp for vectors)."""
     check_choice("encoder", encoder, ENCODER_CHOICES)
     if encoder != "auto":
         return encoder
     if len(input_shape) != 3:
         return "mlp"
-    return "nature" if min(input_shape[1:]) >= NATURE_MIN_SIZE else "impala"
+    return "nature" if min(input_shape[1:]) >= NATURE_MIN_SIZE else "minatar"
 
 
 class MincExtractor(BaseFeaturesExtractor):

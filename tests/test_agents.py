@@ -13,7 +13,7 @@ import torch
 from minc_rl import MincAuxCallback, MincExtractor
 from minc_rl.agents import AUGMENT_CHOICES, AUX_CHOICES, MincDQN, MincPPO
 from minc_rl.agents.aux import gather_successors, rollout_successors
-from minc_rl.encoders import save_encoder
+from minc_rl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.env_util import make_atari_env
@@ -351,11 +351,18 @@ def test_bad_aux_arguments_raise_clear_errors(cls, kwargs, message):
         cls("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), **kwargs)
 
 
+def test_minatar_encoder_is_young_and_tians_network():
+    encoder = build_encoder("minatar", (4, 10, 10))
+    # conv 3x3 4->16 (valid padding: 10x10 -> 8x8), then linear 16*8*8 -> 128
+    assert sum(p.numel() for p in encoder.parameters()) == (4 * 9 * 16 + 16) + (16 * 8 * 8 * 128 + 128)
+    assert encoder(torch.rand(5, 4, 10, 10)).shape == (5, 128) and encoder.features_dim == 128
+
+
 def test_extractor_and_policy_mismatches_raise_clear_errors():
     with pytest.raises(ValueError, match=r"encoder 'nature' needs images of at least 36x36; the observations are "
-                                         r"10x10 .* use encoder='impala' or encoder='mlp'"):
+                                         r"10x10 .* use encoder='minatar', 'impala' or 'mlp'"):
         MincPPO("CnnPolicy", make_vec_env("minatar:breakout", 1), encoder="nature")
-    assert MincPPO("CnnPolicy", make_vec_env("minatar:breakout", 1)).minc_extractor.encoder_name == "impala"
+    assert MincPPO("CnnPolicy", make_vec_env("minatar:breakout", 1)).minc_extractor.encoder_name == "minatar"
     env = make_vec_env("gym:CartPole-v1", 1)
     with pytest.raises(ValueError, match=r"aux='minc' needs a MincExtractor .* got FlattenExtractor"):
         MincPPO("MlpPolicy", env, policy_kwargs=dict(features_extractor_class=FlattenExtractor))
