@@ -10,17 +10,21 @@ benchmark still compares every aux at the seeds it finished, in the run director
 (hydra.run.dir). A run that finished (summary.json, not interrupted, at least --steps steps) is skipped; one with
 a checkpoint is resumed (resume=<run dir>); one without a checkpoint starts afresh. Ctrl-C or SIGTERM is passed on
 to the run, which writes a checkpoint before it stops: the same command later continues where it stopped. After
-each finished run, its summary.json and evaluations.csv (nothing else) are copied to <out>/<suite>/<game>/<aux>/seed<k>.
+each finished run, its summary.json, evaluations.csv and progress.csv (nothing else: no checkpoints) are copied to
+<out>/<suite>/<game>/<aux>/seed<k>.
 
 `aggregate` reads those copies and writes <out>/<suite>_table.md (also printed), <out>/<suite>.json and the
 learning curves <out>/<suite>_<game>.png (evaluation return against steps, mean over seeds with a shaded
-standard-error band, one line per aux; procgen: training-level and unseen-level panels).
+standard-error band, one line per aux; procgen: training-level and unseen-level panels) and
+<out>/<suite>_<game>_training.png (from progress.csv: training-episode return, and the aux loss's SCL estimate,
+RankMe and Lambda off-diagonal ratio, which are what to look at when MINC does not help).
 How to run the full benchmark, its time budget and how to resume: benchmarks/README_rl_evidence.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import shutil
@@ -42,7 +46,7 @@ from minc_rl.io import atomic_write  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "rl_evidence"
 RUNS = ROOT / "outputs" / "rl_evidence"
-COPIED = ("summary.json", "evaluations.csv")
+COPIED = ("summary.json", "evaluations.csv", "progress.csv")
 # suite -> the entry point's settings shared by every run, the games and the compared aux losses
 SUITES: dict[str, dict[str, Any]] = {
     "procgen": {
@@ -57,6 +61,13 @@ SUITES: dict[str, dict[str, Any]] = {
         "aux": ["none", "minc"],
         "splits": ["test"],
     },
+}
+# progress.csv columns drawn by plot_training: SB3's training-episode return and the auxiliary loss's diagnostics
+TRAINING_KEYS = {
+    "rollout/ep_rew_mean": "training episode return (last 100)",
+    "train/aux_scl_estimate": "SCL plug-in estimate on the aux pairs",
+    "train/aux_rankme": "RankMe of the aux embeddings",
+    "train/aux_lambda_offdiag_ratio": "Lambda off-diagonal ratio (MINC)",
 }
 SPLIT_LABELS = {"train_levels": "training levels", "unseen_levels": "unseen levels", "test": "evaluation (greedy)"}
 # Cobbe et al. 2020 (PPO, IMPALA CNN, 25M steps, 200 levels, easy): mean test return on unseen levels
@@ -145,9 +156,24 @@ def load_runs(results: Path, suite: str) -> dict[str, dict[str, list[dict[str, A
         curves: dict[str, list[tuple[int, float]]] = {}
         for row in run_io.read_evaluations(summary_path.parent / "evaluations.csv"):
             curves.setdefault(row["split"], []).append((int(row["step"]), float(row["return_mean"])))
-        run = {"summary": run_io.read_summary(summary_path), "curves": curves}
+        run = {"summary": run_io.read_summary(summary_path), "curves": curves,
+               "progress": read_progress(summary_path.parent / "progress.csv")}
         runs.setdefault(game, {}).setdefault(aux, []).append(run)
     return runs
+
+
+def read_progress(path: Path) -> dict[str, np.ndarray]:
+    """progress.csv's TRAINING_KEYS as (steps, values) arrays with the rows that logged them; {} without the file."""
+    if not path.exists():
+        return {}
+    with path.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    series = {}
+    for key in TRAINING_KEYS:
+        points = [(float(r["time/total_timesteps"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        if points:
+            series[key] = np.array(points).T
+    return series
 
 
 def aux_order(suite: str, names: Any) -> list[str]:
@@ -239,6 +265,21 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
 
 
+def plot_band(axis: Any, steps: np.ndarray, values: np.ndarray, label: str, color: str) -> None:
+    """Mean over seeds (rows of `values`) against steps, with a shaded standard-error band."""
+    mean = values.mean(axis=0)
+    se = values.std(axis=0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else np.zeros_like(mean)
+    axis.plot(steps, mean, color=color, label=f"{label} ({len(values)} seeds)")
+    axis.fill_between(steps, mean - se, mean + se, color=color, alpha=0.25)
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Write the figure atomically as PNG and close it."""
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    plt.close(figure)
+    return path
+
+
 def plot_curves(results: Path, suite: str) -> list[Path]:
     """One PNG per game: evaluation return against steps, mean over seeds with a shaded standard-error band."""
     paths = []
@@ -246,28 +287,44 @@ def plot_curves(results: Path, suite: str) -> list[Path]:
     for game, by_aux in load_runs(results, suite).items():
         figure, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False)
         for axis, split in zip(axes[0], splits):
-            for aux in aux_order(suite, by_aux):
+            for color, aux in enumerate(aux_order(suite, by_aux)):
                 group = by_aux[aux]
                 curves = [r["curves"][split] for r in group if r["curves"].get(split)]
                 if not curves:
                     continue
                 length = min(len(c) for c in curves)  # the k-th evaluation of every seed (same steps by construction)
                 steps = np.mean([[s for s, _ in c[:length]] for c in curves], axis=0)
-                returns = np.array([[r for _, r in c[:length]] for c in curves])
-                mean = returns.mean(axis=0)
-                se = returns.std(axis=0, ddof=1) / math.sqrt(len(curves)) if len(curves) > 1 else np.zeros_like(mean)
-                axis.plot(steps, mean, marker="o", label=f"{aux} ({len(curves)} seeds)")
-                axis.fill_between(steps, mean - se, mean + se, alpha=0.25)
+                plot_band(axis, steps, np.array([[r for _, r in c[:length]] for c in curves]), aux, f"C{color}")
             axis.set_title(f"{suite}:{game}, {SPLIT_LABELS[split]}")
             axis.set_xlabel("environment steps")
             axis.set_ylabel("episode return")
             axis.grid(alpha=0.3)
             if axis.has_data():
                 axis.legend()
-        path = results / f"{suite}_{game}.png"
-        atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-        plt.close(figure)
-        paths.append(path)
+        paths.append(save_figure(figure, results / f"{suite}_{game}.png"))
+    return paths
+
+
+def plot_training(results: Path, suite: str) -> list[Path]:
+    """One PNG per game: TRAINING_KEYS from the runs' progress.csv against steps, each seed interpolated onto a
+    common grid of 50 steps, mean with a shaded standard-error band, one line per aux."""
+    paths = []
+    for game, by_aux in load_runs(results, suite).items():
+        figure, axes = plt.subplots(1, len(TRAINING_KEYS), figsize=(5 * len(TRAINING_KEYS), 3.6), squeeze=False)
+        for axis, (key, label) in zip(axes[0], TRAINING_KEYS.items()):
+            for color, aux in enumerate(aux_order(suite, by_aux)):  # an aux keeps its colour in every panel
+                series = [r["progress"][key] for r in by_aux[aux] if key in r["progress"]]
+                if not series:
+                    continue
+                grid = np.linspace(max(s[0, 0] for s in series), min(s[0, -1] for s in series), 50)
+                plot_band(axis, grid, np.array([np.interp(grid, s[0], s[1]) for s in series]), aux, f"C{color}")
+            axis.set_title(label, fontsize=10)
+            axis.set_xlabel("environment steps")
+            axis.grid(alpha=0.3)
+            if axis.has_data():
+                axis.legend(fontsize=8)
+        figure.suptitle(f"{suite}:{game}, training")
+        paths.append(save_figure(figure, results / f"{suite}_{game}_training.png"))
     return paths
 
 
@@ -284,7 +341,7 @@ def aggregate(args: argparse.Namespace) -> None:
         atomic_write(args.results / f"{suite}_table.md", lambda tmp: Path(tmp).write_text(f"## {suite}\n\n{table}"))
         text = json.dumps(run_io.finite_or_none(result), indent=2, allow_nan=False) + "\n"
         atomic_write(args.results / f"{suite}.json", lambda tmp: Path(tmp).write_text(text))
-        for path in plot_curves(args.results, suite):
+        for path in [*plot_curves(args.results, suite), *plot_training(args.results, suite)]:
             print(f"wrote {path}")
     if not found:
         raise ValueError(f"no runs under {args.results}: expected <suite>/<game>/<aux>/seed<k>/summary.json "
@@ -304,7 +361,7 @@ def main() -> None:
     run_parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                             help="extra minc_rl.train override for every run (repeatable), e.g. n_envs=8")
     run_parser.add_argument("--runs", type=Path, default=RUNS, help="run directories (checkpoints; not committed)")
-    run_parser.add_argument("--out", type=Path, default=RESULTS, help="where summary.json and evaluations.csv go")
+    run_parser.add_argument("--out", type=Path, default=RESULTS, help="where the small files of each run go")
     aggregate_parser = commands.add_parser("aggregate", help="tables, JSON and learning curves from `run`'s copies")
     aggregate_parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
