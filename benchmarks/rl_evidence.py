@@ -3,7 +3,7 @@
     python benchmarks/rl_evidence.py run --suite procgen --steps 491520     # PPO starpilot, aux none/minc/spectral
     python benchmarks/rl_evidence.py run --suite minatar --steps 40000      # DQN breakout, space_invaders; none/minc
     python benchmarks/rl_evidence.py run --suite minatar --steps 6000 --seeds 0 --runs /tmp/r --out /tmp/o  # smoke
-    python benchmarks/rl_evidence.py aggregate                              # tables, JSON and plots
+    python benchmarks/rl_evidence.py aggregate                              # tables, JSON and plots (--last 3)
 
 `run` starts one `python -m minc_rl.train` process per (env, aux, seed), seed by seed so that an unfinished
 benchmark still compares every aux at the seeds it finished, in the run directory <runs>/<suite>/<game>/<aux>/seed<k>
@@ -186,8 +186,9 @@ def fmt(mean: float, se: float) -> str:
     return f"{mean:.2f} ± {se:.2f}" if math.isfinite(se) else f"{mean:.2f} (1 seed)"
 
 
-def aggregate_suite(results: Path, suite: str) -> dict[str, Any] | None:
-    """Final returns (mean, standard error, change against aux=none) per game, aux and split; None without runs."""
+def aggregate_suite(results: Path, suite: str, last: int) -> dict[str, Any] | None:
+    """Final returns (each run's mean over its `last` evaluations; mean, standard error over seeds, change against
+    aux=none) per game, aux and split; None without runs."""
     runs = load_runs(results, suite)
     if not runs:
         return None
@@ -209,7 +210,7 @@ def aggregate_suite(results: Path, suite: str) -> dict[str, Any] | None:
                 },
             }
             for split in splits:
-                finals = [r["curves"][split][-1][1] for r in group if r["curves"].get(split)]
+                finals = [np.mean([v for _, v in r["curves"][split][-last:]]) for r in group if r["curves"].get(split)]
                 row[split] = dict(zip(("mean", "se"), mean_and_se(finals))) if finals else None
             rows[aux] = row
         for row in rows.values():
@@ -221,7 +222,7 @@ def aggregate_suite(results: Path, suite: str) -> dict[str, Any] | None:
                         (row[split]["mean"] - base["mean"]) / abs(base["mean"]) if base["mean"] != 0 else None
                     )
         games[game] = rows
-    return {"suite": suite, "splits": splits, "games": games}
+    return {"suite": suite, "splits": splits, "last_evaluations": last, "games": games}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -260,8 +261,9 @@ def markdown_table(result: dict[str, Any]) -> str:
                 f"{max(steps) / COBBE_STEPS:.1%} of Cobbe et al. 2020's 25M steps with the IMPALA CNN (PPO, 200 "
                 f"levels, easy; unseen-level returns {reference}): early-learning returns, not comparable with theirs."
             )
-    notes.append("Final return: the last evaluation of each run (minc_rl.train's eval.episodes episodes per split), "
-                 "mean ± standard error over seeds; vs none: difference of the means (relative change).")
+    notes.append(f"Final return: each run's mean over its last {result['last_evaluations']} evaluations "
+                 "(minc_rl.train's eval.episodes episodes per split each), then mean ± standard error over seeds; "
+                 "vs none: difference of the means (relative change).")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
 
 
@@ -330,9 +332,11 @@ def plot_training(results: Path, suite: str) -> list[Path]:
 
 def aggregate(args: argparse.Namespace) -> None:
     """Tables, JSON and learning curves of every suite with copied runs under --results."""
+    if args.last < 1:
+        raise ValueError(f"--last must be >= 1; got {args.last}")
     found = False
     for suite in SUITES:
-        result = aggregate_suite(args.results, suite)
+        result = aggregate_suite(args.results, suite, args.last)
         if result is None:
             continue
         found = True
@@ -364,6 +368,8 @@ def main() -> None:
     run_parser.add_argument("--out", type=Path, default=RESULTS, help="where the small files of each run go")
     aggregate_parser = commands.add_parser("aggregate", help="tables, JSON and learning curves from `run`'s copies")
     aggregate_parser.add_argument("--results", type=Path, default=RESULTS)
+    aggregate_parser.add_argument("--last", type=int, default=3,
+                                  help="final return = mean over each run's last LAST evaluations (less noise than one)")
     args = parser.parse_args()
     try:
         run(args) if args.command == "run" else aggregate(args)
