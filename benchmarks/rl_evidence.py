@@ -1,6 +1,6 @@
 """Does the MINC auxiliary loss help RL agents? Runs issue 7's sweeps through minc_rl.train and aggregates them.
 
-    python benchmarks/rl_evidence.py run --suite procgen --steps 491520     # PPO starpilot, aux none/minc/spectral
+    python benchmarks/rl_evidence.py run --suite procgen --steps 409600     # PPO starpilot, aux none/minc/spectral
     python benchmarks/rl_evidence.py run --suite minatar --steps 40000      # DQN breakout, space_invaders; none/minc
     python benchmarks/rl_evidence.py run --suite minatar --steps 6000 --seeds 0 --runs /tmp/r --out /tmp/o  # smoke
     python benchmarks/rl_evidence.py aggregate                              # tables, JSON and plots (--last 3)
@@ -38,6 +38,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 from minc_rl import run_io  # noqa: E402
@@ -275,6 +276,16 @@ def plot_band(axis: Any, steps: np.ndarray, values: np.ndarray, label: str, colo
     axis.fill_between(steps, mean - se, mean + se, color=color, alpha=0.25)
 
 
+def finish_axis(axis: Any, title: str) -> None:
+    """Title, step axis in thousands, grid and (when anything was drawn) legend."""
+    axis.set_title(title, fontsize=10)
+    axis.set_xlabel("environment steps")
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
+    axis.grid(alpha=0.3)
+    if axis.has_data():
+        axis.legend(fontsize=8)
+
+
 def save_figure(figure: Any, path: Path) -> Path:
     """Write the figure atomically as PNG and close it."""
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
@@ -297,12 +308,8 @@ def plot_curves(results: Path, suite: str) -> list[Path]:
                 length = min(len(c) for c in curves)  # the k-th evaluation of every seed (same steps by construction)
                 steps = np.mean([[s for s, _ in c[:length]] for c in curves], axis=0)
                 plot_band(axis, steps, np.array([[r for _, r in c[:length]] for c in curves]), aux, f"C{color}")
-            axis.set_title(f"{suite}:{game}, {SPLIT_LABELS[split]}")
-            axis.set_xlabel("environment steps")
+            finish_axis(axis, f"{suite}:{game}, {SPLIT_LABELS[split]}")
             axis.set_ylabel("episode return")
-            axis.grid(alpha=0.3)
-            if axis.has_data():
-                axis.legend()
         paths.append(save_figure(figure, results / f"{suite}_{game}.png"))
     return paths
 
@@ -320,11 +327,7 @@ def plot_training(results: Path, suite: str) -> list[Path]:
                     continue
                 grid = np.linspace(max(s[0, 0] for s in series), min(s[0, -1] for s in series), 50)
                 plot_band(axis, grid, np.array([np.interp(grid, s[0], s[1]) for s in series]), aux, f"C{color}")
-            axis.set_title(label, fontsize=10)
-            axis.set_xlabel("environment steps")
-            axis.grid(alpha=0.3)
-            if axis.has_data():
-                axis.legend(fontsize=8)
+            finish_axis(axis, label)
         figure.suptitle(f"{suite}:{game}, training")
         paths.append(save_figure(figure, results / f"{suite}_{game}_training.png"))
     return paths
