@@ -330,7 +330,7 @@ def test_load_pretrained_encoder_syncs_targets(cls, tmp_path):
     [
         (dict(aux="barlow"), r"aux='barlow' is not valid; choose one of 'none', 'minc', 'spectral', 'infonce'"),
         (dict(aux_augment="crop"), r"aux_augment='crop' is not valid; choose one of 'none', 'shift'"),
-        (dict(encoder="resnet"), r"encoder='resnet' is not valid; choose one of 'auto', 'impala', 'nature', 'mlp'"),
+        (dict(encoder="resnet"), r"encoder='resnet' is not valid; choose one of 'auto', 'impala', 'nature', 'minatar', 'mlp'"),
         (dict(aux_coef=-1.0), r"aux_coef must be a finite number >= 0; got -1.0"),
         (dict(aux_coef=float("nan")), r"aux_coef must be a finite number >= 0; got nan"),
         (dict(aux_dim=0), r"aux_dim must be an integer >= 1; got 0"),

@@ -122,7 +122,7 @@ def test_help_lists_groups_and_choices(monkeypatch, capsys):
         run_in_process(monkeypatch, "--help")
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for line in ("agent: dqn, ppo", "aux: infonce, minc, none, spectral", "encoder: impala, mlp, nature"):
+    for line in ("agent: dqn, ppo", "aux: infonce, minc, none, spectral", "encoder: impala, minatar, mlp, nature"):
         assert line in out
     assert "env=procgen:coinrun" in out and "hydra/launcher=submitit_slurm" in out and "aux.coef" in out
 
@@ -149,7 +149,7 @@ BAD_VALUES = [
     (["agent=a2c"], ["agent='a2c'", "'dqn', 'ppo'"]),
     (["aux=foo"], ["aux='foo'", "'infonce', 'minc', 'none', 'spectral'"]),
     (["-m", "aux=none,foo"], ["aux='foo'", "'infonce', 'minc', 'none', 'spectral'"]),
-    (["encoder=resnet"], ["encoder='resnet'", "'impala', 'mlp', 'nature'"]),
+    (["encoder=resnet"], ["encoder='resnet'", "'impala', 'minatar', 'mlp', 'nature'"]),
     (["aux.coef=-1"], ["aux.coef", ">= 0", "-1"]),
     (["aux.ema=0"], ["aux.ema", "(0, 1]", "0"]),
     (["aux.ema=1.5"], ["aux.ema", "(0, 1]", "1.5"]),
