@@ -59,7 +59,7 @@ def measure(run_dir: Path) -> dict[str, Any]:
     checkpoint = run_io.latest_checkpoint(run_dir)
     if cfg.agent.name != "ppo" or checkpoint is None:
         raise ValueError(f"{run_dir}: needs a PPO run with a checkpoint (agent={cfg.agent.name}, checkpoint={checkpoint})")
-    env, _ = build_envs(cfg, checkpoint)
+    env, eval_envs = build_envs(cfg, checkpoint)
     model = AGENTS["ppo"].load(checkpoint, env=env, device="cpu")
     model.tensorboard_log = None  # no new TensorBoard directory in the run
     callback = model._setup_learn(model.n_steps * model.n_envs, reset_num_timesteps=False)[1]
@@ -78,7 +78,8 @@ def measure(run_dir: Path) -> dict[str, Any]:
         result[name] = {"median_norm": float(np.median(norms)), "clipped_fraction": float(np.mean(norms > model.max_grad_norm)),
                         "mean_clip_factor": float(factors.mean()), "steps": len(norms)}
     result["ppo_step_scale"] = result["with_aux"]["mean_clip_factor"] / result["ppo_only"]["mean_clip_factor"]
-    env.close()
+    for vec_env in (env, *eval_envs.values()):
+        vec_env.close()
     return result
 
 
