@@ -58,25 +58,30 @@ def measure(run_dir: Path) -> dict[str, Any]:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     checkpoint = run_io.latest_checkpoint(run_dir)
     if cfg.agent.name != "ppo" or checkpoint is None:
-        raise ValueError(f"{run_dir}: needs a PPO run with a checkpoint (agent={cfg.agent.name}, checkpoint={checkpoint})")
+        raise ValueError(
+            f"{run_dir}: needs a PPO run with a checkpoint (agent={cfg.agent.name}, checkpoint={checkpoint})"
+        )
     env, eval_envs = build_envs(cfg, checkpoint)
     model = AGENTS["ppo"].load(checkpoint, env=env, device="cpu")
     model.tensorboard_log = None  # no new TensorBoard directory in the run
     callback = model._setup_learn(model.n_steps * model.n_envs, reset_num_timesteps=False)[1]
     callback.on_training_start(locals(), globals())
     model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
+    # the policy's state holds the aux loss's buffers too (MINC's Lambda), so both passes start from the same Lambda
     weights = copy.deepcopy(model.policy.state_dict()), copy.deepcopy(model.policy.optimizer.state_dict())
-    loss_state = copy.deepcopy(model.minc_extractor.aux_loss.state_dict())
     result: dict[str, Any] = {"run_dir": str(run_dir), "aux": cfg.aux.name, "coef": float(cfg.aux.coef),
                               "step": run_io.checkpoint_step(checkpoint), "max_grad_norm": model.max_grad_norm}
     for name, coef in (("with_aux", float(cfg.aux.coef)), ("ppo_only", 0.0)):
         model.policy.load_state_dict(weights[0])
         model.policy.optimizer.load_state_dict(weights[1])
-        model.minc_extractor.aux_loss.load_state_dict(loss_state)
         norms = np.array(clip_norms(model, coef))
         factors = np.minimum(1.0, model.max_grad_norm / norms)
-        result[name] = {"median_norm": float(np.median(norms)), "clipped_fraction": float(np.mean(norms > model.max_grad_norm)),
-                        "mean_clip_factor": float(factors.mean()), "steps": len(norms)}
+        result[name] = {
+            "median_norm": float(np.median(norms)),
+            "clipped_fraction": float(np.mean(norms > model.max_grad_norm)),
+            "mean_clip_factor": float(factors.mean()),
+            "steps": len(norms),
+        }
     result["ppo_step_scale"] = result["with_aux"]["mean_clip_factor"] / result["ppo_only"]["mean_clip_factor"]
     for vec_env in (env, *eval_envs.values()):
         vec_env.close()
@@ -86,7 +91,7 @@ def measure(run_dir: Path) -> dict[str, Any]:
 def main() -> None:
     """Measure every run directory given and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", type=Path, nargs="+", help="rl_evidence procgen run directories (aux minc or spectral)")
+    parser.add_argument("run_dirs", type=Path, nargs="+", help="rl_evidence procgen runs (aux minc or spectral)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()

@@ -74,6 +74,7 @@ SPLIT_LABELS = {"train_levels": "training levels", "unseen_levels": "unseen leve
 # Cobbe et al. 2020 (PPO, IMPALA CNN, 25M steps, 200 levels, easy): mean test return on unseen levels
 COBBE_STEPS = 25_000_000
 COBBE_TEST_RETURN = {"coinrun": 8.7, "starpilot": 23.5, "bigfish": 4.7}
+Runs = dict[str, dict[str, list[dict[str, Any]]]]  # game -> aux -> runs (load_runs)
 
 
 def run_finished(run_dir: Path, steps: int) -> bool:
@@ -149,9 +150,9 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), se
 
 
-def load_runs(results: Path, suite: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
+def load_runs(results: Path, suite: str) -> Runs:
     """game -> aux -> the runs (summary and evaluation rows by split) copied by `run`, seeds in order."""
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    runs: Runs = {}
     for summary_path in sorted((results / suite).glob("*/*/seed*/summary.json")):
         game, aux = summary_path.parts[-4], summary_path.parts[-3]
         curves: dict[str, list[tuple[int, float]]] = {}
@@ -187,12 +188,9 @@ def fmt(mean: float, se: float) -> str:
     return f"{mean:.2f} ± {se:.2f}" if math.isfinite(se) else f"{mean:.2f} (1 seed)"
 
 
-def aggregate_suite(results: Path, suite: str, last: int) -> dict[str, Any] | None:
+def aggregate_suite(runs: Runs, suite: str, last: int) -> dict[str, Any]:
     """Final returns (each run's mean over its `last` evaluations; mean, standard error over seeds, change against
-    aux=none) per game, aux and split; None without runs."""
-    runs = load_runs(results, suite)
-    if not runs:
-        return None
+    aux=none) per game, aux and split."""
     splits = SUITES[suite]["splits"]
     games: dict[str, Any] = {}
     for game, by_aux in runs.items():
@@ -293,11 +291,11 @@ def save_figure(figure: Any, path: Path) -> Path:
     return path
 
 
-def plot_curves(results: Path, suite: str) -> list[Path]:
+def plot_curves(runs: Runs, results: Path, suite: str) -> list[Path]:
     """One PNG per game: evaluation return against steps, mean over seeds with a shaded standard-error band."""
     paths = []
     splits = SUITES[suite]["splits"]
-    for game, by_aux in load_runs(results, suite).items():
+    for game, by_aux in runs.items():
         figure, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False)
         for axis, split in zip(axes[0], splits):
             for color, aux in enumerate(aux_order(suite, by_aux)):
@@ -314,11 +312,11 @@ def plot_curves(results: Path, suite: str) -> list[Path]:
     return paths
 
 
-def plot_training(results: Path, suite: str) -> list[Path]:
+def plot_training(runs: Runs, results: Path, suite: str) -> list[Path]:
     """One PNG per game: TRAINING_KEYS from the runs' progress.csv against steps, each seed interpolated onto a
     common grid of 50 steps, mean with a shaded standard-error band, one line per aux."""
     paths = []
-    for game, by_aux in load_runs(results, suite).items():
+    for game, by_aux in runs.items():
         figure, axes = plt.subplots(1, len(TRAINING_KEYS), figsize=(5 * len(TRAINING_KEYS), 3.6), squeeze=False)
         for axis, (key, label) in zip(axes[0], TRAINING_KEYS.items()):
             for color, aux in enumerate(aux_order(suite, by_aux)):  # an aux keeps its colour in every panel
@@ -339,16 +337,17 @@ def aggregate(args: argparse.Namespace) -> None:
         raise ValueError(f"--last must be >= 1; got {args.last}")
     found = False
     for suite in SUITES:
-        result = aggregate_suite(args.results, suite, args.last)
-        if result is None:
+        runs = load_runs(args.results, suite)
+        if not runs:
             continue
         found = True
+        result = aggregate_suite(runs, suite, args.last)
         table = markdown_table(result)
         print(f"## {suite}\n\n{table}")
         atomic_write(args.results / f"{suite}_table.md", lambda tmp: Path(tmp).write_text(f"## {suite}\n\n{table}"))
         text = json.dumps(run_io.finite_or_none(result), indent=2, allow_nan=False) + "\n"
         atomic_write(args.results / f"{suite}.json", lambda tmp: Path(tmp).write_text(text))
-        for path in [*plot_curves(args.results, suite), *plot_training(args.results, suite)]:
+        for path in [*plot_curves(runs, args.results, suite), *plot_training(runs, args.results, suite)]:
             print(f"wrote {path}")
     if not found:
         raise ValueError(f"no runs under {args.results}: expected <suite>/<game>/<aux>/seed<k>/summary.json "
@@ -371,8 +370,9 @@ def main() -> None:
     run_parser.add_argument("--out", type=Path, default=RESULTS, help="where the small files of each run go")
     aggregate_parser = commands.add_parser("aggregate", help="tables, JSON and learning curves from `run`'s copies")
     aggregate_parser.add_argument("--results", type=Path, default=RESULTS)
-    aggregate_parser.add_argument("--last", type=int, default=3,
-                                  help="final return = mean over each run's last LAST evaluations (less noise than one)")
+    aggregate_parser.add_argument(
+        "--last", type=int, default=3, help="final return = mean over each run's last LAST evaluations (less noise)"
+    )
     args = parser.parse_args()
     try:
         run(args) if args.command == "run" else aggregate(args)

@@ -46,7 +46,8 @@ def encoder_input_shape(observation_space: gym.Space) -> tuple[int, ...]:
 
 
 def resolve_encoder(encoder: str, input_shape: tuple[int, ...]) -> str:
-    """The encoder name for `encoder` ("auto": nature for images, minatar for images too small for it, mlp for vectors)."""
+    """The encoder name for `encoder` ("auto": nature for images, minatar for images too small for it, mlp for
+    vectors)."""
     check_choice("encoder", encoder, ENCODER_CHOICES)
     if encoder != "auto":
         return encoder
