@@ -10,7 +10,7 @@ from stable_baselines3 import DQN
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch.nn import functional as F
 
-from minc_rl.agents.aux import MincAuxMixin
+from minc_rl.agents.auxiliary import MincAuxMixin
 from minc_rl.extractor import MincExtractor
 
 

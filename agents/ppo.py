@@ -15,7 +15,7 @@ from stable_baselines3.common.type_aliases import RolloutBufferSamples
 from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
-from minc_rl.agents.aux import MincAuxMixin, gather_successors, rollout_successors
+from minc_rl.agents.auxiliary import MincAuxMixin, gather_successors, rollout_successors
 from minc_rl.extractor import MincExtractor
 
 

@@ -8,8 +8,9 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import ReplayBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 
-from minc_rl.agents.aux import AUGMENT_CHOICES, PairLoss, check_coef, check_int
-from minc_rl.extractor import MincExtractor, check_choice
+from minc_rl.agents.auxiliary import AUGMENT_CHOICES, PairLoss
+from minc_rl.checks import check_choice, check_int, check_nonnegative
+from minc_rl.extractor import MincExtractor
 from minc_rl.losses import AUX_LOSSES
 
 
@@ -36,7 +37,7 @@ class MincAuxCallback(BaseCallback):
         super().__init__(verbose)
         check_int("gradient_steps", gradient_steps, 1)
         check_int("aux_batch", aux_batch, 2)
-        check_coef("aux_coef", aux_coef)
+        check_nonnegative("aux_coef", aux_coef)
         check_choice("aux_augment", aux_augment, AUGMENT_CHOICES)
         self.gradient_steps = gradient_steps
         self.aux_batch = aux_batch

@@ -5,34 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 import torch
 from stable_baselines3.common.preprocessing import is_image_space_channels_first
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
+from minc_rl.checks import check_choice, check_fraction
 from minc_rl.encoders import NATURE_MIN_SIZE, ENCODERS, ProjectionHead, build_encoder
 from minc_rl.losses import AUX_LOSSES, build_aux_loss
 
 AUX_CHOICES = ("none", *AUX_LOSSES)
 ENCODER_CHOICES = ("auto", *ENCODERS)
-
-
-def check_choice(name: str, value: Any, choices: tuple) -> None:
-    """Raise ValueError naming `name`, the bad `value` and the valid `choices`."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
-
-
-def check_int(name: str, value: Any, low: int) -> None:
-    """Raise ValueError unless `value` is an integer >= low."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-
-
-def check_fraction(name: str, value: Any) -> None:
-    """Raise ValueError unless `value` is a number in (0, 1]."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1]; got {value!r}")
 
 
 def encoder_input_shape(observation_space: gym.Space) -> tuple[int, ...]:

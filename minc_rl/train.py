@@ -41,7 +41,7 @@ from tqdm import tqdm
 import minc_rl.configs
 from minc_rl import run_io
 from minc_rl.agents import MincDQN, MincPPO
-from minc_rl.agents.aux import check_aux_args
+from minc_rl.agents.auxiliary import check_aux_args
 from minc_rl.envs import make_eval_env, make_vec_env, parse_spec, validate_spec
 
 CONFIG_DIR = Path(minc_rl.configs.__file__).parent / "train"
@@ -64,7 +64,9 @@ def fail(message: str) -> NoReturn:
 
 
 def group_choices(group: str) -> list[str]:
-    """The options of a config group: the YAML files in configs/train/<group>/."""
+    """The options of a config group: the YAML files in configs/train/<group>/ (aux: minc_rl.configs' ConfigStore)."""
+    if group == "aux":
+        return sorted(minc_rl.configs.AUX_GROUP_OPTIONS)
     return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from minc_rl import MincAuxCallback, MincExtractor
 from minc_rl.agents import AUGMENT_CHOICES, AUX_CHOICES, MincDQN, MincPPO
-from minc_rl.agents.aux import gather_successors, rollout_successors
+from minc_rl.agents.auxiliary import gather_successors, rollout_successors
 from minc_rl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
 from stable_baselines3 import A2C, DQN, PPO

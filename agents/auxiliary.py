@@ -13,7 +13,8 @@ from stable_baselines3.common.utils import polyak_update
 
 from minc_rl.augment import random_shift
 from minc_rl.encoders import load_encoder_weights
-from minc_rl.extractor import AUX_CHOICES, ENCODER_CHOICES, MincExtractor, check_choice, check_fraction, check_int
+from minc_rl.checks import check_choice, check_fraction, check_int, check_nonnegative
+from minc_rl.extractor import AUX_CHOICES, ENCODER_CHOICES, MincExtractor
 from minc_rl.metrics import embedding_health
 
 AUGMENT_CHOICES = ("none", "shift")
@@ -55,12 +56,6 @@ def scl_plugin(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(-2.0 * (a * b).sum() / batch + off_diagonal / (batch * (batch - 1)))
 
 
-def check_coef(name: str, value: Any) -> None:
-    """Raise ValueError unless `value` is a finite number >= 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-
-
 def check_aux_args(
     aux: str,
     aux_coef: float,
@@ -75,7 +70,7 @@ def check_aux_args(
     check_choice("aux", aux, AUX_CHOICES)
     check_choice("aux_augment", aux_augment, AUGMENT_CHOICES)
     check_choice("encoder", encoder, ENCODER_CHOICES)
-    check_coef("aux_coef", aux_coef)
+    check_nonnegative("aux_coef", aux_coef)
     check_int("aux_dim", aux_dim, 1)
     check_int("aux_batch", aux_batch, 2)
     check_fraction("aux_ema", aux_ema)

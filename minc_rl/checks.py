@@ -1,0 +1,42 @@
+"""Value checks shared by the library API and the entry points: each raises ValueError naming the bad value."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    """Raise ValueError naming `name`, the bad `value` and the valid `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+    """Raise ValueError unless `value` is an integer >= low."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_fraction(name: str, value: Any) -> None:
+    """Raise ValueError unless `value` is a number in (0, 1]."""
+    if not _is_number(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1]; got {value!r}")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """Raise ValueError unless `value` is a finite number >= 0."""
+    if not _is_number(value) or not 0.0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Raise ValueError unless `value` is a finite number > 0."""
+    if not _is_number(value) or not 0.0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
