@@ -1,262 +1,345 @@
-"""The auxiliary loss on consecutive observations (o_t, o_t+1), shared by MincPPO, MincDQN and MincAuxCallback."""
+"""The auxiliary loss on (o_t, o_t+1) pairs and how it joins the RL update; shared by MincPPO, MincDQN and
+MincAuxCallback.
+
+`AuxConfig` holds every setting (checked in one place). `AuxLearner` holds the projection head, the loss (MINC's
+Lambda), an optional EMA target encoder and the aux optimizer, attached to the features of any SB3 features
+extractor. Its `update` takes one gradient step of the RL loss and the aux loss together, in one of three modes:
+
+- joint: one step of the RL optimizer; at the encoder's output the aux gradient is rescaled to `share` of the
+  update: g = g_rl + s g_aux with ||s g_aux|| / (||g_rl|| + ||s g_aux||) = share, so neither loss's scale nor Adam's
+  normalisation decides the balance. The projection head learns with the aux optimizer.
+- separate: the RL step as SB3 takes it, then an aux step of encoder and head with the aux optimizer and its own
+  clip, on the encoder as the RL step left it (CURL, CTRL).
+- decoupled: the RL heads see detached features; the encoder learns from the aux loss alone (ATC).
+"""
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
+import gymnasium as gym
 import numpy as np
-import torch
+import torch as th
 from stable_baselines3.common.logger import Logger
-from stable_baselines3.common.preprocessing import preprocess_obs
+from stable_baselines3.common.preprocessing import is_image_space_channels_first, preprocess_obs
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.utils import polyak_update
+from torch import nn
+from torch.nn import functional as F
 
 from minc_rl.augment import random_shift
-from minc_rl.encoders import load_encoder_weights
-from minc_rl.checks import check_choice, check_fraction, check_int, check_nonnegative
-from minc_rl.extractor import AUX_CHOICES, ENCODER_CHOICES, MincExtractor
+from minc_rl.checks import check_choice, check_fraction, check_int, check_positive
+from minc_rl.encoders import ProjectionHead, load_encoder_weights
+from minc_rl.extractor import ENCODER_CHOICES, MincExtractor
+from minc_rl.losses import AUX_LOSSES, build_aux_loss, spectral_contrastive_loss
 from minc_rl.metrics import embedding_health
 
+AUX_CHOICES = ("none", *AUX_LOSSES)
+AUX_MODES = ("joint", "separate", "decoupled")
 AUGMENT_CHOICES = ("none", "shift")
 
 
-def rollout_successors(episode_starts: np.ndarray, last_episode_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Successor index and pair validity of every sample of SB3's flattened rollout buffer.
+@dataclasses.dataclass(frozen=True)
+class AuxConfig:
+    """Settings of the auxiliary loss (`aux.*` on minc_rl.train's command line); invalid values raise ValueError."""
 
-    `RolloutBuffer.get` flattens (n_steps, n_envs) env-major (`swap_and_flatten`): flat index i = env * n_steps + t.
-    The successor of (t, env) is flat index i + 1 while t < n_steps - 1, a valid pair when
-    episode_starts[t + 1, env] == 0; for the last step it is n_steps * n_envs + env, i.e. row `env` of the
-    observations after the rollout, valid when last_episode_starts[env] == 0 (the env did not just reset).
-    """
-    n_steps, n_envs = episode_starts.shape
-    step = np.arange(n_steps)[None, :]
-    env = np.arange(n_envs)[:, None]
-    flat = env * n_steps + step
-    successor = np.where(step < n_steps - 1, flat + 1, n_steps * n_envs + env)
-    next_starts = np.concatenate([episode_starts[1:], np.reshape(last_episode_starts, (1, n_envs))])
-    valid = next_starts.T == 0
-    return successor.ravel(), valid.ravel()
+    name: str = "minc"  # none | minc | spectral | infonce
+    mode: str = "joint"  # joint | separate | decoupled (see the module docstring)
+    share: float = 0.1  # joint: the aux share of the encoder's update, in [0, 1)
+    lr: float = 3e-4  # the aux optimizer's Adam learning rate (the head; the encoder too in separate / decoupled)
+    max_grad_norm: float = 10.0  # the aux optimizer's gradient clip
+    dim: int = 64  # embedding size d (Lambda is d x d)
+    batch: int = 256  # pairs per gradient step
+    ema: float = 0.2  # MINC's EMA rate of Lambda
+    augment: str = "none"  # none | shift (DrQ random shift of both views; image observations)
+    target_tau: float | None = None  # None: o_t+1 through the online encoder under stop-gradient; else EMA target
+    head_hidden: int = 256  # hidden width of the projection head
+    loss_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. spectral: mu; infonce: temperature
 
+    def __post_init__(self) -> None:
+        check_choice("aux", self.name, AUX_CHOICES)
+        check_choice("aux.mode", self.mode, AUX_MODES)
+        check_choice("aux.augment", self.augment, AUGMENT_CHOICES)
+        if not isinstance(self.share, (int, float)) or isinstance(self.share, bool) or not 0.0 <= self.share < 1.0:
+            raise ValueError(f"aux.share must be in [0, 1); got {self.share!r}")
+        check_positive("aux.lr", self.lr)
+        check_positive("aux.max_grad_norm", self.max_grad_norm)
+        check_int("aux.dim", self.dim, 1)
+        check_int("aux.batch", self.batch, 2)
+        check_int("aux.head_hidden", self.head_hidden, 1)
+        check_fraction("aux.ema", self.ema)
+        if self.target_tau is not None:
+            check_fraction("aux.target_tau (None: stop-gradient online encoder)", self.target_tau)
+        if self.name == "none" and self.loss_kwargs:
+            raise ValueError(f"aux.loss_kwargs={dict(self.loss_kwargs)!r} were given, but aux='none' has no loss")
+        if "ema" in self.loss_kwargs:
+            raise ValueError(f"aux.loss_kwargs may not set 'ema' (got {self.loss_kwargs['ema']!r}); set aux.ema")
+        if self.name != "none":
+            self.build_loss()  # an option the loss does not take fails here, before any network is built
 
-def gather_successors(flat_observations: np.ndarray, after_observations: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Observations at `index` into flat_observations followed by after_observations (without concatenating them)."""
-    inside = index < len(flat_observations)
-    out = np.empty((len(index), *flat_observations.shape[1:]), dtype=flat_observations.dtype)
-    out[inside] = flat_observations[index[inside]]
-    out[~inside] = after_observations[index[~inside] - len(flat_observations)]
-    return out
+    @classmethod
+    def of(cls, aux: str | AuxConfig | Mapping[str, Any]) -> AuxConfig:
+        """An AuxConfig from a loss name ("minc"), a mapping of settings, or an AuxConfig."""
+        if isinstance(aux, AuxConfig):
+            return aux
+        if isinstance(aux, Mapping):
+            unknown = sorted(set(aux) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown aux settings {unknown}; valid: {[f.name for f in dataclasses.fields(cls)]}")
+            return cls(**aux)
+        return cls(name=aux)
 
-
-def scl_plugin(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The batch's own (unclipped) spectral contrastive loss: -(2/B) sum a_i.b_i + 1/(B(B-1)) sum_{i!=j} (a_i.b_j)^2."""
-    a, b = a.detach().float(), b.detach().float()
-    batch = a.shape[0]
-    squares = (a @ b.T) ** 2
-    off_diagonal = squares.sum() - squares.diagonal().sum()
-    return float(-2.0 * (a * b).sum() / batch + off_diagonal / (batch * (batch - 1)))
-
-
-def check_aux_args(
-    aux: str,
-    aux_coef: float,
-    aux_dim: int,
-    aux_batch: int,
-    aux_ema: float,
-    aux_augment: str,
-    aux_target_tau: float | None,
-    encoder: str,
-) -> None:
-    """Raise ValueError naming the bad value and the valid ones for any invalid aux_* / encoder argument."""
-    check_choice("aux", aux, AUX_CHOICES)
-    check_choice("aux_augment", aux_augment, AUGMENT_CHOICES)
-    check_choice("encoder", encoder, ENCODER_CHOICES)
-    check_nonnegative("aux_coef", aux_coef)
-    check_int("aux_dim", aux_dim, 1)
-    check_int("aux_batch", aux_batch, 2)
-    check_fraction("aux_ema", aux_ema)
-    if aux_target_tau is not None:
-        check_fraction("aux_target_tau (None: stop-gradient online encoder)", aux_target_tau)
-
-
-def minc_policy_kwargs(policy_kwargs: dict[str, Any] | None, **extractor_kwargs: Any) -> dict[str, Any]:
-    """policy_kwargs with MincExtractor(**extractor_kwargs) as the features extractor, unless the user chose one.
-
-    When MincExtractor is inserted here the policy's net_arch defaults to [] (linear policy/value/Q heads on the
-    encoder features, like SB3's CnnPolicy on its NatureCNN); a user-given MincExtractor gets these settings
-    under its own features_extractor_kwargs.
-    """
-    kwargs = dict(policy_kwargs or {})
-    if "features_extractor_class" not in kwargs:
-        kwargs["features_extractor_class"] = MincExtractor
-        kwargs.setdefault("net_arch", [])
-    extractor_class = kwargs["features_extractor_class"]
-    if isinstance(extractor_class, type) and issubclass(extractor_class, MincExtractor):
-        kwargs["features_extractor_kwargs"] = {**extractor_kwargs, **kwargs.get("features_extractor_kwargs", {})}
-    return kwargs
+    def build_loss(self) -> nn.Module:
+        """The loss module these settings name."""
+        options = {**self.loss_kwargs, **({"ema": self.ema} if self.name == "minc" else {})}
+        try:
+            return build_aux_loss(self.name, self.dim, **options)
+        except ValueError as error:
+            raise ValueError(f"aux.loss_kwargs: {error}") from None
 
 
-def checked_extractor(extractor: Any, aux: str) -> MincExtractor | None:
-    """`extractor` if it is a MincExtractor built for `aux` (None when aux='none'); ValueError otherwise."""
-    if aux == "none":
-        return extractor if isinstance(extractor, MincExtractor) else None
-    if not isinstance(extractor, MincExtractor):
-        raise ValueError(
-            f"aux={aux!r} needs a MincExtractor as the policy's features extractor; got {type(extractor).__name__}"
-        )
-    if extractor.aux != aux:
-        raise ValueError(f"aux={aux!r} but the policy's MincExtractor was built with aux={extractor.aux!r}")
-    return extractor
+class AuxBatch(NamedTuple):
+    """The pairs of one gradient step: o_t, o_t+1, and where o_t's features are in the step's features tensor."""
+
+    observations: th.Tensor | dict[str, th.Tensor]
+    next_observations: th.Tensor | dict[str, th.Tensor]
+    rows: th.Tensor
 
 
-class PairLoss:
-    """The auxiliary loss of (o_t, o_t+1) pairs for one MincExtractor, and its statistics since the last record().
-
-    o_t is encoded with gradient (its features are usually the policy's own forward pass), o_t+1 under
-    stop-gradient by the online encoder or, when given, an EMA target encoder. Both views' features go through
-    the projection head together (one BatchNorm batch). A non-finite loss is counted and dropped.
-    """
+class AuxLearner(nn.Module):
+    """Projection head, loss and (optional) EMA target encoder over one SB3 features extractor, and the aux
+    optimizer. Statistics accumulate between `record` calls; the embedding-health metrics are computed only there."""
 
     def __init__(
-        self,
-        extractor: MincExtractor,
-        policy: Any,
-        augment: str = "none",
-        target_encoder: torch.nn.Module | None = None,
+        self, config: AuxConfig, extractor: BaseFeaturesExtractor, observation_space: gym.Space, normalize_images: bool
     ) -> None:
-        if augment == "shift" and len(extractor.input_shape) != 3:
-            raise ValueError(
-                f"aux_augment='shift' needs image observations; the encoder input is {extractor.input_shape}"
-            )
-        self.extractor = extractor
-        self.policy = policy
-        self.augment = augment
-        self.target_encoder = target_encoder
-        self._reset()
+        super().__init__()
+        if config.augment == "shift" and not (
+            isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 3
+        ):
+            raise ValueError(f"aux.augment='shift' needs image observations; the observation space is {observation_space}")
+        self.config = config
+        self.observation_space = observation_space
+        self.normalize_images = normalize_images
+        self.channels_last = config.augment == "shift" and not is_image_space_channels_first(observation_space)
+        object.__setattr__(self, "extractor", extractor)  # the policy's module: not a submodule of this one
+        with th.random.fork_rng(devices=[]):  # the seed's RL run stays as it is without the aux loss
+            self.head = ProjectionHead(extractor.features_dim, config.dim, config.head_hidden)
+        self.loss = config.build_loss()
+        self.target = None if config.target_tau is None else copy.deepcopy(extractor).requires_grad_(False)
+        trained = [*self.head.parameters(), *(extractor.parameters() if config.mode != "joint" else [])]
+        self.optimizer = th.optim.Adam(trained, lr=config.lr)
+        self._reset_statistics()
 
-    def _reset(self) -> None:
-        self.losses: list[float] = []
-        self.scl_estimates: list[float] = []
+    def _reset_statistics(self) -> None:
+        self.losses: list[th.Tensor] = []
         self.pairs: list[int] = []
+        self.shares: list[th.Tensor] = []
+        self.raw_shares: list[th.Tensor] = []
+        self.rl_step_kept: list[th.Tensor] = []
         self.dropped = 0
-        self.last_embeddings: torch.Tensor | None = None
+        self.last_pair: tuple[th.Tensor, th.Tensor] | None = None
 
-    def _inputs(self, observations: torch.Tensor) -> torch.Tensor:
-        inputs = self.extractor.encoder_inputs(
-            preprocess_obs(observations, self.policy.observation_space, normalize_images=self.policy.normalize_images)
-        )
-        return random_shift(inputs) if self.augment == "shift" else inputs
+    def features(self, observations: th.Tensor | dict[str, th.Tensor], encoder: nn.Module | None = None) -> th.Tensor:
+        """Features of raw observations by the online extractor (or `encoder`), after SB3's preprocessing and the
+        augmentation."""
+        inputs = preprocess_obs(observations, self.observation_space, normalize_images=self.normalize_images)
+        if self.config.augment == "shift":
+            inputs = inputs.permute(0, 3, 1, 2) if self.channels_last else inputs
+            inputs = random_shift(inputs)
+            inputs = inputs.permute(0, 2, 3, 1) if self.channels_last else inputs
+        return (encoder or self.extractor)(inputs)
 
-    def __call__(
-        self,
-        observations: torch.Tensor,
-        next_observations: torch.Tensor,
-        features: torch.Tensor | None = None,
-    ) -> torch.Tensor | None:
-        """Loss of the pairs (observations[i], next_observations[i]); `features` = the encoder's features of
-        `observations` when already computed (reused unless augmenting). None when fewer than 2 pairs or non-finite."""
-        self.pairs.append(len(observations))
-        if len(observations) < 2:
+    def pair_loss(self, features: th.Tensor, next_observations: th.Tensor | dict[str, th.Tensor]) -> th.Tensor | None:
+        """The aux loss of o_t's `features` against o_t+1 (encoded without gradient, by the target if there is one);
+        None (counted as dropped) when non-finite or fewer than 2 pairs."""
+        self.pairs.append(len(features))
+        if len(features) < 2:
             return None
-        if features is None or self.augment != "none":
-            features = self.extractor.encoder(self._inputs(observations))
-        with torch.no_grad():
-            encoder = self.extractor.encoder if self.target_encoder is None else self.target_encoder
-            next_features = encoder(self._inputs(next_observations))
-        embeddings = self.extractor.embed(torch.cat([features, next_features]))
-        a, b = embeddings.tensor_split(2)
-        loss = self.extractor.aux_loss(a, b)
-        if not torch.isfinite(loss):
+        with th.no_grad():
+            next_features = self.features(next_observations, self.target)
+        a, b = self.head(th.cat([features, next_features])).tensor_split(2)  # one BatchNorm batch for both views
+        loss = self.loss(a, b)
+        if not th.isfinite(loss):
             self.dropped += 1
             return None
-        self.losses.append(loss.item())
-        self.scl_estimates.append(scl_plugin(a, b))
-        self.last_embeddings = embeddings.detach()
+        self.losses.append(loss.detach())
+        self.last_pair = (a.detach(), b.detach())
         return loss
 
+    def rl_view(self, features: th.Tensor) -> th.Tensor:
+        """The features the RL heads see: in joint and decoupled mode a detached copy, whose gradient `update`
+        routes into the encoder itself."""
+        return features if self.config.mode == "separate" else features.detach().requires_grad_(True)
+
+    def update(
+        self, rl_loss: th.Tensor, features: th.Tensor, rl_features: th.Tensor, batch: AuxBatch,
+        optimizer: th.optim.Optimizer, parameters: list[nn.Parameter], max_grad_norm: float | None,
+    ) -> None:
+        """One gradient step of the RL loss (RL optimizer over `parameters`, clipped at max_grad_norm as SB3 does)
+        and of the aux loss, as the mode says. `features` are the encoder's output with their graph, `rl_features`
+        what `rl_view` gave the RL heads."""
+        optimizer.zero_grad()
+        self.optimizer.zero_grad()
+        if self.config.mode == "separate":
+            rl_norm = _output_grad_norm(features)
+            rl_loss.backward()
+            self._rl_step(optimizer, parameters, max_grad_norm)
+            aux_norm = self.aux_step(batch.observations, batch.next_observations)
+            if aux_norm is not None:
+                self._log_share(rl_norm[0], aux_norm, rl_norm[0], aux_norm)
+            return
+        rl_loss.backward()  # into the RL heads; rl_features.grad is g_rl at the encoder's output
+        g_rl = rl_features.grad if rl_features.grad is not None else th.zeros_like(features)
+        aux_features = self.features(batch.observations) if self.config.augment != "none" else features[batch.rows]
+        aux_input = aux_features.detach().requires_grad_(True)
+        aux_loss = self.pair_loss(aux_input, batch.next_observations)
+        if aux_loss is not None:
+            aux_loss.backward()  # into the head; aux_input.grad is g_aux
+        g_aux = aux_input.grad if aux_input.grad is not None else th.zeros_like(aux_input)
+        if self.config.mode == "joint":
+            scale = self._joint_scale(g_rl, g_aux)
+            th.autograd.backward([features, aux_features], [g_rl, scale * g_aux])
+            self._rl_step(optimizer, parameters, max_grad_norm)
+        else:  # decoupled: the RL step leaves the encoder alone (its gradient is None), then the aux step moves it
+            self._rl_step(optimizer, parameters, max_grad_norm)
+            aux_features.backward(g_aux)
+            self._log_share(th.zeros(()), g_aux.norm(), g_rl.norm(), g_aux.norm())
+        if aux_loss is not None:
+            self._aux_step()
+
+    def aux_step(self, observations: Any, next_observations: Any) -> th.Tensor | None:
+        """One step of the aux optimizer on fresh features of these pairs; the norm of the aux gradient at the
+        encoder's output, or None when the loss was dropped."""
+        self.optimizer.zero_grad()
+        features = self.features(observations)
+        norm = _output_grad_norm(features)
+        loss = self.pair_loss(features, next_observations)
+        if loss is None:
+            return None
+        loss.backward()
+        self._aux_step()
+        return norm[0]
+
+    def _joint_scale(self, g_rl: th.Tensor, g_aux: th.Tensor) -> th.Tensor:
+        """s with ||s g_aux|| = share / (1 - share) ||g_rl||, so that the aux gradient is `share` of the sum of norms."""
+        share = self.config.share
+        rl_norm, aux_norm = g_rl.norm(), g_aux.norm()
+        scale = share / (1.0 - share) * rl_norm / aux_norm.clamp_min(1e-12)
+        self._log_share(rl_norm, scale * aux_norm, rl_norm, aux_norm)
+        return scale
+
+    def _log_share(self, rl_applied: th.Tensor, aux_applied: th.Tensor, rl_norm: th.Tensor, aux_norm: th.Tensor) -> None:
+        """Log the aux share of the gradient norms at the encoder's output: as applied to the encoder, and as the
+        two losses give them, ||g_aux|| / (||g_aux|| + ||g_rl||)."""
+        self.shares.append(aux_applied / (aux_applied + rl_applied).clamp_min(1e-12))
+        self.raw_shares.append(aux_norm / (aux_norm + rl_norm).clamp_min(1e-12))
+
+    def _rl_step(self, optimizer: th.optim.Optimizer, parameters: list[nn.Parameter], max_grad_norm: float | None) -> None:
+        if max_grad_norm is not None:
+            total = th.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+            self.rl_step_kept.append((max_grad_norm / (total + 1e-6)).clamp(max=1.0))  # as clip_grad_norm_ scales
+        optimizer.step()
+
+    def _aux_step(self) -> None:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        th.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.optimizer.step()
+        if self.target is not None:
+            polyak_update(self.extractor.parameters(), self.target.parameters(), self.config.target_tau)
+            polyak_update(self.extractor.buffers(), self.target.buffers(), 1.0)
+
     def record(self, logger: Logger) -> None:
-        """Log the statistics under train/aux_* and start over."""
-        logger.record("train/aux_pairs", float(np.mean(self.pairs)) if self.pairs else 0.0)
+        """Log the statistics since the last call under train/aux_* (and the embedding health of the last pair
+        batch), then start over; nothing before the first aux step."""
+        if not self.pairs:
+            return
+        logger.record("train/aux_pairs", float(np.mean(self.pairs)))
         logger.record("train/aux_dropped", self.dropped)
-        if self.losses:
-            logger.record("train/aux_loss", float(np.mean(self.losses)))
-            logger.record("train/aux_scl_estimate", float(np.mean(self.scl_estimates)))
-            for key, value in embedding_health(self.last_embeddings, self.extractor.aux_loss).items():
+        for key, values in (("aux_loss", self.losses), ("aux_grad_share", self.shares),
+                            ("aux_grad_share_raw", self.raw_shares), ("rl_step_kept", self.rl_step_kept)):
+            if values:
+                logger.record(f"train/{key}", float(th.stack(values).mean()))
+        if self.last_pair is not None:
+            a, b = (F.normalize(z.float(), dim=1) for z in self.last_pair)
+            logger.record("train/aux_scl_estimate", float(spectral_contrastive_loss(a, b)))
+            for key, value in embedding_health(th.cat([a, b]), self.loss).items():
                 logger.record(f"train/aux_{key}", value)
-        self._reset()
+        self._reset_statistics()
+
+
+def _output_grad_norm(tensor: th.Tensor) -> list[th.Tensor]:
+    """A list that receives the norm of `tensor`'s gradient when backward reaches it (zero until then)."""
+    norm = [th.zeros((), device=tensor.device)]
+    if tensor.requires_grad:
+        tensor.register_hook(lambda grad: norm.__setitem__(0, grad.norm()))
+    return norm
 
 
 class MincAuxMixin:
-    """What MincPPO and MincDQN share: the aux_* settings, the MincExtractor in the policy, the EMA target
-    encoder (saved with the model) and loading pretrained encoder weights. Subclasses define `minc_extractor`
-    and `_aux_policy` (the network whose observation space and preprocessing the extractor sees)."""
+    """What MincPPO and MincDQN share: the AuxConfig, the AuxLearner over the policy's features extractor (saved
+    with the model: head, Lambda, target encoder, aux optimizer), loading pretrained encoder weights and logging
+    the aux statistics when SB3 writes its logs. Subclasses define `aux_extractor` and `_aux_network` (the network
+    whose observation space and image normalisation the extractor sees)."""
 
-    def _init_aux(
-        self,
-        aux: str,
-        aux_coef: float,
-        aux_dim: int,
-        aux_batch: int,
-        aux_ema: float,
-        aux_augment: str,
-        aux_target_tau: float | None,
-        encoder: str,
-        aux_loss_kwargs: dict[str, Any] | None,
-        sb3_kwargs: dict[str, Any],
-    ) -> dict[str, Any]:
-        """Check and store the aux settings; return sb3_kwargs with MincExtractor in policy_kwargs."""
-        check_aux_args(aux, aux_coef, aux_dim, aux_batch, aux_ema, aux_augment, aux_target_tau, encoder)
-        self.aux = aux
-        self.aux_coef = float(aux_coef)
-        self.aux_batch = int(aux_batch)
-        self.aux_augment = aux_augment
-        self.aux_target_tau = aux_target_tau
-        policy_kwargs = minc_policy_kwargs(
-            sb3_kwargs.get("policy_kwargs"),
-            encoder=encoder,
-            aux=aux,
-            aux_dim=aux_dim,
-            aux_ema=aux_ema,
-            aux_loss_kwargs=aux_loss_kwargs,
-        )
-        return {**sb3_kwargs, "policy_kwargs": policy_kwargs}
+    def _init_aux(self, aux: str | AuxConfig | Mapping[str, Any], encoder: str, sb3_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Check and store the aux settings; return sb3_kwargs with MincExtractor(encoder) as the default extractor."""
+        self.aux = AuxConfig.of(aux)
+        check_choice("encoder", encoder, ENCODER_CHOICES)
+        kwargs = dict(sb3_kwargs.get("policy_kwargs") or {})
+        if "features_extractor_class" not in kwargs:
+            kwargs["features_extractor_class"] = MincExtractor
+            kwargs["features_extractor_kwargs"] = {"encoder": encoder, **kwargs.get("features_extractor_kwargs", {})}
+            kwargs.setdefault("net_arch", [])  # linear heads on the encoder, like SB3's CnnPolicy on NatureCNN
+        elif encoder != "auto":
+            raise ValueError(f"encoder={encoder!r} picks MincExtractor's encoder, but policy_kwargs sets "
+                             f"features_extractor_class={kwargs['features_extractor_class'].__name__}; drop one")
+        return {**sb3_kwargs, "policy_kwargs": kwargs}
 
     def _setup_model(self) -> None:
         super()._setup_model()  # type: ignore[misc]
-        extractor = checked_extractor(self.minc_extractor, self.aux)
-        self.aux_target_encoder = None
-        self.pair_loss = None
-        if self.aux != "none":
-            extractor.reset_head()
-            if self.aux_target_tau is not None:
-                self.aux_target_encoder = copy.deepcopy(extractor.encoder).requires_grad_(False)
-            self.pair_loss = PairLoss(extractor, self._aux_policy, self.aux_augment, self.aux_target_encoder)
+        self.aux_learner: AuxLearner | None = None
+        if self.aux.name != "none":
+            network = self._aux_network
+            learner = AuxLearner(self.aux, self.aux_extractor, network.observation_space, network.normalize_images)
+            self.aux_learner = learner.to(self.device)  # type: ignore[attr-defined]
 
     @property
-    def minc_extractor(self) -> MincExtractor:
+    def aux_extractor(self) -> BaseFeaturesExtractor:
         raise NotImplementedError
 
     @property
-    def _aux_policy(self) -> Any:
+    def _aux_network(self) -> Any:
         raise NotImplementedError
-
-    def _aux_step_done(self) -> None:
-        """After each optimizer step: move the EMA target encoder towards the online one."""
-        if self.aux_target_encoder is not None:
-            online, target = self.minc_extractor.encoder.parameters(), self.aux_target_encoder.parameters()
-            polyak_update(online, target, self.aux_target_tau)
 
     def load_pretrained_encoder(self, path: str) -> None:
-        """Load an `encoder.pt` (minc_rl.encoders.save_encoder) into the encoder, and into its target copies."""
-        extractor = self.minc_extractor
+        """Load an `encoder.pt` (minc_rl.encoders.save_encoder) into the MincExtractor's encoder and its target."""
+        extractor = self.aux_extractor
+        if not isinstance(extractor, MincExtractor):
+            raise ValueError(f"encoder.init needs a MincExtractor as the features extractor; got {type(extractor).__name__}")
         load_encoder_weights(path, extractor.encoder, extractor.encoder_name, extractor.input_shape)
-        if self.aux_target_encoder is not None:
-            self.aux_target_encoder.load_state_dict(extractor.encoder.state_dict())
+        if self.aux_learner is not None and self.aux_learner.target is not None:
+            self.aux_learner.target.load_state_dict(extractor.state_dict())
+
+    def learn(self, *args: Any, **kwargs: Any) -> Any:
+        model = super().learn(*args, **kwargs)  # type: ignore[misc]
+        if self.aux_learner is not None:  # the last train() comes after SB3's last dump_logs
+            self.aux_learner.record(self.logger)  # type: ignore[attr-defined]
+        return model
+
+    def dump_logs(self, *args: Any) -> None:
+        if self.aux_learner is not None:
+            self.aux_learner.record(self.logger)  # type: ignore[attr-defined]
+        super().dump_logs(*args)  # type: ignore[misc]
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "pair_loss", "aux_target_encoder"]  # type: ignore[misc]
+        return [*super()._excluded_save_params(), "aux_learner"]  # type: ignore[misc]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         state_dicts, variables = super()._get_torch_save_params()  # type: ignore[misc]
-        if self.aux_target_encoder is not None:
-            state_dicts = [*state_dicts, "aux_target_encoder"]
+        if self.aux.name != "none":
+            state_dicts = [*state_dicts, "aux_learner", "aux_learner.optimizer"]
         return state_dicts, variables

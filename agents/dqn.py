@@ -2,56 +2,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch as th
 from stable_baselines3 import DQN
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch.nn import functional as F
 
-from minc_rl.agents.auxiliary import MincAuxMixin
-from minc_rl.extractor import MincExtractor
+from minc_rl.agents.auxiliary import AuxBatch, AuxConfig, MincAuxMixin
+
+
+def concat_observations(first: Any, second: Any) -> Any:
+    """Two observation batches (tensors or dicts of tensors) as one."""
+    if isinstance(first, dict):
+        return {key: th.cat([first[key], second[key]]) for key in first}
+    return th.cat([first, second])
 
 
 class MincDQN(MincAuxMixin, DQN):
-    """DQN whose TD loss on every gradient step adds aux_coef x the auxiliary loss of replay pairs.
+    """DQN with the auxiliary loss of replay pairs on every gradient step, joined to the TD step as `aux.mode` says.
 
-    The replay sample's next_observations are the true successors (terminal ones included), so every
-    transition is a pair; the first aux_batch of the sample are used, their o_t features taken from the
-    Q-network's own forward pass. The sum of both losses takes one optimizer step (one backward through the
-    encoder instead of two; the policy optimizer already holds the head). The target Q-network is not
-    touched by the auxiliary loss. With aux="none" this is SB3's DQN, update for update.
+    `aux` is a loss name ("minc", "spectral", "infonce", "none") or an AuxConfig / a mapping of its settings. Each
+    step draws its own aux.batch pairs from the replay buffer, apart from the TD batch (whose 32 transitions
+    would cap the aux batch); their next_observations are the true successors. Both batches go through the
+    online encoder in one forward. The aux loss attaches to the online Q-network's features extractor; the target
+    Q-network is SB3's copy, untouched by it. With aux="none" this is SB3's DQN, update for update.
     """
 
     def __init__(
         self,
         policy: str | type[DQNPolicy],
         env: Any,
-        aux: str = "minc",
-        aux_coef: float = 1.0,
-        aux_dim: int = 64,
-        aux_batch: int = 256,
-        aux_ema: float = 0.2,
-        aux_augment: str = "none",
-        aux_target_tau: float | None = None,
+        aux: str | AuxConfig | Mapping[str, Any] = "minc",
         encoder: str = "auto",
-        aux_loss_kwargs: dict[str, Any] | None = None,
         **sb3_kwargs: Any,
     ) -> None:
-        sb3_kwargs = self._init_aux(
-            aux, aux_coef, aux_dim, aux_batch, aux_ema, aux_augment, aux_target_tau, encoder, aux_loss_kwargs,
-            sb3_kwargs,
-        )
-        super().__init__(policy, env, **sb3_kwargs)
+        super().__init__(policy, env, **self._init_aux(aux, encoder, sb3_kwargs))
 
     @property
-    def minc_extractor(self) -> MincExtractor:
-        """The online Q-network's MincExtractor (the target Q-network holds a copy)."""
+    def aux_extractor(self) -> BaseFeaturesExtractor:
+        """The online Q-network's features extractor (the target Q-network holds a copy)."""
         return self.q_net.features_extractor
 
     @property
-    def _aux_policy(self) -> QNetwork:
+    def _aux_network(self) -> QNetwork:
         return self.q_net
 
     def load_pretrained_encoder(self, path: str) -> None:
@@ -59,14 +56,19 @@ class MincDQN(MincAuxMixin, DQN):
         super().load_pretrained_encoder(path)
         self.q_net_target.load_state_dict(self.q_net.state_dict())
 
+    def _features(self, observations: Any) -> th.Tensor:
+        """The online encoder's features of raw observations (QNetwork.extract_features)."""
+        return self.q_net.extract_features(observations, self.q_net.features_extractor)
+
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
-        """SB3's DQN.train, with the Q-network's features computed once and the auxiliary loss added."""
+        """SB3 2.9's DQN.train, with the aux loss joined to each TD step."""
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
-
+        learner = self.aux_learner
         losses = []
         for _ in range(gradient_steps):
             replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
+            # For n-step replay, discount factor is gamma**n_steps (when no early termination)
             discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
 
             with th.no_grad():
@@ -75,30 +77,29 @@ class MincDQN(MincAuxMixin, DQN):
                 next_q_values = next_q_values.reshape(-1, 1)
                 target_q_values = replay_data.rewards + (1 - replay_data.dones) * discounts * next_q_values
 
-            features = self.q_net.extract_features(replay_data.observations, self.q_net.features_extractor)
-            current_q_values = self.q_net.q_net(features)
+            if learner is None:
+                current_q_values = self.q_net(replay_data.observations)
+            else:
+                pairs = self.replay_buffer.sample(self.aux.batch, env=self._vec_normalize_env)  # type: ignore[union-attr]
+                features = self._features(concat_observations(replay_data.observations, pairs.observations))
+                rl_features = learner.rl_view(features)
+                current_q_values = self.q_net.q_net(rl_features[:batch_size])
             current_q_values = th.gather(current_q_values, dim=1, index=replay_data.actions.long())
             loss = F.smooth_l1_loss(current_q_values, target_q_values)
             losses.append(loss.item())
 
-            total_loss = loss  # train/loss stays the TD loss, comparable with stock SB3 runs
-            if self.pair_loss is not None:
-                pairs = slice(0, self.aux_batch)
-                aux_loss = self.pair_loss(
-                    replay_data.observations[pairs], replay_data.next_observations[pairs], features[pairs]
-                )
-                if aux_loss is not None:
-                    total_loss = loss + self.aux_coef * aux_loss
-
-            self.policy.optimizer.zero_grad()
-            total_loss.backward()
-            th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-            self.policy.optimizer.step()
-            self._aux_step_done()
+            if learner is None:
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                # Clip gradient norm
+                th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.policy.optimizer.step()
+            else:
+                rows = th.arange(batch_size, batch_size + self.aux.batch, device=self.device)
+                batch = AuxBatch(pairs.observations, pairs.next_observations, rows)
+                learner.update(loss, features, rl_features, batch, self.policy.optimizer,
+                               list(self.policy.parameters()), self.max_grad_norm)
 
         self._n_updates += gradient_steps
-
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/loss", np.mean(losses))
-        if self.pair_loss is not None:
-            self.pair_loss.record(self.logger)

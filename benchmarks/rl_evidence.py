@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,26 @@ SPLIT_LABELS = {"train_levels": "training levels", "unseen_levels": "unseen leve
 # Cobbe et al. 2020 (PPO, IMPALA CNN, 25M steps, 200 levels, easy): mean test return on unseen levels
 COBBE_STEPS = 25_000_000
 COBBE_TEST_RETURN = {"coinrun": 8.7, "starpilot": 23.5, "bigfish": 4.7}
-Runs = dict[str, dict[str, list[dict[str, Any]]]]  # game -> aux -> runs (load_runs)
+Runs = dict[str, dict[str, list[dict[str, Any]]]]  # game -> aux (or variant) -> runs (load_runs)
+# issue 12's calibration grid, the same for every aux loss (README_rl_evidence.md, "Calibration"): variant -> overrides
+CALIBRATION_SETTINGS = {
+    "joint-s0.1": ["aux.mode=joint", "aux.share=0.1"],
+    "joint-s0.3": ["aux.mode=joint", "aux.share=0.3"],
+    "separate-lr1e-4": ["aux.mode=separate", "aux.lr=1e-4"],
+    "decoupled-lr1e-3": ["aux.mode=decoupled", "aux.lr=1e-3"],
+}
+CALIBRATED_LOSSES = ("minc", "spectral")
+
+
+def variants(suite: str, grid: str) -> dict[str, list[str]]:
+    """Variant name -> its overrides: the suite's aux losses at their defaults ("aux"), or the calibration grid."""
+    if grid == "aux":
+        return {aux: [f"aux={aux}"] for aux in SUITES[suite]["aux"]}
+    grid_variants = {"none": ["aux=none"]}
+    for loss in CALIBRATED_LOSSES:
+        for name, overrides in CALIBRATION_SETTINGS.items():
+            grid_variants[f"{loss}-{name}"] = [f"aux={loss}", *overrides]
+    return grid_variants
 
 
 def run_finished(run_dir: Path, steps: int) -> bool:
@@ -83,10 +103,12 @@ def run_finished(run_dir: Path, steps: int) -> bool:
     return bool(summary) and not summary["interrupted"] and summary["steps"] >= steps
 
 
-def train_command(suite: str, game: str, aux: str, seed: int, run_dir: Path, args: argparse.Namespace) -> list[str]:
+def train_command(
+    suite: str, game: str, overrides: list[str], seed: int, run_dir: Path, args: argparse.Namespace
+) -> list[str]:
     """The minc_rl.train command line of one run: fresh, or resume=run_dir when it has a checkpoint."""
     every = max(args.steps // args.evaluations, 1)
-    command = [sys.executable, "-m", "minc_rl.train", f"env={suite}:{game}", *SUITES[suite]["overrides"], f"aux={aux}"]
+    command = [sys.executable, "-m", "minc_rl.train", f"env={suite}:{game}", *SUITES[suite]["overrides"], *overrides]
     command += [f"seed={seed}", f"total_steps={args.steps}", f"eval.every={every}", f"checkpoint.every={every}"]
     command += [*args.override, f"hydra.run.dir={run_dir}"]
     if run_io.latest_checkpoint(run_dir) is not None:
@@ -114,12 +136,28 @@ def run_training(command: list[str]) -> int:
     return 128 + received[0] if received else returncode
 
 
+def commit_copies(paths: list[Path], message: str) -> None:
+    """git commit exactly `paths` (a sweep commits each run as it finishes); a failure is reported, not fatal."""
+    for attempt in range(5):
+        added = subprocess.run(["git", "add", "--", *map(str, paths)], cwd=ROOT, capture_output=True, text=True)
+        done = added.returncode == 0 and subprocess.run(
+            ["git", "commit", "-q", "-m", message, "--", *map(str, paths)], cwd=ROOT, capture_output=True, text=True
+        ).returncode == 0
+        if done:
+            return
+        time.sleep(2 + 3 * attempt)  # another git process holds the index lock
+    print(f"could not commit {', '.join(map(str, paths))}; commit them by hand", flush=True)
+
+
 def run(args: argparse.Namespace) -> None:
-    """Train every (seed, game, aux) of the suite that has not finished, and copy each finished run's small files."""
+    """Train every (seed, game, variant) of the suite and grid that has not finished (this shard's share of them),
+    and copy each finished run's small files (and commit them with --commit)."""
     if args.steps < 1 or args.evaluations < 1:
         raise ValueError(f"--steps and --evaluations must be >= 1; got {args.steps} and {args.evaluations}")
-    suite = SUITES[args.suite]
-    jobs = [(game, aux, seed) for seed in args.seeds for game in suite["games"] for aux in suite["aux"]]
+    shard, shards = args.shard
+    grid = variants(args.suite, args.grid)
+    jobs = [(game, name, seed) for seed in args.seeds for game in SUITES[args.suite]["games"] for name in grid]
+    jobs = jobs[shard::shards]
     for number, (game, aux, seed) in enumerate(jobs, 1):
         name = f"[{number}/{len(jobs)}] {args.suite}:{game} aux={aux} seed={seed}"
         run_dir = (args.runs / args.suite / game / aux / f"seed{seed}").resolve()
@@ -129,7 +167,7 @@ def run(args: argparse.Namespace) -> None:
             if run_dir.exists() and run_io.latest_checkpoint(run_dir) is None:
                 print(f"{name}: {run_dir} has no checkpoint; starting afresh", flush=True)
                 shutil.rmtree(run_dir)
-            command = train_command(args.suite, game, aux, seed, run_dir, args)
+            command = train_command(args.suite, game, grid[aux], seed, run_dir, args)
             print(f"{name}: {' '.join(command[1:])}", flush=True)
             returncode = run_training(command)
             if returncode != 0:
@@ -140,6 +178,8 @@ def run(args: argparse.Namespace) -> None:
         copy_dir.mkdir(parents=True, exist_ok=True)
         for filename in COPIED:
             shutil.copyfile(run_dir / filename, copy_dir / filename)
+        if args.commit:
+            commit_copies([copy_dir], f"rl_evidence: {args.suite}:{game} {aux} seed {seed} ({args.steps:,} steps)")
     print(f"done; tables and plots: python benchmarks/rl_evidence.py aggregate --results {args.out}", flush=True)
 
 
@@ -354,6 +394,17 @@ def aggregate(args: argparse.Namespace) -> None:
                          f"for a suite in {', '.join(SUITES)} (written by `run`)")
 
 
+def shard_spec(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        shard, shards = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes I/N, e.g. 0/3; got {text!r}") from None
+    if not 0 <= shard < shards:
+        raise argparse.ArgumentTypeError(f"--shard I/N needs 0 <= I < N; got {text!r}")
+    return shard, shards
+
+
 def main() -> None:
     """Parse the command line and run a subcommand."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -368,6 +419,11 @@ def main() -> None:
                             help="extra minc_rl.train override for every run (repeatable), e.g. n_envs=8")
     run_parser.add_argument("--runs", type=Path, default=RUNS, help="run directories (checkpoints; not committed)")
     run_parser.add_argument("--out", type=Path, default=RESULTS, help="where the small files of each run go")
+    run_parser.add_argument("--grid", choices=["aux", "calibration"], default="aux",
+                            help="aux: the suite's aux losses at their defaults; calibration: issue 12's grid")
+    run_parser.add_argument("--shard", type=shard_spec, default=(0, 1), metavar="I/N",
+                            help="run only every N-th job starting at I (parallel processes on disjoint jobs)")
+    run_parser.add_argument("--commit", action="store_true", help="git commit each run's copied files as it finishes")
     aggregate_parser = commands.add_parser("aggregate", help="tables, JSON and learning curves from `run`'s copies")
     aggregate_parser.add_argument("--results", type=Path, default=RESULTS)
     aggregate_parser.add_argument(

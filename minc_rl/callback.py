@@ -1,87 +1,78 @@
-"""MincAuxCallback: trains a MincExtractor's auxiliary loss inside stock SB3 algorithms (PPO, A2C, DQN, ...)."""
+"""MincAuxCallback: trains an auxiliary loss on the features extractor of stock SB3 algorithms (PPO, A2C, DQN, ...)."""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.buffers import ReplayBuffer, RolloutBuffer
+from collections.abc import Mapping
+from typing import Any
+
+from stable_baselines3.common.buffers import DictRolloutBuffer, ReplayBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 
-from minc_rl.agents.auxiliary import AUGMENT_CHOICES, PairLoss
-from minc_rl.checks import check_choice, check_int, check_nonnegative
-from minc_rl.extractor import MincExtractor
-from minc_rl.losses import AUX_LOSSES
+from minc_rl.agents.auxiliary import AuxConfig, AuxLearner
+from minc_rl.agents.pairs import observations_to_torch, sample_rollout_pairs
+from minc_rl.checks import check_int
+
+
+def separate_config(aux: str | AuxConfig | Mapping[str, Any]) -> AuxConfig:
+    """The callback's AuxConfig: mode 'separate' unless given otherwise, which is an error."""
+    if isinstance(aux, AuxConfig):
+        config = aux
+    else:
+        config = AuxConfig.of({"mode": "separate", **({"name": aux} if isinstance(aux, str) else aux)})
+    if config.mode != "separate":
+        raise ValueError(
+            f"MincAuxCallback takes its aux steps after the algorithm's own: aux.mode must be 'separate'; got "
+            f"{config.mode!r} (joint and decoupled need MincPPO or MincDQN)"
+        )
+    if config.name == "none":
+        raise ValueError("MincAuxCallback needs an aux loss; aux='none' leaves it nothing to train")
+    return config
 
 
 class MincAuxCallback(BaseCallback):
-    """After each rollout, `gradient_steps` steps of aux_coef x the auxiliary loss of (o_t, o_t+1) pairs.
+    """After each rollout, `gradient_steps` aux steps (aux.mode='separate': the aux optimizer over the policy's
+    features extractor and a projection head) on aux.batch pairs (o_t, o_t+1) from the algorithm's buffer.
 
-    For algorithms without a MINC subclass: the policy needs `features_extractor_class=MincExtractor`
-    (its aux, aux_dim, aux_ema... set the loss). On-policy algorithms (PPO, A2C) draw pairs from the rollout
-    buffer (o_t+1 in the same episode; the last step pairs with the observation after the rollout),
-    off-policy ones (DQN) from the replay buffer's (observation, next observation) once learning has
-    started. The steps use the policy's own optimizer (which holds the projection head) and the algorithm's
-    max_grad_norm. Each pair batch encodes both views (o_t+1 under stop-gradient). Logs the same
-    train/aux_* keys as MincPPO / MincDQN.
+    For algorithms without a MINC subclass, and for any features extractor. On-policy algorithms (PPO, A2C) draw
+    pairs from the rollout buffer (o_t+1 in the same episode; the last step pairs with the observation after the
+    rollout), off-policy ones (DQN) from the replay buffer once learning has started. Logs the train/aux_* keys
+    of MincPPO / MincDQN. The head, Lambda and the aux optimizer live in `self.learner` (an nn.Module): save its
+    state_dict yourself to keep them, since SB3's model.save does not know the callback.
     """
 
-    def __init__(
-        self,
-        gradient_steps: int = 4,
-        aux_batch: int = 256,
-        aux_coef: float = 1.0,
-        aux_augment: str = "none",
-        verbose: int = 0,
-    ) -> None:
+    def __init__(self, aux: str | AuxConfig | Mapping[str, Any] = "minc", gradient_steps: int = 4, verbose: int = 0) -> None:
         super().__init__(verbose)
         check_int("gradient_steps", gradient_steps, 1)
-        check_int("aux_batch", aux_batch, 2)
-        check_nonnegative("aux_coef", aux_coef)
-        check_choice("aux_augment", aux_augment, AUGMENT_CHOICES)
+        self.config = separate_config(aux)
         self.gradient_steps = gradient_steps
-        self.aux_batch = aux_batch
-        self.aux_coef = float(aux_coef)
-        self.aux_augment = aux_augment
+        self.learner: AuxLearner | None = None
 
     def _init_callback(self) -> None:
         network = getattr(self.model, "q_net", None)  # DQN's online Q-network holds its extractor
         network = self.model.policy if network is None else network
-        extractor = network.features_extractor
-        if not isinstance(extractor, MincExtractor) or extractor.aux == "none":
-            built = f"MincExtractor(aux='none')" if isinstance(extractor, MincExtractor) else type(extractor).__name__
-            raise ValueError(
-                "MincAuxCallback needs policy_kwargs=dict(features_extractor_class=MincExtractor) with aux one of "
-                f"{', '.join(map(repr, AUX_LOSSES))}; the policy's features extractor is {built}"
-            )
-        if int(extractor.head.net[1].num_batches_tracked) == 0:  # a fresh head: undo SB3's orthogonal init
-            extractor.reset_head()
-        self.pair_loss = PairLoss(extractor, network, self.aux_augment)
+        extractor = getattr(network, "pi_features_extractor", None) or network.features_extractor
+        if self.learner is None:  # a second learn() keeps the head, Lambda and optimizer
+            learner = AuxLearner(self.config, extractor, network.observation_space, network.normalize_images)
+            self.learner = learner.to(self.model.device)
 
     def _on_step(self) -> bool:
         return True
 
-    def _sample_pairs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(o_t, o_t+1) batches of up to aux_batch pairs from the algorithm's buffer, or None if there are none yet."""
-        model: BaseAlgorithm = self.model
+    def _sample_pairs(self) -> tuple[Any, Any] | None:
+        """(o_t, o_t+1) batches of up to aux.batch pairs from the algorithm's buffer, or None if there are none yet."""
+        model = self.model
         buffer = getattr(model, "rollout_buffer", None)
-        if isinstance(buffer, RolloutBuffer):
+        if isinstance(buffer, (RolloutBuffer, DictRolloutBuffer)):
             # on_rollout_end: the buffer is full and not yet flattened; _last_obs follows its last step.
-            next_starts = np.concatenate([buffer.episode_starts[1:], np.reshape(model._last_episode_starts, (1, -1))])
-            steps, envs = np.nonzero(next_starts == 0)
-            pick = np.random.choice(len(steps), size=min(self.aux_batch, len(steps)), replace=False)
-            steps, envs = steps[pick], envs[pick]
-            last = steps == buffer.buffer_size - 1
-            next_obs = buffer.observations[np.minimum(steps + 1, buffer.buffer_size - 1), envs]
-            next_obs[last] = model._last_obs[envs[last]]
-            return buffer.to_torch(buffer.observations[steps, envs]), buffer.to_torch(next_obs)
+            pairs = sample_rollout_pairs(buffer, model._last_obs, model._last_episode_starts, self.config.batch)
+            return None if pairs is None else tuple(observations_to_torch(buffer, o) for o in pairs)
         buffer = getattr(model, "replay_buffer", None)
         if isinstance(buffer, ReplayBuffer):
             if model.num_timesteps <= getattr(model, "learning_starts", 0) or buffer.size() == 0:
                 return None
-            sample = buffer.sample(self.aux_batch, env=model._vec_normalize_env)
+            sample = buffer.sample(self.config.batch, env=model._vec_normalize_env)
             return sample.observations, sample.next_observations
-        raise ValueError(f"MincAuxCallback supports SB3's RolloutBuffer and ReplayBuffer; got {type(buffer).__name__}")
+        raise ValueError(f"MincAuxCallback supports SB3's rollout and replay buffers; got {type(buffer).__name__}")
 
     def _on_rollout_end(self) -> None:
         policy = self.model.policy
@@ -90,14 +81,6 @@ class MincAuxCallback(BaseCallback):
             pairs = self._sample_pairs()
             if pairs is None:
                 break
-            loss = self.pair_loss(*pairs)
-            if loss is None:
-                continue
-            policy.optimizer.zero_grad()
-            (self.aux_coef * loss).backward()
-            if getattr(self.model, "max_grad_norm", None) is not None:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), self.model.max_grad_norm)
-            policy.optimizer.step()
+            self.learner.aux_step(*pairs)
         policy.set_training_mode(False)  # rollouts are collected in evaluation mode
-        if self.pair_loss.pairs:
-            self.pair_loss.record(self.logger)
+        self.learner.record(self.logger)

@@ -41,7 +41,9 @@ from tqdm import tqdm
 import minc_rl.configs
 from minc_rl import run_io
 from minc_rl.agents import MincDQN, MincPPO
-from minc_rl.agents.auxiliary import check_aux_args
+from minc_rl.agents.auxiliary import AuxConfig
+from minc_rl.checks import check_choice
+from minc_rl.extractor import ENCODER_CHOICES
 from minc_rl.envs import make_eval_env, make_vec_env, parse_spec, validate_spec
 
 CONFIG_DIR = Path(minc_rl.configs.__file__).parent / "train"
@@ -49,7 +51,7 @@ AGENTS = {"ppo": MincPPO, "dqn": MincDQN}
 GROUPS = ("agent", "aux", "encoder")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("learning_rate", "clip_range", "clip_range_vf")  # agent keys that take rl-zoo3's "lin_<x>"
-NOT_SB3_KEYS = ("name", "n_minibatches", "log_interval")  # agent keys minc_rl.train uses itself
+NOT_SB3_KEYS = ("name", "n_minibatches", "log_interval", "exploration_steps")  # agent keys minc_rl.train uses itself
 
 log = logging.getLogger("minc_rl.train")
 
@@ -175,10 +177,10 @@ def check_config(cfg: DictConfig) -> None:
     except ValueError as error:
         fail(str(error))
     try:
-        aux = cfg.aux
-        check_aux_args(aux.name, aux.coef, aux.dim, aux.batch, aux.ema, aux.augment, aux.target_tau, cfg.encoder.name)
+        aux_config(cfg)
+        check_choice("encoder", cfg.encoder.name, ENCODER_CHOICES)
     except ValueError as error:
-        fail(str(error).replace("aux_", "aux."))  # the agents' argument names -> this command line's keys
+        fail(str(error))
     if cfg.agent.name not in AGENTS:
         fail(f"agent={cfg.agent.name!r} is not valid; choose one of {', '.join(map(repr, AGENTS))}")
     for key in ("total_steps", "n_envs", "eval.every", "eval.episodes", "eval.n_envs", "checkpoint.every"):
@@ -201,6 +203,11 @@ def check_config(cfg: DictConfig) -> None:
             fail(f"agent=dqn needs a discrete action space; {cfg.env} has {actions}; use agent=ppo")
     if cfg.encoder.init is not None and not Path(cfg.encoder.init).is_file():
         fail(f"encoder.init={cfg.encoder.init!r}: no such file (give an encoder.pt written by minc_rl.pretrain)")
+
+
+def aux_config(cfg: DictConfig) -> AuxConfig:
+    """The run's AuxConfig from cfg.aux (ValueError naming a bad value)."""
+    return AuxConfig.of(OmegaConf.to_container(cfg.aux, resolve=True))
 
 
 def build_envs(cfg: DictConfig, checkpoint: Path | None) -> tuple[VecEnv, dict[str, VecEnv]]:
@@ -231,27 +238,22 @@ def build_model(cfg: DictConfig, env: VecEnv) -> BaseAlgorithm:
     kwargs.update({key: schedule(key, kwargs[key]) for key in SCHEDULES if key in kwargs})
     if cfg.agent.name == "ppo":
         kwargs["batch_size"] = ppo_batch_size(cfg)
+    if cfg.agent.get("exploration_steps") is not None:  # SB3 takes the epsilon anneal as a fraction of the run
+        kwargs["exploration_fraction"] = min(1.0, cfg.agent.exploration_steps / cfg.total_steps)
     policy = "CnnPolicy" if len(env.observation_space.shape) == 3 else "MlpPolicy"
     try:
         model = AGENTS[cfg.agent.name](
             policy,
             env,
-            aux=cfg.aux.name,
-            aux_coef=cfg.aux.coef,
-            aux_dim=cfg.aux.dim,
-            aux_batch=cfg.aux.batch,
-            aux_ema=cfg.aux.ema,
-            aux_augment=cfg.aux.augment,
-            aux_target_tau=cfg.aux.target_tau,
+            aux=aux_config(cfg),
             encoder=cfg.encoder.name,
-            aux_loss_kwargs=OmegaConf.to_container(cfg.aux.loss_kwargs) or None,
             seed=cfg.seed,
             device=cfg.device,
             verbose=0,
             **kwargs,
         )
     except (ValueError, TypeError) as error:  # what only the spaces can refute (encoder=nature on 10 x 10 MinAtar), a
-        fail(str(error).replace("aux_", "aux."))  # bad aux.loss_kwargs key, or an agent key SB3 does not take (+agent.x=)
+        fail(str(error))
     if cfg.encoder.init is not None:
         try:
             model.load_pretrained_encoder(cfg.encoder.init)

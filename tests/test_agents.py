@@ -11,18 +11,20 @@ import numpy as np
 import pytest
 import torch
 from minc_rl import MincAuxCallback, MincExtractor
-from minc_rl.agents import AUGMENT_CHOICES, AUX_CHOICES, MincDQN, MincPPO
-from minc_rl.agents.auxiliary import gather_successors, rollout_successors
+from minc_rl.agents import AUGMENT_CHOICES, AUX_CHOICES, AUX_MODES, AuxConfig, MincDQN, MincPPO
+from minc_rl.agents.pairs import gather_successors, rollout_successors, sample_rollout_pairs
 from minc_rl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.env_util import make_atari_env
 from stable_baselines3.common.logger import KVWriter, Logger
-from stable_baselines3.common.torch_layers import FlattenExtractor
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
 
-AUX_KEYS = {"aux_loss", "aux_scl_estimate", "aux_rankme", "aux_embedding_std", "aux_pairs"}
+AUX_KEYS = {"aux_loss", "aux_scl_estimate", "aux_rankme", "aux_embedding_std", "aux_pairs", "aux_grad_share",
+            "aux_grad_share_raw", "rl_step_kept"}
 MINC_KEYS = {"aux_lambda_offdiag_ratio", "aux_skipped_batches"}
 SMALL = dict(features_dim=32)  # smallest encoders that make the point
+SMALL_AUX = dict(dim=16, head_hidden=32)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -79,13 +81,9 @@ def test_gather_successors_reads_after_rollout_rows():
     np.testing.assert_array_equal(gather_successors(flat, after, np.array([7, 1, 6, 5])), [[101], [10], [100], [50]])
 
 
-@pytest.mark.filterwarnings("ignore:You have specified a mini-batch size")  # the truncated last minibatch is wanted
-def test_minibatch_pairs_on_hand_built_rollout_buffer():
-    """Observations encode (t, env): each pair MincPPO draws is (t, env) -> (t+1, env) in one episode; all are drawn."""
-    n_steps, n_envs = 5, 3
-    model = MincPPO(
-        "MlpPolicy", make_vec_env("gym:CartPole-v1", n_envs), n_steps=n_steps, batch_size=4, aux_batch=1000, seed=0
-    )
+def hand_built_rollout(n_envs: int = 3, n_steps: int = 5, **kwargs):
+    """A MincPPO whose rollout buffer holds observations (t, env, after, 0); episodes start as episode_starts says."""
+    model = MincPPO("MlpPolicy", make_vec_env("gym:CartPole-v1", n_envs), n_steps=n_steps, seed=0, **kwargs)
     buffer = model.rollout_buffer
     episode_starts = np.zeros((n_steps, n_envs), np.float32)
     episode_starts[[0, 2, 4, 3], [0, 0, 1, 2]] = 1
@@ -94,52 +92,75 @@ def test_minibatch_pairs_on_hand_built_rollout_buffer():
         buffer.add(obs, np.zeros(n_envs), np.zeros(n_envs), episode_starts[t], torch.zeros(n_envs), torch.zeros(n_envs))
     model._last_obs = np.stack([np.array([n_steps, env, 1, 0], np.float32) for env in range(n_envs)])
     model._last_episode_starts = np.array([False, True, False])
-    model._successors = rollout_successors(buffer.episode_starts, model._last_episode_starts)
-
-    pairs = set()
-    for batch_inds, rollout_data in model._minibatches():
-        rows, next_obs = model._minibatch_pairs(batch_inds)
-        np.testing.assert_array_equal(rollout_data.observations.numpy(), buffer.observations[batch_inds])
-        for (t, env, _, _), (t_next, env_next, after, _) in zip(rollout_data.observations[rows].numpy(), next_obs):
-            assert (t_next, env_next, after) == (t + 1, env, float(t + 1 == n_steps))
-            pairs.add((int(t), int(env)))
+    buffer.compute_returns_and_advantage(torch.zeros(n_envs), model._last_episode_starts)
     expected = {
         (t, env)
         for t in range(n_steps)
         for env in range(n_envs)
         if not (episode_starts[t + 1, env] if t + 1 < n_steps else model._last_episode_starts[env])
     }
+    return model, expected
+
+
+@pytest.mark.filterwarnings("ignore:You have specified a mini-batch size")  # the truncated last minibatch is wanted
+def test_minibatch_pairs_on_hand_built_rollout_buffer():
+    """Observations encode (t, env): each pair MincPPO draws is (t, env) -> (t+1, env) in one episode; all are drawn;
+    each minibatch carries the flat indices SB3's RolloutBuffer.get drew."""
+    model, expected = hand_built_rollout(batch_size=4, aux=dict(batch=1000))
+    buffer = model.rollout_buffer
+    pairs = set()
+    for rollout_data in buffer.get(4):
+        batch = model._aux_batch(rollout_data)
+        np.testing.assert_array_equal(rollout_data.observations.numpy(), buffer.observations[rollout_data.indices])
+        for (t, env, _, _), (t_next, env_next, after, _) in zip(batch.observations.numpy(), batch.next_observations):
+            assert (t_next, env_next, after) == (t + 1, env, float(t + 1 == 5))
+            pairs.add((int(t), int(env)))
     assert pairs == expected
     assert (4, 0) in pairs and (4, 1) not in pairs  # the last step: pairs with the next obs unless the env reset
+
+
+def test_callback_samples_the_same_pairs_from_an_unflattened_buffer():
+    """MincAuxCallback's sampler (before SB3 flattens the buffer) finds the same valid pairs as MincPPO's."""
+    model, expected = hand_built_rollout(batch_size=5)
+    buffer = model.rollout_buffer
+    observations, following = sample_rollout_pairs(buffer, model._last_obs, model._last_episode_starts, 1000)
+    drawn = set()
+    for (t, env, _, _), (t_next, env_next, after, _) in zip(observations, following):
+        assert (t_next, env_next, after) == (t + 1, env, float(t + 1 == 5))
+        drawn.add((int(t), int(env)))
+    assert drawn == expected and len(observations) == len(expected)
 
 
 # ------------------------------------------------------------------------------------- equal to stock SB3
 
 
 def test_aux_none_ppo_matches_stock_ppo():
-    extractor = dict(features_extractor_class=MincExtractor, features_extractor_kwargs=dict(aux="none"), net_arch=[])
+    extractor = dict(features_extractor_class=MincExtractor, net_arch=[])
     stock = cartpole_ppo(PPO, policy_kwargs=extractor).learn(192)
     ours = cartpole_ppo(aux="none").learn(192)
-    assert type(ours.policy.features_extractor) is MincExtractor and ours.policy.features_extractor.head is None
+    assert type(ours.policy.features_extractor) is MincExtractor and ours.aux_learner is None
     for (name, theirs), mine in zip(stock.policy.state_dict().items(), ours.policy.state_dict().values()):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=name)
 
 
-def test_aux_coef_zero_leaves_the_ppo_update_unchanged():
-    """Reusing the minibatch features for the aux loss changes nothing in PPO's own update."""
-    kwargs = dict(aux="minc", aux_dim=16, head_hidden=32)
-    extractor = dict(features_extractor_class=MincExtractor, features_extractor_kwargs=kwargs, net_arch=[])
+@pytest.mark.parametrize("mode", ["joint", "decoupled"])
+def test_zero_share_leaves_the_ppo_update_unchanged(mode):
+    """Joint with share 0 routes only PPO's own gradient into the encoder (through the detached features and back),
+    so PPO's update is SB3's; decoupled with the aux loss dropped leaves the encoder where it was."""
+    extractor = dict(features_extractor_class=MincExtractor, net_arch=[])
     stock = cartpole_ppo(PPO, policy_kwargs=extractor).learn(192)
-    ours = cartpole_ppo(aux_coef=0.0, aux_dim=16, policy_kwargs=dict(features_extractor_kwargs=dict(head_hidden=32)))
+    ours = cartpole_ppo(aux=dict(mode=mode, share=0.0, **SMALL_AUX))
+    before = {k: v.clone() for k, v in ours.policy.state_dict().items()}
+    if mode == "decoupled":
+        with torch.no_grad():
+            ours.aux_learner.head.net[3].weight[0, 0] = float("nan")  # every aux loss is dropped
     ours.learn(192)
-    assert int(ours.minc_extractor.aux_loss.steps) > 0  # the aux loss ran ...
-    compared = 0
+    assert int(ours.aux_learner.loss.steps) > 0 or mode == "decoupled"  # the aux loss ran ...
     for (name, theirs), mine in zip(stock.policy.state_dict().items(), ours.policy.state_dict().values()):
-        if ".head." not in name and ".aux_loss." not in name:  # ... and only its own modules differ
-            # not bit-equal: the head's zero gradients enter clip_grad_norm_'s sum of squares
+        if mode == "joint":
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=name)
-            compared += 1
-    assert compared >= 8
+        elif name.startswith(("features_extractor", "pi_features", "vf_features")):
+            torch.testing.assert_close(mine, before[name], rtol=0, atol=0, msg=name)  # no RL gradient reached it
 
 
 def test_aux_none_dqn_matches_stock_dqn():
@@ -148,7 +169,7 @@ def test_aux_none_dqn_matches_stock_dqn():
         return cls("MlpPolicy", env, learning_starts=50, batch_size=32, train_freq=2, target_update_interval=50,
                    seed=0, **kwargs).learn(250)
 
-    extractor = dict(features_extractor_class=MincExtractor, features_extractor_kwargs=dict(aux="none"), net_arch=[])
+    extractor = dict(features_extractor_class=MincExtractor, net_arch=[])
     stock, ours = run(DQN, policy_kwargs=extractor), run(MincDQN, aux="none")
     assert ours._n_updates == stock._n_updates > 50
     for (name, theirs), mine in zip(stock.policy.state_dict().items(), ours.policy.state_dict().values()):
@@ -158,113 +179,145 @@ def test_aux_none_dqn_matches_stock_dqn():
 # ---------------------------------------------------------------------------------------- short learn() runs
 
 
-def make_agent(agent: str, spec: str, aux: str, **kwargs):
+def make_agent(agent: str, spec: str, aux: dict, **kwargs):
     if agent == "ppo":
         env = make_vec_env(spec, 4 if spec.startswith("procgen") else 2)
-        return MincPPO("CnnPolicy" if spec.startswith("procgen") else "MlpPolicy", env, aux=aux, n_steps=32,
-                       batch_size=64, n_epochs=1, aux_batch=32, seed=0, **kwargs)
+        return MincPPO("CnnPolicy" if spec.startswith("procgen") else "MlpPolicy", env, aux=dict(batch=32, **aux),
+                       n_steps=32, batch_size=64, n_epochs=1, seed=0, **kwargs)
     env = make_vec_env(spec, 2)
-    return MincDQN("CnnPolicy", env, aux=aux, encoder="impala", learning_starts=64, batch_size=32, aux_batch=32,
+    return MincDQN("CnnPolicy", env, aux=dict(batch=48, **aux), encoder="impala", learning_starts=64, batch_size=32,
                    buffer_size=2000, train_freq=4, seed=0, **kwargs)
 
 
 @pytest.mark.parametrize(
-    "agent, spec, aux, options",
+    "agent, spec, aux",
     [
-        ("ppo", "procgen:coinrun", "minc", dict(aux_augment="shift", aux_target_tau=0.05)),
-        ("ppo", "gym:CartPole-v1", "spectral", dict(aux_target_tau=0.5)),
-        ("ppo", "gym:CartPole-v1", "infonce", dict(aux_loss_kwargs=dict(temperature=0.2))),
-        ("dqn", "minatar:breakout", "minc", dict()),
-        ("dqn", "minatar:breakout", "spectral", dict(aux_augment="shift")),
+        ("ppo", "procgen:coinrun", dict(name="minc", augment="shift", target_tau=0.05)),
+        ("ppo", "gym:CartPole-v1", dict(name="spectral", mode="separate", target_tau=0.5)),
+        ("ppo", "gym:CartPole-v1", dict(name="infonce", mode="decoupled", loss_kwargs=dict(temperature=0.2))),
+        ("dqn", "minatar:breakout", dict(name="minc", share=0.3)),
+        ("dqn", "minatar:breakout", dict(name="spectral", augment="shift", mode="separate")),
+        ("dqn", "minatar:breakout", dict(name="minc", mode="decoupled")),
     ],
 )
-def test_short_learn_trains_the_encoder_and_logs(agent, spec, aux, options):
-    model = make_agent(agent, spec, aux, policy_kwargs=dict(features_extractor_kwargs=SMALL), **options)
-    extractor = model.minc_extractor
-    before = {k: v.clone() for k, v in extractor.encoder.state_dict().items()}
+def test_short_learn_trains_the_encoder_and_logs(agent, spec, aux):
+    model = make_agent(agent, spec, aux, policy_kwargs=dict(features_extractor_kwargs=SMALL))
+    extractor, learner = model.aux_extractor, model.aux_learner
+    before = {k: v.clone() for k, v in extractor.state_dict().items()}
     recorder = recorded(model)
     model.learn(384)
-    model.logger.dump(model.num_timesteps)
 
-    for key in AUX_KEYS | (MINC_KEYS if aux == "minc" else set()):
+    for key in AUX_KEYS | (MINC_KEYS if aux["name"] == "minc" else set()):
         values = logged(recorder, f"train/{key}")
         assert values and np.all(np.isfinite(values)), key
-    assert min(logged(recorder, "train/aux_pairs")) >= 2
+    pairs = logged(recorder, "train/aux_pairs")
+    assert min(pairs) >= 2 and (agent == "ppo" or set(pairs) == {48.0})  # DQN: its own aux.batch, not the TD batch's 32
     assert min(logged(recorder, "train/aux_rankme")) > 1.0  # no collapse to a constant embedding
-    changed = [not torch.equal(before[k], v) for k, v in extractor.encoder.state_dict().items()]
+    shares = logged(recorder, "train/aux_grad_share")
+    if aux.get("mode", "joint") == "joint":  # the aux share of the encoder's update is the setting, every step
+        np.testing.assert_allclose(shares, aux.get("share", 0.1), rtol=1e-4)
+    elif aux["mode"] == "decoupled":
+        np.testing.assert_allclose(shares, 1.0)
+    assert all(0 < kept <= 1 for kept in logged(recorder, "train/rl_step_kept"))
+    changed = [not torch.equal(before[k], v) for k, v in extractor.state_dict().items()]
     assert all(changed)
-    if aux == "minc":
-        cov = extractor.aux_loss.cov
+    if aux["name"] == "minc":
+        cov = learner.loss.cov
         assert torch.isfinite(cov).all() and cov.abs().sum() > 0
         minibatches = 1 if agent == "dqn" else model.n_steps * model.n_envs // model.batch_size
-        assert int(extractor.aux_loss.steps) == model._n_updates * minibatches  # one Lambda step per gradient step
+        assert int(learner.loss.steps) == model._n_updates * minibatches  # one Lambda step per gradient step
         torch.testing.assert_close(cov, cov.T)
-        assert int(extractor.aux_loss.skipped) == 0
-    if options.get("aux_target_tau"):
-        target = model.aux_target_encoder.state_dict()
-        online = extractor.encoder.state_dict()
+        torch.testing.assert_close(torch.trace(cov), torch.tensor(1.0))  # the second moment of unit rows
+        assert int(learner.loss.skipped) == 0
+    if aux.get("target_tau"):
+        target = learner.target.state_dict()
+        online = extractor.state_dict()
         assert all(not torch.equal(target[k], before[k]) and not torch.equal(target[k], online[k]) for k in online)
+
+
+def test_optimizers_follow_the_mode():
+    """joint: the aux optimizer holds the head only, the encoder moves with the RL optimizer; separate and
+    decoupled: the aux optimizer holds encoder and head, with aux.lr."""
+    for mode in AUX_MODES:
+        model = cartpole_ppo(aux=dict(mode=mode, lr=1e-3, **SMALL_AUX))
+        held = {id(p) for group in model.aux_learner.optimizer.param_groups for p in group["params"]}
+        encoder = {id(p) for p in model.aux_extractor.parameters()}
+        head = {id(p) for p in model.aux_learner.head.parameters()}
+        assert head <= held and (encoder.isdisjoint(held) if mode == "joint" else encoder <= held), mode
+        assert model.aux_learner.optimizer.param_groups[0]["lr"] == 1e-3
+        assert encoder <= {id(p) for p in model.policy.optimizer.param_groups[0]["params"]}
 
 
 # ------------------------------------------------------------------------------------ stock SB3 + callback
 
 
-def breakout_ppo(aux_coef: float, seed: int = 0) -> list[float]:
+def breakout_ppo(aux: dict, seed: int = 0) -> list[float]:
     """Stock PPO + MincExtractor + MincAuxCallback on SB3's own Atari pipeline; the aux loss of each rollout."""
     gymnasium.register_envs(ale_py)
     env = make_atari_env("BreakoutNoFrameskip-v4", n_envs=2, seed=seed)
     model = PPO("CnnPolicy", env, n_steps=64, batch_size=64, n_epochs=1, seed=seed,
                 policy_kwargs=dict(features_extractor_class=MincExtractor, features_extractor_kwargs=SMALL))
     recorder = recorded(model)
-    model.learn(512, callback=MincAuxCallback(gradient_steps=16, aux_batch=64, aux_coef=aux_coef))
+    model.learn(512, callback=MincAuxCallback(dict(batch=64, **aux), gradient_steps=16))
     assert isinstance(model.policy.features_extractor.encoder.conv[0], torch.nn.Conv2d)
     return logged(recorder, "train/aux_loss")
 
 
 def test_stock_ppo_with_callback_on_atari_lowers_the_aux_loss():
-    """512 env steps, 64 aux steps. With aux_coef=0 the callback only measures the loss on the same first rollout
-    (same seed, nothing trained by it yet), which gives the loss at initialisation and what PPO alone does to it.
+    """512 env steps, 64 aux steps. With a tiny aux.lr the callback only measures the loss on the same first rollout
+    (same seed), which gives the loss at initialisation and what PPO alone does to it.
     (Breakout, not Pong: Pong's first rollouts are near-identical frames where no pair loss can fall.)"""
-    trained, untouched = breakout_ppo(1.0), breakout_ppo(0.0)
+    trained, untouched = breakout_ppo(dict(lr=1e-3)), breakout_ppo(dict(lr=1e-12))
     assert len(trained) == len(untouched) == 4
-    assert np.mean(trained) < 0.9 * untouched[0]  # below its value at initialisation, over the whole run
-    assert trained[-1] < untouched[-1]  # and below what the same PPO run without the aux gradient has
+    assert np.mean(trained) < untouched[0] - 0.1  # below its value at initialisation, over the whole run
+    assert trained[-1] < untouched[-1]  # and below what the same PPO run without the aux steps has
+
+
+class BatchNormDropoutExtractor(BaseFeaturesExtractor):
+    """A user's own extractor, with BatchNorm and Dropout (the layers whose train/eval modes matter)."""
+
+    def __init__(self, observation_space: gymnasium.Space, features_dim: int = 24) -> None:
+        super().__init__(observation_space, features_dim)
+        size = int(np.prod(observation_space.shape))
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(size, 32), torch.nn.BatchNorm1d(32),
+                                       torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, features_dim))
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.net(observations)
 
 
 @pytest.mark.parametrize("algo", ["a2c", "dqn"])
-def test_callback_trains_stock_a2c_and_dqn(algo):
-    kwargs = dict(features_extractor_class=MincExtractor, features_extractor_kwargs=dict(aux="minc", **SMALL))
+def test_callback_trains_stock_a2c_and_dqn_on_any_extractor(algo):
     if algo == "a2c":
+        kwargs = dict(features_extractor_class=BatchNormDropoutExtractor)
         model = A2C("MlpPolicy", make_vec_env("gym:CartPole-v1", 2), n_steps=8, seed=0, policy_kwargs=kwargs)
         extractor = model.policy.features_extractor
     else:
+        kwargs = dict(features_extractor_class=MincExtractor, features_extractor_kwargs=dict(encoder="impala", **SMALL))
         model = DQN("CnnPolicy", make_vec_env("minatar:breakout", 2), learning_starts=64, batch_size=32,
-                    buffer_size=1000, seed=0, policy_kwargs={**kwargs, "features_extractor_kwargs": dict(
-                        encoder="impala", **kwargs["features_extractor_kwargs"])})
+                    buffer_size=1000, seed=0, policy_kwargs=kwargs)
         extractor = model.q_net.features_extractor
-    before = extractor.encoder.state_dict()["fc.0.weight" if algo == "dqn" else "net.1.weight"].clone()
+    before = {k: v.clone() for k, v in extractor.state_dict().items()}
     recorder = recorded(model)
-    callback = MincAuxCallback(gradient_steps=2, aux_batch=16)
+    callback = MincAuxCallback(dict(batch=16), gradient_steps=2)
     model.learn(256, callback=callback)
     model.logger.dump(model.num_timesteps)
-    for key in AUX_KEYS | MINC_KEYS:
+    for key in AUX_KEYS - {"rl_step_kept", "aux_grad_share", "aux_grad_share_raw"} | MINC_KEYS:  # no RL step here
         assert logged(recorder, f"train/{key}"), key
-    steps = int(extractor.aux_loss.steps)  # 2 gradient steps per rollout (DQN: once learning has started)
+    steps = int(callback.learner.loss.steps)  # 2 gradient steps per rollout (DQN: once learning has started)
     rollouts = 256 // (2 * (8 if algo == "a2c" else 4))
     assert steps == 2 * rollouts if algo == "a2c" else 0 < steps < 2 * rollouts and steps % 2 == 0
-    assert torch.isfinite(extractor.aux_loss.cov).all() and extractor.aux_loss.cov.abs().sum() > 0
-    after = extractor.encoder.state_dict()["fc.0.weight" if algo == "dqn" else "net.1.weight"]
-    assert not torch.equal(before, after)
+    assert torch.isfinite(callback.learner.loss.cov).all() and callback.learner.loss.cov.abs().sum() > 0
+    assert any(not torch.equal(before[k], v) for k, v in extractor.state_dict().items())
 
 
-def test_callback_needs_a_minc_extractor_with_a_loss():
-    with pytest.raises(ValueError, match="MincAuxCallback needs .*features extractor is NatureCNN"):
-        model = PPO("CnnPolicy", make_vec_env("procgen:coinrun", 1), n_steps=8, batch_size=8)
-        model.learn(8, callback=MincAuxCallback())
-    model = PPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), n_steps=8, batch_size=8,
-                policy_kwargs=dict(features_extractor_class=MincExtractor, features_extractor_kwargs=dict(aux="none")))
-    with pytest.raises(ValueError, match=r"MincExtractor\(aux='none'\)"):
-        model.learn(8, callback=MincAuxCallback())
+def test_callback_settings_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"aux.mode must be 'separate'; got 'joint' \(joint and decoupled need"):
+        MincAuxCallback(AuxConfig(mode="joint"))
+    with pytest.raises(ValueError, match=r"aux='none' leaves it nothing to train"):
+        MincAuxCallback("none")
+    with pytest.raises(ValueError, match=r"gradient_steps must be an integer >= 1; got 0"):
+        MincAuxCallback(gradient_steps=0)
 
 
 # ----------------------------------------------------------------------------------------- save / load
@@ -273,7 +326,7 @@ def test_callback_needs_a_minc_extractor_with_a_loss():
 @pytest.mark.parametrize("cls", [MincPPO, MincDQN])
 def test_save_load_round_trip_keeps_lambda_optimizer_target_and_continues(cls, tmp_path):
     env = make_vec_env("gym:CartPole-v1", 2)
-    common = dict(aux_batch=16, aux_target_tau=0.1, seed=0)
+    common = dict(aux=dict(batch=16, target_tau=0.1, mode="separate"), seed=0)
     if cls is MincPPO:
         model = cls("MlpPolicy", env, n_steps=16, batch_size=16, n_epochs=1, **common)
     else:
@@ -284,37 +337,37 @@ def test_save_load_round_trip_keeps_lambda_optimizer_target_and_continues(cls, t
 
     for (name, saved), restored in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values()):
         torch.testing.assert_close(restored, saved, rtol=0, atol=0, msg=name)
-    lam, lam_loaded = model.minc_extractor.aux_loss, loaded.minc_extractor.aux_loss
+    for (name, saved), restored in zip(model.aux_learner.state_dict().items(),
+                                       loaded.aux_learner.state_dict().values()):
+        torch.testing.assert_close(restored, saved, rtol=0, atol=0, msg=name)  # head, Lambda, target encoder
+    lam, lam_loaded = model.aux_learner.loss, loaded.aux_learner.loss
     assert int(lam_loaded.steps) == int(lam.steps) > 0
-    torch.testing.assert_close(lam_loaded.ema_sum, lam.ema_sum, rtol=0, atol=0)
-    for (name, saved), restored in zip(model.aux_target_encoder.state_dict().items(),
-                                       loaded.aux_target_encoder.state_dict().values()):
-        torch.testing.assert_close(restored, saved, rtol=0, atol=0, msg=name)
-    saved_state = model.policy.optimizer.state_dict()["state"]
-    loaded_state = loaded.policy.optimizer.state_dict()["state"]
-    assert saved_state.keys() == loaded_state.keys() and len(saved_state) > 0
-    for key in saved_state:
-        torch.testing.assert_close(loaded_state[key]["exp_avg"], saved_state[key]["exp_avg"], rtol=0, atol=0)
-    assert (loaded.aux, loaded.aux_batch, loaded.aux_target_tau) == ("minc", 16, 0.1)
+    for optimizer, restored in ((model.policy.optimizer, loaded.policy.optimizer),
+                                (model.aux_learner.optimizer, loaded.aux_learner.optimizer)):
+        saved_state, loaded_state = optimizer.state_dict()["state"], restored.state_dict()["state"]
+        assert saved_state.keys() == loaded_state.keys() and len(saved_state) > 0
+        for key in saved_state:
+            torch.testing.assert_close(loaded_state[key]["exp_avg"], saved_state[key]["exp_avg"], rtol=0, atol=0)
+    assert loaded.aux == AuxConfig(batch=16, target_tau=0.1, mode="separate")
 
-    steps, encoder = int(lam_loaded.steps), loaded.minc_extractor.encoder.state_dict()
+    steps, encoder = int(lam_loaded.steps), loaded.aux_extractor.state_dict()
     encoder = {k: v.clone() for k, v in encoder.items()}
     loaded.learn(128, reset_num_timesteps=False)
     assert loaded.num_timesteps == 256
     assert int(lam_loaded.steps) > steps
-    assert any(not torch.equal(encoder[k], v) for k, v in loaded.minc_extractor.encoder.state_dict().items())
+    assert any(not torch.equal(encoder[k], v) for k, v in loaded.aux_extractor.state_dict().items())
 
 
 @pytest.mark.parametrize("cls", [MincPPO, MincDQN])
 def test_load_pretrained_encoder_syncs_targets(cls, tmp_path):
     rollout = dict(n_steps=8, batch_size=8) if cls is MincPPO else {}
-    model = cls("CnnPolicy", make_vec_env("minatar:breakout", 1), encoder="impala", aux_target_tau=0.05,
+    model = cls("CnnPolicy", make_vec_env("minatar:breakout", 1), encoder="impala", aux=dict(target_tau=0.05),
                 policy_kwargs=dict(features_extractor_kwargs=SMALL), **rollout)
-    extractor = model.minc_extractor
+    extractor = model.aux_extractor
     pretrained = type(extractor.encoder)(4, (10, 10), features_dim=32)
     save_encoder(str(tmp_path / "encoder.pt"), pretrained, "impala", extractor.input_shape)
     model.load_pretrained_encoder(str(tmp_path / "encoder.pt"))
-    copies = [extractor.encoder, model.aux_target_encoder]
+    copies = [extractor.encoder, model.aux_learner.target.encoder]
     if cls is MincDQN:
         copies.append(model.q_net_target.features_extractor.encoder)
     for copy in copies:
@@ -329,20 +382,26 @@ def test_load_pretrained_encoder_syncs_targets(cls, tmp_path):
     "kwargs, message",
     [
         (dict(aux="barlow"), r"aux='barlow' is not valid; choose one of 'none', 'minc', 'spectral', 'infonce'"),
-        (dict(aux_augment="crop"), r"aux_augment='crop' is not valid; choose one of 'none', 'shift'"),
+        (dict(aux=dict(mode="phase")), r"aux.mode='phase' is not valid; choose one of 'joint', 'separate', 'decoupled'"),
+        (dict(aux=dict(augment="crop")), r"aux.augment='crop' is not valid; choose one of 'none', 'shift'"),
         (dict(encoder="resnet"), r"encoder='resnet' is not valid; choose one of 'auto', 'impala', 'nature', 'minatar', 'mlp'"),
-        (dict(aux_coef=-1.0), r"aux_coef must be a finite number >= 0; got -1.0"),
-        (dict(aux_coef=float("nan")), r"aux_coef must be a finite number >= 0; got nan"),
-        (dict(aux_dim=0), r"aux_dim must be an integer >= 1; got 0"),
-        (dict(aux_batch=1), r"aux_batch must be an integer >= 2; got 1"),
-        (dict(aux_batch=64.0), r"aux_batch must be an integer >= 2; got 64.0"),
-        (dict(aux_ema=0.0), r"aux_ema must be in \(0, 1\]; got 0.0"),
-        (dict(aux_ema=1.5), r"aux_ema must be in \(0, 1\]; got 1.5"),
-        (dict(aux_target_tau=0.0), r"aux_target_tau .* must be in \(0, 1\]; got 0.0"),
-        (dict(aux_loss_kwargs=dict(temperature=0.1)), r"aux loss 'minc' does not take \['temperature'\]"),
-        (dict(aux_loss_kwargs=dict(ema=0.1)), r"may not set 'ema' .*set MINC's ema with aux_ema"),
-        (dict(aux="none", aux_loss_kwargs=dict(mu=2.0)), r"aux='none' has no loss to pass them to"),
-        (dict(aux_augment="shift"), r"aux_augment='shift' needs image observations; the encoder input is \(4,\)"),
+        (dict(aux=dict(share=1.0)), r"aux.share must be in \[0, 1\); got 1.0"),
+        (dict(aux=dict(share=-0.1)), r"aux.share must be in \[0, 1\); got -0.1"),
+        (dict(aux=dict(lr=0.0)), r"aux.lr must be a finite number > 0; got 0.0"),
+        (dict(aux=dict(lr=float("nan"))), r"aux.lr must be a finite number > 0; got nan"),
+        (dict(aux=dict(max_grad_norm=-1)), r"aux.max_grad_norm must be a finite number > 0; got -1"),
+        (dict(aux=dict(dim=0)), r"aux.dim must be an integer >= 1; got 0"),
+        (dict(aux=dict(batch=1)), r"aux.batch must be an integer >= 2; got 1"),
+        (dict(aux=dict(batch=64.0)), r"aux.batch must be an integer >= 2; got 64.0"),
+        (dict(aux=dict(ema=0.0)), r"aux.ema must be in \(0, 1\]; got 0.0"),
+        (dict(aux=dict(ema=1.5)), r"aux.ema must be in \(0, 1\]; got 1.5"),
+        (dict(aux=dict(head_hidden=0)), r"aux.head_hidden must be an integer >= 1; got 0"),
+        (dict(aux=dict(target_tau=0.0)), r"aux.target_tau .* must be in \(0, 1\]; got 0.0"),
+        (dict(aux=dict(loss_kwargs=dict(temperature=0.1))), r"aux.loss_kwargs: aux loss 'minc' does not take \['temperature'\]"),
+        (dict(aux=dict(loss_kwargs=dict(ema=0.1))), r"may not set 'ema' .*set aux.ema"),
+        (dict(aux=dict(name="none", loss_kwargs=dict(mu=2.0))), r"aux='none' has no loss"),
+        (dict(aux=dict(coef=1.0)), r"unknown aux settings \['coef'\]; valid: \['name', 'mode', 'share'"),
+        (dict(aux=dict(augment="shift")), r"aux.augment='shift' needs image observations; the observation space is Box"),
     ],
 )
 @pytest.mark.parametrize("cls", [MincPPO, MincDQN])
@@ -362,28 +421,30 @@ def test_extractor_and_policy_mismatches_raise_clear_errors():
     with pytest.raises(ValueError, match=r"encoder 'nature' needs images of at least 36x36; the observations are "
                                          r"10x10 .* use encoder='minatar', 'impala' or 'mlp'"):
         MincPPO("CnnPolicy", make_vec_env("minatar:breakout", 1), encoder="nature")
-    assert MincPPO("CnnPolicy", make_vec_env("minatar:breakout", 1)).minc_extractor.encoder_name == "minatar"
+    assert MincPPO("CnnPolicy", make_vec_env("minatar:breakout", 1)).aux_extractor.encoder_name == "minatar"
     env = make_vec_env("gym:CartPole-v1", 1)
-    with pytest.raises(ValueError, match=r"aux='minc' needs a MincExtractor .* got FlattenExtractor"):
-        MincPPO("MlpPolicy", env, policy_kwargs=dict(features_extractor_class=FlattenExtractor))
-    with pytest.raises(ValueError, match=r"aux='spectral' but the policy's MincExtractor was built with aux='minc'"):
-        MincPPO("MlpPolicy", env, aux="spectral",
-                policy_kwargs=dict(features_extractor_class=MincExtractor, features_extractor_kwargs=dict(aux="minc")))
-    with pytest.raises(ValueError, match="head_hidden must be a positive integer; got 0"):
-        MincExtractor(env.observation_space, head_hidden=0)
-    with pytest.raises(ValueError, match="aux_dim must be a positive integer; got -3"):
-        MincExtractor(env.observation_space, aux_dim=-3)
+    with pytest.raises(ValueError, match=r"encoder='impala' picks MincExtractor's encoder, but policy_kwargs sets "
+                                         r"features_extractor_class=FlattenExtractor; drop one"):
+        MincPPO("MlpPolicy", env, encoder="impala", policy_kwargs=dict(features_extractor_class=FlattenExtractor))
     with pytest.raises(ValueError, match="needs a Box observation space"):
         MincExtractor(gymnasium.spaces.Discrete(3))
+    float_images = gymnasium.spaces.Box(-5.0, 5.0, (3, 36, 36), np.float32)  # e.g. VecNormalize'd observations
+    with pytest.raises(ValueError, match=r"encoder='nature' is a CNN for images, but Box\(-5.0, 5.0, \(3, 36, 36\)"
+                                         r", float32\) is not an image space as SB3 defines it"):
+        MincExtractor(float_images)
+    assert MincExtractor(float_images, normalized_image=True).encoder_name == "nature"
 
 
 def test_constants_and_defaults():
     assert AUX_CHOICES == ("none", "minc", "spectral", "infonce") and AUGMENT_CHOICES == ("none", "shift")
+    assert AUX_MODES == ("joint", "separate", "decoupled")
     extractor = MincExtractor(make_vec_env("procgen:coinrun", 1).observation_space)  # every argument has a default
     assert (extractor.encoder_name, extractor.input_shape, extractor.features_dim) == ("nature", (3, 64, 64), 512)
-    assert extractor.head.out_dim == 64 and extractor.aux_loss.ema == 0.2
+    config = AuxConfig()
+    assert (config.name, config.mode, config.dim, config.batch, config.ema) == ("minc", "joint", 64, 256, 0.2)
+    assert AuxConfig.of("spectral") == AuxConfig(name="spectral") and AuxConfig.of(config) is config
     assert MincExtractor(gymnasium.spaces.Box(-1, 1, (5,))).encoder_name == "mlp"
-    channels_last = MincExtractor(gymnasium.spaces.Box(0, 1, (10, 10, 4)), encoder="impala", features_dim=8)
+    channels_last = MincExtractor(gymnasium.spaces.Box(0, 255, (10, 10, 4), np.uint8), encoder="impala", features_dim=8)
     assert channels_last.input_shape == (4, 10, 10)
     assert channels_last(torch.rand(2, 10, 10, 4)).shape == (2, 8)
 
@@ -393,38 +454,35 @@ def test_constants_and_defaults():
 
 def test_non_finite_aux_loss_is_dropped_not_backpropagated():
     model = cartpole_ppo(aux="minc")
-    head = model.minc_extractor.head
+    head = model.aux_learner.head
     with torch.no_grad():
         head.net[3].weight[0, 0] = float("nan")  # every embedding batch is now non-finite
     recorder = recorded(model)
     model.learn(128)
-    model.logger.dump(model.num_timesteps)
-    lam = model.minc_extractor.aux_loss
+    model.logger.dump(model.num_timesteps)  # learn() records the statistics of its last train() at the end
+    lam = model.aux_learner.loss
     assert int(lam.steps) == 0 and int(lam.skipped) == model._n_updates * 64 // 16
-    assert all(torch.isfinite(p).all() for p in model.minc_extractor.encoder.parameters())
-    assert all(torch.isfinite(p).all() for name, p in model.policy.named_parameters() if ".head." not in name)
+    assert all(torch.isfinite(p).all() for p in model.policy.parameters())
     assert sum(logged(recorder, "train/aux_dropped")) == int(lam.skipped)
     assert not logged(recorder, "train/aux_loss")
 
 
 def test_pair_loss_uses_the_target_encoder_for_successors():
     """x' goes through the EMA target encoder (no gradient), x through the online encoder."""
-    model = cartpole_ppo(aux="spectral", aux_target_tau=0.5)
-    pair_loss, extractor = model.pair_loss, model.minc_extractor
+    model = cartpole_ppo(aux=dict(name="spectral", target_tau=0.5))
+    learner, extractor = model.aux_learner, model.aux_extractor
     with torch.no_grad():
-        for p in model.aux_target_encoder.parameters():
+        for p in learner.target.parameters():
             p.add_(torch.randn_like(p))
     obs, next_obs = torch.randn(8, 4), torch.randn(8, 4)
-    extractor.train()
-    loss = pair_loss(obs, next_obs)
+    learner.train()
+    loss = learner.pair_loss(learner.features(obs), next_obs)
     extractor.zero_grad()
     loss.backward()
-    online = extractor.encoder(obs)
-    target = model.aux_target_encoder(next_obs)
-    a, b = extractor.embed(torch.cat([online, target])).tensor_split(2)
-    torch.testing.assert_close(loss, extractor.aux_loss(a, b))
-    assert all(p.grad is None for p in model.aux_target_encoder.parameters())
-    assert all(p.grad is not None for p in extractor.encoder.parameters())
+    a, b = learner.head(torch.cat([extractor(obs), learner.target(next_obs)])).tensor_split(2)
+    torch.testing.assert_close(loss, learner.loss(a, b))
+    assert all(p.grad is None for p in learner.target.parameters())
+    assert all(p.grad is not None for p in extractor.parameters())
 
 
 def test_import_minc_rl_is_light_and_exports_lazily():

@@ -135,7 +135,7 @@ def test_infonce_matches_loop_formula(temperature: float) -> None:
 def test_minc_hand_computed(lower_triangular: bool, expected_grad: list[list[float]]) -> None:
     a = torch.tensor([[1.0, 1.0], [0.0, 2.0]], requires_grad=True)
     b = torch.tensor([[1.0, 1.0], [0.0, 1.0]], requires_grad=True)
-    loss_fn = MINCLoss(2, ema=0.3, lower_triangular=lower_triangular, symmetric=False)
+    loss_fn = MINCLoss(2, ema=0.3, lower_triangular=lower_triangular, symmetric=False, normalize=False)
     loss = loss_fn(a, b)
     assert_close(loss_fn.cov, torch.tensor([[0.5, 0.5], [0.5, 2.5]]))
     # -(2/2)(a_0.b_0 + a_1.b_1) + (1/2)(a_0 Lambda a_0 + a_1 Lambda a_1) = -4 + (4 + 10)/2
@@ -149,7 +149,7 @@ def test_minc_hand_computed(lower_triangular: bool, expected_grad: list[list[flo
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_minc_gradient_contract(lower_triangular: bool, symmetric: bool) -> None:
     batch = 16
-    loss_fn = MINCLoss(5, ema=0.2, lower_triangular=lower_triangular, symmetric=symmetric)
+    loss_fn = MINCLoss(5, ema=0.2, lower_triangular=lower_triangular, symmetric=symmetric, normalize=False)
     for seed in range(3):  # a few steps so that Lambda is an EMA, not just this batch
         a, b = random_pair(batch=batch, seed=seed)
         loss = loss_fn(a, b)
@@ -171,7 +171,7 @@ def test_minc_gradient_contract(lower_triangular: bool, symmetric: bool) -> None
 def test_minc_gradient_is_not_the_naive_autograd_of_the_value() -> None:
     """The trap DESIGN.md names: d/da of a^T tril(Lambda) a would be (Lambda + diag Lambda) a."""
     a, b = random_pair(seed=4)
-    loss_fn = MINCLoss(5, ema=1.0, symmetric=False)
+    loss_fn = MINCLoss(5, ema=1.0, symmetric=False, normalize=False)
     loss_fn(a, b).backward()
     cov = loss_fn.cov
     naive = -(2 / 16) * (b.detach() - 0.5 * a.detach() @ (cov + torch.diag(torch.diagonal(cov))))
@@ -180,11 +180,11 @@ def test_minc_gradient_is_not_the_naive_autograd_of_the_value() -> None:
 
 def test_minc_cov_at_step_one_is_the_batch_second_moment() -> None:
     a, b = random_pair(batch=10, dim=4, seed=5)
-    symmetric = MINCLoss(4, ema=0.05)
+    symmetric = MINCLoss(4, ema=0.05, normalize=False)
     symmetric(a, b)
     expected = (a.detach().T @ a.detach() + b.detach().T @ b.detach()) / (2 * 10)
     assert_close(symmetric.cov, expected)
-    one_sided = MINCLoss(4, ema=0.05, symmetric=False)
+    one_sided = MINCLoss(4, ema=0.05, symmetric=False, normalize=False)
     one_sided(a, b)
     assert_close(one_sided.cov, a.detach().T @ a.detach() / 10)
     assert symmetric.cov.dtype == torch.float32 and int(symmetric.steps) == 1
@@ -192,7 +192,7 @@ def test_minc_cov_at_step_one_is_the_batch_second_moment() -> None:
 
 def test_minc_lambda_follows_the_bias_corrected_ema() -> None:
     ema = 0.3
-    loss_fn = MINCLoss(4, ema=ema)
+    loss_fn = MINCLoss(4, ema=ema, normalize=False)
     running = torch.zeros(4, 4, dtype=torch.float64)
     for step in range(1, 7):
         a, b = random_pair(batch=8, dim=4, seed=10 + step, scale=float(step))  # moments that move
@@ -206,7 +206,7 @@ def test_minc_lambda_follows_the_bias_corrected_ema() -> None:
 def test_minc_equals_all_pairs_spectral_gradient() -> None:
     """ema=1, full Lambda, one direction, Lambda from the other view: MINC's gradient is the all-pairs one."""
     a, b = random_pair(batch=12, dim=6, seed=6)
-    loss_fn = MINCLoss(6, ema=1.0, lower_triangular=False, symmetric=False)
+    loss_fn = MINCLoss(6, ema=1.0, lower_triangular=False, symmetric=False, normalize=False)
     loss_fn(b.detach(), a.detach())  # one training step: Lambda = (1/B) sum_j b_j b_j^T
     loss_fn.eval()
     loss_fn(a, b).backward()
@@ -234,7 +234,7 @@ def train_linear_minc(lower_triangular: bool) -> tuple[torch.Tensor, torch.Tenso
     cross = basis @ torch.diag(eigenvalues) @ basis.T
     noise = basis @ torch.diag((1 - eigenvalues**2).sqrt()) @ basis.T
     weight = torch.nn.Parameter(0.1 * torch.randn(k, n, generator=g))
-    loss_fn = MINCLoss(k, ema=0.1, lower_triangular=lower_triangular)
+    loss_fn = MINCLoss(k, ema=0.1, lower_triangular=lower_triangular, normalize=False)
     optimizer = torch.optim.SGD([weight], lr=0.15)
     for _ in range(600):
         x = torch.randn(batch, n, generator=g)
@@ -270,14 +270,14 @@ def test_full_lambda_recovers_the_subspace_but_not_the_order() -> None:
 
 
 def test_minc_state_dict_round_trip() -> None:
-    loss_fn = MINCLoss(5, ema=0.2)
+    loss_fn = MINCLoss(5, ema=0.2, normalize=False)
     for seed in range(3):
         loss_fn(*random_pair(seed=seed))
     loss_fn(torch.full((4, 5), float("nan")), torch.zeros(4, 5))
     buffer = io.BytesIO()
     torch.save(loss_fn.state_dict(), buffer)
     buffer.seek(0)
-    restored = MINCLoss(5, ema=0.2)
+    restored = MINCLoss(5, ema=0.2, normalize=False)
     restored.load_state_dict(torch.load(buffer))
     assert set(loss_fn.state_dict()) == {"ema_sum", "steps", "skipped"}
     assert torch.equal(restored.cov, loss_fn.cov)
@@ -290,7 +290,7 @@ def test_minc_state_dict_round_trip() -> None:
 
 
 def test_minc_eval_mode_leaves_lambda_alone() -> None:
-    loss_fn = MINCLoss(5, ema=0.2)
+    loss_fn = MINCLoss(5, ema=0.2, normalize=False)
     loss_fn(*random_pair(seed=0))
     ema_sum, steps = loss_fn.ema_sum.clone(), loss_fn.steps.clone()
     loss_fn.eval()
@@ -303,7 +303,7 @@ def test_minc_eval_mode_leaves_lambda_alone() -> None:
 
 
 def test_minc_eval_before_any_training_uses_the_batch_moment() -> None:
-    loss_fn = MINCLoss(5).eval()
+    loss_fn = MINCLoss(5, normalize=False).eval()
     a, b = random_pair(seed=3)
     loss_fn(a, b)
     assert int(loss_fn.steps) == 0 and torch.equal(loss_fn.ema_sum, torch.zeros(5, 5))
@@ -314,7 +314,7 @@ def test_minc_eval_before_any_training_uses_the_batch_moment() -> None:
     [(True, "a", float("nan")), (True, "b", float("inf")), (False, "a", float("-inf")), (False, "b", float("nan"))],
 )
 def test_minc_non_finite_batch_is_skipped(symmetric: bool, bad_view: str, bad_value: float) -> None:
-    loss_fn = MINCLoss(5, ema=0.2, symmetric=symmetric)
+    loss_fn = MINCLoss(5, ema=0.2, symmetric=symmetric, normalize=False)
     loss_fn(*random_pair(seed=0))
     ema_sum, steps = loss_fn.ema_sum.clone(), loss_fn.steps.clone()
     a, b = random_pair(seed=1)
@@ -330,7 +330,7 @@ def test_minc_non_finite_batch_is_skipped(symmetric: bool, bad_view: str, bad_va
 
 
 def test_minc_overflowing_moment_is_skipped() -> None:
-    loss_fn = MINCLoss(5)
+    loss_fn = MINCLoss(5, normalize=False)
     a, b = random_pair(seed=0, scale=1e30)  # finite embeddings whose squares overflow float32
     assert torch.isfinite(a).all()
     assert not torch.isfinite(loss_fn(a, b))
@@ -461,3 +461,82 @@ def test_build_aux_loss_builds_the_named_loss(name, kwargs, expected_type, attri
     assert type(loss_fn) is expected_type and getattr(loss_fn, attribute) == value
     if name == "minc":
         assert loss_fn.dim == 8 and loss_fn.ema == 0.2
+
+
+# ---------------------------------------------------------------- normalised MINC (the default) and scale
+
+
+def test_normalized_minc_hand_derived_value_and_gradient():
+    """normalize=True: the contract on the unit rows a_hat = a/||a||, chained through the projection by hand:
+    dl/da_i = (I - a_hat_i a_hat_i^T) / ||a_i|| . (-(2/B)) (b_hat_i - tril(Lambda) a_hat_i)."""
+    a, b = random_pair(batch=6, dim=3, seed=3, scale=2.5)
+    loss = MINCLoss(3, ema=1.0, symmetric=False)(a, b)  # ema=1: Lambda is this batch's second moment
+    loss.backward()
+    with torch.no_grad():
+        norms = a.norm(dim=1, keepdim=True)
+        a_hat, b_hat = a / norms, b / b.norm(dim=1, keepdim=True)
+        lam = a_hat.T @ a_hat / 6
+        value = (-2 * (a_hat * b_hat).sum() + ((a_hat @ lam) * a_hat).sum()) / 6
+        pull = -(2 / 6) * (b_hat - a_hat @ torch.tril(lam).T)
+        grad = (pull - (pull * a_hat).sum(dim=1, keepdim=True) * a_hat) / norms
+    assert_close(loss.detach(), value)
+    assert_close(a.grad, grad)
+    assert b.grad is None or torch.count_nonzero(b.grad) == 0
+
+
+def test_normalized_minc_is_blind_to_the_embedding_scale():
+    """Shrinking the embeddings, the collapse the unnormalised loss allowed (embeddings -> 0, Lambda -> 0), changes
+    neither the value nor Lambda; the gradient scales as 1/scale, and it has no component along the rows."""
+    a, b = random_pair(batch=16, dim=8, seed=4)
+    results = []
+    for scale in (1.0, 1e-4):
+        loss_fn = MINCLoss(8)
+        a_scaled = (scale * a.detach()).requires_grad_()
+        loss = loss_fn(a_scaled, scale * b.detach())
+        loss.backward()
+        results.append((loss.detach(), loss_fn.cov, a_scaled.grad * scale))
+        assert_close((a_scaled.grad * a_scaled).sum(dim=1), torch.zeros(16), atol=1e-6, rtol=0)
+    assert_close(results[1][0], results[0][0])
+    assert_close(results[1][1], results[0][1])
+    assert_close(results[1][2], results[0][2], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize, collapses", [(False, True), (True, False)])
+def test_gradient_descent_on_the_embedding_scale(normalize, collapses):
+    """Drive MINC toward collapse: a network can scale its embeddings by exp(s) (e.g. pre-BN activations under
+    BatchNorm's eps). Where the views share no signal the unnormalised loss is lowest at exp(s) -> 0 and descent
+    goes there; the normalised loss has no gradient in s, so the scale stays where it is."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(64, 16, generator=g)
+    b = torch.randn(64, 16, generator=g)  # views that share no signal yet: nothing to align, only Lambda's term
+    log_scale = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.SGD([log_scale], lr=0.05)
+    loss_fn = MINCLoss(16, normalize=normalize)
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss_fn(a * log_scale.exp(), b * log_scale.exp()).backward()
+        optimizer.step()
+    if collapses:  # descent slows as the loss (~ scale^4) flattens, but it only goes down
+        assert float(log_scale.detach().exp()) < 0.25 and log_scale.grad > 0
+    else:
+        assert abs(float(log_scale.detach())) < 1e-5
+
+
+@pytest.mark.parametrize("name", AUX_LOSSES)
+def test_every_aux_loss_is_order_one_in_the_dimension(name):
+    """With BN-terminated embeddings (unit-variance coordinates) every aux loss's value and gradient norm stay O(1)
+    and do not grow with d = 16, 64, 256. The unnormalised MINC, measured beside them, grows like d."""
+    values, grads, raw = [], [], []
+    for dim in (16, 64, 256):
+        g = torch.Generator().manual_seed(dim)
+        a = torch.randn(128, dim, generator=g)
+        b = (0.8 * a + 0.6 * torch.randn(128, dim, generator=g)).requires_grad_()
+        a.requires_grad_()
+        loss = build_aux_loss(name, dim)(a, b)
+        loss.backward()
+        values.append(float(loss))
+        grads.append(float(torch.cat([a.grad, b.grad if b.grad is not None else torch.zeros_like(b)]).norm()))
+        raw.append(float(MINCLoss(dim, normalize=False)(a.detach(), b.detach())))
+    assert max(abs(v) for v in values) <= 2 * math.log(256) + 2
+    assert max(grads) <= 1.5 * grads[0] and max(grads) < 10
+    assert abs(raw[2]) > 8 * abs(raw[0])  # the reason for the normalisation

@@ -71,7 +71,7 @@ def test_offdiagonal_ratio(matrix: list[list[float]], expected: float) -> None:
 
 
 def test_embedding_health_with_minc_reports_lambda() -> None:
-    loss_fn = MINCLoss(2, ema=1.0, symmetric=False)
+    loss_fn = MINCLoss(2, ema=1.0, symmetric=False, normalize=False)
     a = torch.tensor([[2.0, 0.0], [0.0, 1.0], [2.0, 2.0], [0.0, 1.0]])
     loss_fn(a, a)  # Lambda = a^T a / 4 = [[2, 1], [1, 1.5]]
     loss_fn(torch.full((4, 2), float("nan")), a)

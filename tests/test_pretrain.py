@@ -276,7 +276,7 @@ def test_procgen_encoder_loads_into_minc_ppo_and_a_mismatch_fails_clearly(tmp_pa
     try:
         agent = MincPPO("CnnPolicy", env, aux="minc", encoder="impala", n_steps=16, batch_size=32, device="cpu")
         agent.load_pretrained_encoder(str(tmp_path / "encoder.pt"))
-        for name, value in agent.minc_extractor.encoder.state_dict().items():
+        for name, value in agent.aux_extractor.encoder.state_dict().items():
             torch.testing.assert_close(value, saved["state_dict"][name])
         nature = MincPPO("CnnPolicy", env, aux="minc", encoder="nature", n_steps=16, batch_size=32, device="cpu")
         with pytest.raises(ValueError, match=r"holds .*\('impala', \[3, 64, 64\], 256\).*is \('nature'"):

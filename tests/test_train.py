@@ -68,7 +68,7 @@ def numbers(value):
 def minc_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The MINC loss buffers (Lambda's EMA sum and step count) of a checkpoint, loaded as a user would."""
     model = MincPPO.load(checkpoint, device="cpu")
-    loss = model.minc_extractor.aux_loss
+    loss = model.aux_learner.loss
     return {"num_timesteps": model.num_timesteps, **{k: v.clone() for k, v in loss.state_dict().items()}, "cov": loss.cov}
 
 
@@ -111,9 +111,9 @@ def test_family_defaults_follow_the_env(config_dir, env, agent, expected):
 
 
 def test_command_line_wins_over_family_defaults(config_dir):
-    overrides = ["env=procgen:bigfish", "encoder=nature", "n_envs=4", "agent.gamma=0.9", "aux=spectral", "aux.coef=0.5"]
+    overrides = ["env=procgen:bigfish", "encoder=nature", "n_envs=4", "agent.gamma=0.9", "aux=spectral", "aux.share=0.5"]
     cfg = train.with_family_defaults("procgen:bigfish", overrides)
-    assert (cfg.encoder.name, cfg.n_envs, cfg.agent.gamma, cfg.aux.name, cfg.aux.coef) == ("nature", 4, 0.9, "spectral", 0.5)
+    assert (cfg.encoder.name, cfg.n_envs, cfg.agent.gamma, cfg.aux.name, cfg.aux.share) == ("nature", 4, 0.9, "spectral", 0.5)
     assert cfg.agent.n_epochs == 3  # the family's value where the command line says nothing
 
 
@@ -124,7 +124,7 @@ def test_help_lists_groups_and_choices(monkeypatch, capsys):
     out = capsys.readouterr().out
     for line in ("agent: dqn, ppo", "aux: infonce, minc, none, spectral", "encoder: impala, minatar, mlp, nature"):
         assert line in out
-    assert "env=procgen:coinrun" in out and "hydra/launcher=submitit_slurm" in out and "aux.coef" in out
+    assert "env=procgen:coinrun" in out and "hydra/launcher=submitit_slurm" in out and "aux.share" in out
 
 
 def test_submitit_slurm_launcher_composes(config_dir):
@@ -150,7 +150,9 @@ BAD_VALUES = [
     (["aux=foo"], ["aux='foo'", "'infonce', 'minc', 'none', 'spectral'"]),
     (["-m", "aux=none,foo"], ["aux='foo'", "'infonce', 'minc', 'none', 'spectral'"]),
     (["encoder=resnet"], ["encoder='resnet'", "'impala', 'minatar', 'mlp', 'nature'"]),
-    (["aux.coef=-1"], ["aux.coef", ">= 0", "-1"]),
+    (["aux.share=-1"], ["aux.share", "[0, 1)", "-1"]),
+    (["aux.mode=phase"], ["aux.mode='phase'", "'joint', 'separate', 'decoupled'"]),
+    (["aux.lr=0"], ["aux.lr", "> 0", "0"]),
     (["aux.ema=0"], ["aux.ema", "(0, 1]", "0"]),
     (["aux.ema=1.5"], ["aux.ema", "(0, 1]", "1.5"]),
     (["aux.augment=crop"], ["aux.augment='crop'", "'none', 'shift'"]),
@@ -183,10 +185,10 @@ def test_bad_value_exits_2_with_one_line_before_building_anything(monkeypatch, c
 
 
 def test_bad_value_exit_code_from_the_real_command():
-    result = run_cli("env=procgen:coinrun", "aux=minc", "aux.coef=-1", "hydra.run.dir=/tmp/minc_rl_never_made")
+    result = run_cli("env=procgen:coinrun", "aux=minc", "aux.share=-1", "hydra.run.dir=/tmp/minc_rl_never_made")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "minc_rl.train: error: aux.coef must be a finite number >= 0; got -1"
+        "minc_rl.train: error: aux.share must be in [0, 1); got -1"
     )
     assert not Path("/tmp/minc_rl_never_made/checkpoints").exists()
 
@@ -278,7 +280,7 @@ def test_dqn_on_minatar_with_wandb_offline(tmp_path):
     assert pd.read_csv(run_dir / "evaluations.csv").split.tolist() == ["test", "test"]
     assert (run_dir / "checkpoints" / "replay_buffer.pkl").exists()
     model = MincDQN.load(run_dir / "checkpoints" / "step_000000000600.zip", device="cpu")
-    assert model.num_timesteps == 600 and model.minc_extractor.aux_loss.steps > 0
+    assert model.num_timesteps == 600 and model.aux_learner.loss.steps > 0
 
     (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
     records = wandb_records(next(offline_run.glob("run-*.wandb")))
@@ -386,7 +388,7 @@ def test_encoder_init_loads_a_pretrained_encoder_and_refuses_a_mismatched_one(tm
         "total_steps=128", *TINY_PPO, "eval.every=1000", "eval.episodes=1", "eval.n_envs=1",
         f"hydra.run.dir={tmp_path / 'run'}",
     )  # fmt: skip
-    encoder = MincPPO.load(tmp_path / "run" / "checkpoints" / "step_000000000128.zip", device="cpu").minc_extractor.encoder
+    encoder = MincPPO.load(tmp_path / "run" / "checkpoints" / "step_000000000128.zip", device="cpu").aux_extractor.encoder
     for name, weight in pretrained.state_dict().items():
         torch.testing.assert_close(encoder.state_dict()[name], weight, rtol=0, atol=0)
 

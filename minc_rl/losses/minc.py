@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from minc_rl.losses._common import check_pair, distributed_world
@@ -35,6 +36,13 @@ def minc_loss_given_cov(
 class MINCLoss(nn.Module):
     """Mutual Information Non-Contrastive loss (Guo et al. 2025) with a bias-corrected EMA Lambda.
 
+    With `normalize=True` (default) each row of a and b is first projected onto the unit sphere,
+    a_hat = a / ||a||, as the spectral loss's official code does with mu = 1 for rows outside the ball; the
+    contract below then holds for (a_hat, b_hat), and autograd carries dl/da_hat through the projection. So the
+    value stays in [-2, 1] and the gradient O(1) whatever the dimension d, and shrinking the embeddings cannot
+    lower the loss (the collapse the unnormalised loss allowed: embeddings -> 0, Lambda -> 0). Lambda is then
+    the second moment of the unit rows (trace 1). `normalize=False` is the poster's loss on raw embeddings.
+
     Lambda_t = S_t / (1 - (1 - ema)^t), S_t = (1 - ema) S_{t-1} + ema * C_batch, where C_batch is the
     batch second moment of the embeddings (both views when symmetric), all-reduced under DDP when
     `gather_distributed=True`. The current batch is folded in before the loss; Lambda only moves in
@@ -49,6 +57,7 @@ class MINCLoss(nn.Module):
         lower_triangular: bool = True,
         symmetric: bool = True,
         gather_distributed: bool = False,
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
@@ -62,6 +71,7 @@ class MINCLoss(nn.Module):
         self.lower_triangular = lower_triangular
         self.symmetric = symmetric
         self.gather_distributed = gather_distributed
+        self.normalize = normalize
         self.register_buffer("ema_sum", torch.zeros(dim, dim, dtype=torch.float32))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
@@ -69,7 +79,7 @@ class MINCLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, ema={self.ema}, lower_triangular={self.lower_triangular}, "
-            f"symmetric={self.symmetric}, gather_distributed={self.gather_distributed}"
+            f"symmetric={self.symmetric}, gather_distributed={self.gather_distributed}, normalize={self.normalize}"
         )
 
     @property
@@ -98,6 +108,8 @@ class MINCLoss(nn.Module):
                 f"MINCLoss was built for dim={self.dim}; got embeddings of shape {tuple(a.shape)}"
             )
         with torch.autocast(device_type=a.device.type, enabled=False):
+            if self.normalize:
+                a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
             if self.training:
                 moment = self._batch_moment(a, b, all_reduce=True)  # every rank joins, finite or not
                 if not torch.isfinite(moment).all():

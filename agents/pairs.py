@@ -1,0 +1,119 @@
+"""Pairs (o_t, o_t+1) from SB3's rollout buffers: which sample follows which, shared by MincPPO and MincAuxCallback."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
+
+Observations = np.ndarray | dict[str, np.ndarray]
+
+
+def observations_to_torch(buffer: Any, observations: Observations) -> th.Tensor | dict[str, th.Tensor]:
+    """An observation array, or a dict of them, as tensors on the buffer's device."""
+    if isinstance(observations, dict):
+        return {key: buffer.to_torch(value) for key, value in observations.items()}
+    return buffer.to_torch(observations)
+
+
+def rollout_successors(episode_starts: np.ndarray, last_episode_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Successor index and pair validity of every sample of SB3's flattened rollout buffer.
+
+    `RolloutBuffer.get` flattens (n_steps, n_envs) env-major (`swap_and_flatten`): flat index i = env * n_steps + t.
+    The successor of (t, env) is flat index i + 1 while t < n_steps - 1, a valid pair when
+    episode_starts[t + 1, env] == 0; for the last step it is n_steps * n_envs + env, i.e. row `env` of the
+    observations after the rollout, valid when last_episode_starts[env] == 0 (the env did not just reset).
+    """
+    n_steps, n_envs = episode_starts.shape
+    step = np.arange(n_steps)[None, :]
+    env = np.arange(n_envs)[:, None]
+    flat = env * n_steps + step
+    successor = np.where(step < n_steps - 1, flat + 1, n_steps * n_envs + env)
+    next_starts = np.concatenate([episode_starts[1:], np.reshape(last_episode_starts, (1, n_envs))])
+    valid = next_starts.T == 0
+    return successor.ravel(), valid.ravel()
+
+
+def gather_successors(flat_observations: np.ndarray, after_observations: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Observations at `index` into flat_observations followed by after_observations (without concatenating them)."""
+    inside = index < len(flat_observations)
+    out = np.empty((len(index), *flat_observations.shape[1:]), dtype=flat_observations.dtype)
+    out[inside] = flat_observations[index[inside]]
+    out[~inside] = after_observations[index[~inside] - len(flat_observations)]
+    return out
+
+
+def sample_rollout_pairs(
+    buffer: RolloutBuffer | DictRolloutBuffer,
+    after_observations: Observations,
+    last_episode_starts: np.ndarray,
+    count: int,
+) -> tuple[Observations, Observations] | None:
+    """Up to `count` random valid pairs of a full rollout buffer that is not flattened yet (n_steps, n_envs, ...);
+    None when the rollout holds no valid pair."""
+    successor, valid = rollout_successors(buffer.episode_starts, last_episode_starts)
+    candidates = np.flatnonzero(valid)
+    if len(candidates) == 0:
+        return None
+    flat = np.random.choice(candidates, size=min(count, len(candidates)), replace=False)
+    following = successor[flat]
+    n_steps, n_envs = buffer.episode_starts.shape
+    inside = following < n_steps * n_envs
+
+    def pairs_of(observations: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        nexts = np.empty((len(flat), *observations.shape[2:]), dtype=observations.dtype)
+        nexts[inside] = observations[following[inside] % n_steps, following[inside] // n_steps]
+        nexts[~inside] = after[following[~inside] - n_steps * n_envs]
+        return observations[flat % n_steps, flat // n_steps], nexts
+
+    if isinstance(buffer.observations, dict):
+        both = {key: pairs_of(value, after_observations[key]) for key, value in buffer.observations.items()}
+        return {k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()}
+    return pairs_of(buffer.observations, after_observations)
+
+
+class IndexedSamples(NamedTuple):
+    """SB3's RolloutBufferSamples / DictRolloutBufferSamples fields, plus the minibatch's flat buffer indices."""
+
+    observations: th.Tensor | dict[str, th.Tensor]
+    actions: th.Tensor
+    old_values: th.Tensor
+    old_log_prob: th.Tensor
+    advantages: th.Tensor
+    returns: th.Tensor
+    indices: np.ndarray
+
+
+class PairsMixin:
+    """A rollout buffer whose minibatches carry their indices, so that each sample's successor can be found."""
+
+    def compute_returns_and_advantage(self, last_values: th.Tensor, dones: np.ndarray) -> None:
+        super().compute_returns_and_advantage(last_values, dones)  # type: ignore[misc]
+        # SB3 passes `dones` = whether the observations after the rollout start new episodes
+        self.successors = rollout_successors(self.episode_starts, dones)  # type: ignore[attr-defined]
+
+    def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> IndexedSamples:
+        return IndexedSamples(*super()._get_samples(batch_inds, env), indices=batch_inds)  # type: ignore[misc]
+
+    def successor_pairs(self, indices: np.ndarray, after_observations: Observations, count: int) -> tuple[np.ndarray, Any]:
+        """Positions in `indices` whose successor is in the same episode (the first `count`), and those successors
+        as tensors. For use during `get` (the buffer is flattened then); after_observations follow the rollout."""
+        successor, valid = self.successors
+        rows = np.flatnonzero(valid[indices])[:count]
+        index = successor[indices[rows]]
+        observations = self.observations  # type: ignore[attr-defined]
+        if isinstance(observations, dict):
+            following = {k: gather_successors(v, after_observations[k], index) for k, v in observations.items()}
+        else:
+            following = gather_successors(observations, after_observations, index)
+        return rows, observations_to_torch(self, following)
+
+
+class PairRolloutBuffer(PairsMixin, RolloutBuffer):
+    """SB3's RolloutBuffer with minibatch indices and successors (MincPPO's default for Box observations)."""
+
+
+class PairDictRolloutBuffer(PairsMixin, DictRolloutBuffer):
+    """SB3's DictRolloutBuffer with minibatch indices and successors (MincPPO's default for Dict observations)."""
