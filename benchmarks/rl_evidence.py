@@ -264,6 +264,53 @@ def aggregate_suite(runs: Runs, suite: str, last: int) -> dict[str, Any]:
     return {"suite": suite, "splits": splits, "last_evaluations": last, "games": games}
 
 
+def area_under_curve(run: dict[str, Any]) -> float:
+    """A run's area under the learning curve: the mean of all its evaluation returns (splits averaged)."""
+    return float(np.mean([np.mean([r for _, r in curve]) for curve in run["curves"].values()]))
+
+
+def calibration(runs: Runs) -> dict[str, Any]:
+    """README_rl_evidence.md's calibration rule: each variant's AUC over aux=none's at the same seed (normalised
+    score) per game, and per loss the chosen setting (>= 0.9 on every game, then the best mean; ties within 0.02
+    to the cheaper setting, CALIBRATION_SETTINGS' order)."""
+    scores: dict[str, dict[str, float]] = {}
+    for game, by_variant in runs.items():
+        base = {r["summary"]["seed"]: area_under_curve(r) for r in by_variant.get("none", [])}
+        for variant, group in by_variant.items():
+            ratios = [area_under_curve(r) / base[r["summary"]["seed"]] for r in group if base.get(r["summary"]["seed"])]
+            if ratios:
+                scores.setdefault(variant, {})[game] = float(np.mean(ratios))
+    choices = {}
+    for loss in CALIBRATED_LOSSES:
+        candidates = [(name, scores[f"{loss}-{name}"]) for name in CALIBRATION_SETTINGS
+                      if set(scores.get(f"{loss}-{name}", {})) == set(runs)]
+        if len(candidates) < len(CALIBRATION_SETTINGS):
+            continue  # the grid is not complete for this loss yet
+        qualified = [(name, score) for name, score in candidates if min(score.values()) >= 0.9]
+        pool, criterion = (qualified, np.mean) if qualified else (candidates, np.min)
+        best = max(criterion(list(score.values())) for _, score in pool)
+        chosen = next(name for name, score in pool if criterion(list(score.values())) >= best - 0.02)
+        choices[loss] = {"setting": chosen, "overrides": CALIBRATION_SETTINGS[chosen], "met_bar": bool(qualified),
+                         "mean_score": float(np.mean(list(scores[f"{loss}-{chosen}"].values())))}
+    return {"games": sorted(runs), "normalised_auc": scores, "choices": choices}
+
+
+def calibration_table(result: dict[str, Any]) -> str:
+    """Every tried setting's normalised AUC per game, and the choice per loss."""
+    games = result["games"]
+    lines = ["| variant | " + " | ".join(games) + " | mean |", "|---|" + "---|" * (len(games) + 1)]
+    for variant, score in result["normalised_auc"].items():
+        cells = [f"{score[g]:.2f}" if g in score else "-" for g in games]
+        mean = f"{np.mean(list(score.values())):.2f}" if len(score) == len(games) else "-"
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {mean} |")
+    notes = [f"{loss}: {c['setting']} ({' '.join(c['overrides'])}), mean normalised AUC {c['mean_score']:.2f}"
+             + ("" if c["met_bar"] else "; no setting kept >= 0.9 of aux=none's AUC on every game")
+             for loss, c in result["choices"].items()]
+    notes = notes or ["no loss has its complete grid yet"]
+    return "\n".join(lines) + "\n\nNormalised AUC: mean evaluation return over the run / aux=none's, same seed.\n" + \
+        "\n".join(f"- chosen for {note}" for note in notes) + "\n"
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """The suite's results as markdown: one row per game and aux, a note on budgets and Cobbe et al. 2020."""
     splits = result["splits"]
@@ -389,6 +436,16 @@ def aggregate(args: argparse.Namespace) -> None:
         atomic_write(args.results / f"{suite}.json", lambda tmp: Path(tmp).write_text(text))
         for path in [*plot_curves(runs, args.results, suite), *plot_training(runs, args.results, suite)]:
             print(f"wrote {path}")
+        if "none" in {v for by_variant in runs.values() for v in by_variant} and any(
+            f"{loss}-{name}" in by_variant for by_variant in runs.values()
+            for loss in CALIBRATED_LOSSES for name in CALIBRATION_SETTINGS
+        ):
+            chosen = calibration(runs)
+            text = calibration_table(chosen)
+            print(f"## {suite} calibration\n\n{text}")
+            atomic_write(args.results / f"{suite}_calibration.md", lambda tmp: Path(tmp).write_text(text))
+            data = json.dumps(chosen, indent=2) + "\n"
+            atomic_write(args.results / f"{suite}_calibration.json", lambda tmp: Path(tmp).write_text(data))
     if not found:
         raise ValueError(f"no runs under {args.results}: expected <suite>/<game>/<aux>/seed<k>/summary.json "
                          f"for a suite in {', '.join(SUITES)} (written by `run`)")

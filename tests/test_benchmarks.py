@@ -1,0 +1,57 @@
+"""The calibration rule of benchmarks/rl_evidence.py (README_rl_evidence.md) on hand-built runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import rl_evidence  # noqa: E402
+
+
+def fake_run(seed: int, returns: list[float]) -> dict:
+    """A run as load_runs returns it: evaluation returns at steps 1000, 2000, ..."""
+    return {"summary": {"seed": seed}, "curves": {"test": [(1000 * (i + 1), r) for i, r in enumerate(returns)]}}
+
+
+def grid_runs(areas: dict[str, dict[str, float]]) -> dict:
+    """game -> variant -> [one run whose evaluation returns average to the given area]."""
+    return {game: {variant: [fake_run(100, [area - 1, area + 1])] for variant, area in by_variant.items()}
+            for game, by_variant in areas.items()}
+
+
+def full_grid(loss: str, scores: dict[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
+    """Areas on two games for aux=none (2.0 and 10.0) and each of `loss`'s settings (normalised scores given)."""
+    areas = {"breakout": {"none": 2.0}, "space_invaders": {"none": 10.0}}
+    for name, (first, second) in scores.items():
+        areas["breakout"][f"{loss}-{name}"] = 2.0 * first
+        areas["space_invaders"][f"{loss}-{name}"] = 10.0 * second
+    return areas
+
+
+def test_area_under_curve_is_the_mean_evaluation_return():
+    assert rl_evidence.area_under_curve(fake_run(0, [1.0, 2.0, 6.0])) == pytest.approx(3.0)
+
+
+def test_calibration_picks_the_best_mean_among_settings_that_keep_090_everywhere():
+    scores = {"joint-s0.1": (1.00, 0.95), "joint-s0.3": (1.30, 0.85), "separate-lr1e-4": (1.10, 1.05),
+              "decoupled-lr1e-3": (1.12, 1.04)}
+    result = rl_evidence.calibration(grid_runs(full_grid("minc", scores)))
+    assert result["normalised_auc"]["minc-joint-s0.3"] == pytest.approx({"breakout": 1.3, "space_invaders": 0.85})
+    # joint-s0.3 has the best mean (1.075) but 0.85 < 0.9 on space_invaders; separate (1.075) and decoupled (1.08)
+    # tie within 0.02, and separate is cheaper
+    choice = result["choices"]["minc"]
+    assert (choice["setting"], choice["met_bar"]) == ("separate-lr1e-4", True)
+    assert choice["overrides"] == ["aux.mode=separate", "aux.lr=1e-4"]
+    assert "spectral" not in result["choices"]  # its grid is not complete
+
+
+def test_calibration_falls_back_to_the_least_harmful_setting():
+    scores = {"joint-s0.1": (0.80, 0.70), "joint-s0.3": (1.20, 0.20), "separate-lr1e-4": (0.85, 0.60),
+              "decoupled-lr1e-3": (0.10, 0.10)}
+    choice = rl_evidence.calibration(grid_runs(full_grid("spectral", scores)))["choices"]["spectral"]
+    assert (choice["setting"], choice["met_bar"]) == ("joint-s0.1", False)  # the highest minimum score, 0.70
+    table = rl_evidence.calibration_table(rl_evidence.calibration(grid_runs(full_grid("spectral", scores))))
+    assert "no setting kept >= 0.9 of aux=none's AUC on every game" in table and "| spectral-joint-s0.3 | 1.20 | 0.20 | 0.70 |" in table
