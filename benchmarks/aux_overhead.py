@@ -1,9 +1,15 @@
-"""Env steps/s of MincPPO (aux none / minc / spectral) and stock SB3 PPO with the same encoder, interleaved.
+"""Env steps/s of MincPPO / MincDQN (aux none, minc in every mode, spectral) and stock SB3 with the same encoder,
+interleaved.
 
-    python benchmarks/aux_overhead.py                        # Nature and IMPALA CNN, 3 rounds (long on a CPU)
-    python benchmarks/aux_overhead.py --rounds 5 --impala-rounds 1 --impala-warmup 0 --threads 1   # README's run
+    python benchmarks/aux_overhead.py                        # PPO: Nature and IMPALA CNN, 3 rounds (long on a CPU)
+    python benchmarks/aux_overhead.py --rounds 5 --impala-rounds 1 --impala-warmup 0 --threads 1   # docs' run
     python benchmarks/aux_overhead.py --train-only --encoders nature --rounds 8 --threads 1   # the update alone
+    python benchmarks/aux_overhead.py --agent dqn --rounds 5 --threads 1   # DQN on MinAtar breakout
     python benchmarks/aux_overhead.py --quick                # smoke run, a few seconds
+
+DQN (--agent dqn): MinAtar breakout with the MinAtar CNN, Young and Tian's batch 32 and one update per step;
+each round times --dqn-steps env steps (each with one gradient step) per variant, after 1,000 warm-up steps
+that fill the replay buffer (learning_starts) and a first update; --out defaults to results/aux_overhead_dqn.json.
 
 procgen coinrun, 64 envs. Each PPO iteration is one rollout of n_steps x 64 env steps and n_epochs passes over
 it in minibatches of --batch-size (2048, 3 epochs: the per-sample work of Cobbe et al. 2020's PPO, whose
@@ -31,44 +37,51 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from minc_rl.envs import make_vec_env  # noqa: E402  (first: it mutes legacy gym's notice before SB3 imports gym)
 import torch  # noqa: E402
-from minc_rl.agents import MincPPO  # noqa: E402
-from stable_baselines3 import PPO  # noqa: E402
+from minc_rl.agents import MincDQN, MincPPO  # noqa: E402
+from stable_baselines3 import DQN, PPO  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from minc_rl import MincExtractor  # noqa: E402
 from minc_rl.io import atomic_write  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-# name -> (aux, aux_batch); None marks stock SB3 PPO
+# name -> the aux settings (minc_rl.agents.AuxConfig); None marks stock SB3 PPO / DQN
 VARIANTS = {
     "stock": None,
-    "none": ("none", 256),
-    "minc": ("minc", 256),
-    "spectral": ("spectral", 256),
-    "minc@2048": ("minc", 2048),
-    "spectral@2048": ("spectral", 2048),
+    "none": dict(name="none"),
+    "minc": dict(name="minc"),
+    "minc-separate": dict(name="minc", mode="separate"),
+    "minc-decoupled": dict(name="minc", mode="decoupled"),
+    "spectral": dict(name="spectral"),
+    "minc@2048": dict(name="minc", batch=2048),
+    "spectral@2048": dict(name="spectral", batch=2048),
 }
 
 
 def build(variant: str, encoder: str, args: argparse.Namespace):
-    """The PPO model of `variant` on its own 64 coinrun envs (same seed for all)."""
+    """The model of `variant` on its own envs (same seed for all): PPO on 64 coinrun envs or DQN on MinAtar."""
+    policy_kwargs = dict(features_extractor_class=MincExtractor, features_extractor_kwargs=dict(encoder=encoder),
+                         net_arch=[])
+    if args.agent == "dqn":
+        env = make_vec_env("minatar:breakout", 1, seed=0)
+        dqn = dict(batch_size=32, learning_starts=1000, train_freq=1, buffer_size=100_000, seed=0, device=args.device)
+        if VARIANTS[variant] is None:
+            return DQN("CnnPolicy", env, policy_kwargs=policy_kwargs, **dqn)
+        return MincDQN("CnnPolicy", env, aux=VARIANTS[variant], encoder=encoder, **dqn)
     env = make_vec_env("procgen:coinrun", args.n_envs, seed=0, num_threads=0)
     ppo = dict(n_steps=args.n_steps, batch_size=args.batch_size, n_epochs=args.n_epochs, seed=0, device=args.device)
     if VARIANTS[variant] is None:
-        extractor = dict(aux="none", encoder=encoder)
-        policy_kwargs = dict(features_extractor_class=MincExtractor, features_extractor_kwargs=extractor, net_arch=[])
         return PPO("CnnPolicy", env, policy_kwargs=policy_kwargs, **ppo)
-    aux, aux_batch = VARIANTS[variant]
-    return MincPPO("CnnPolicy", env, aux=aux, aux_batch=aux_batch, encoder=encoder, **ppo)
+    return MincPPO("CnnPolicy", env, aux=VARIANTS[variant], encoder=encoder, **ppo)
 
 
 def measure(encoder: str, rounds: int, warmup: int, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     """Env steps per wall-clock and per CPU second of every variant, `iterations` PPO iterations per variant per
     round, after `warmup` untimed iterations (the first one also resets the envs)."""
     models = {name: build(name, encoder, args) for name in args.variants}
-    steps = args.n_steps * args.n_envs
+    steps = args.dqn_steps if args.agent == "dqn" else args.n_steps * args.n_envs
     for model in models.values():
-        model.learn(warmup * steps)
+        model.learn(1001 if args.agent == "dqn" else warmup * steps)
     names = list(models)
     sps = {name: {"wall": [], "cpu": []} for name in names}
     for round_ in tqdm(range(rounds), desc=encoder):
@@ -115,8 +128,10 @@ def plot(results: dict, path: Path) -> None:
                    width, color=color, label=f"{clock.replace('_', ' ')} clock")
         ax.set_xticks(range(len(names)), names)
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.axhline(1.25, color="tab:red", lw=0.8, ls="--", label="goal for minc: 1.25x")
-        ax.set_title(f"{encoder} CNN, procgen coinrun x{results['config']['n_envs']}")
+        ax.axhline(1.25, color="tab:red", lw=0.8, ls="--", label="goal for minc (default mode): 1.25x")
+        config = results["config"]
+        ax.set_title(f"{encoder} CNN, " + ("MinAtar breakout DQN" if config["agent"] == "dqn"
+                                          else f"procgen coinrun x{config['n_envs']}"))
         ax.set_ylabel("time per env step / aux=none")
         ax.tick_params(axis="x", rotation=30)
         ax.legend(fontsize=8)
@@ -127,7 +142,10 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoders", nargs="+", default=["nature", "impala"], choices=["nature", "impala"])
+    parser.add_argument("--agent", choices=["ppo", "dqn"], default="ppo")
+    parser.add_argument("--encoders", nargs="+", default=None, choices=["nature", "impala", "minatar"],
+                        help="default: nature and impala (PPO), minatar (DQN)")
+    parser.add_argument("--dqn-steps", type=int, default=1000, help="DQN: env steps per variant per timed round")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3, help="timed iterations per variant (median reported)")
     parser.add_argument("--impala-rounds", type=int, default=None, help="rounds for IMPALA (default: --rounds)")
@@ -147,10 +165,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: Nature CNN, 8 envs, tiny rollouts")
     parser.add_argument("--out", type=Path, default=None, help="default: results/aux_overhead[_train_only].json")
     args = parser.parse_args()
-    args.out = args.out or RESULTS / f"aux_overhead{'_train_only' if args.train_only else ''}.json"
+    suffix = "_dqn" if args.agent == "dqn" else "_train_only" if args.train_only else ""
+    args.out = args.out or RESULTS / f"aux_overhead{suffix}.json"
+    args.encoders = args.encoders or (["minatar"] if args.agent == "dqn" else ["nature", "impala"])
+    if args.agent == "dqn" and args.train_only:
+        parser.error("--train-only times PPO's update; DQN's rounds are one gradient step per env step already")
     if args.quick:
-        args.encoders, args.n_envs, args.n_steps, args.batch_size, args.n_epochs, args.rounds = (
-            ["nature"], 8, 16, 64, 1, 1)
+        args.n_envs, args.n_steps, args.batch_size, args.n_epochs, args.rounds, args.dqn_steps = 8, 16, 64, 1, 1, 50
+        args.encoders = ["minatar"] if args.agent == "dqn" else ["nature"]
         args.variants = [v for v in args.variants if "2048" not in v]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,10 +190,15 @@ def main() -> None:
         sps = measure(encoder, rounds, warmup, args)
         results["encoders"][encoder] = {"rounds": rounds, "warmup": warmup, "steps_per_s": sps, "summary": ratios(sps)}
 
-    print(f"\nprocgen coinrun x{args.n_envs}, n_steps={args.n_steps}, batch_size={args.batch_size}, "
-          f"n_epochs={args.n_epochs}, torch threads={torch.get_num_threads()}, device={args.device}")
+    if args.agent == "dqn":
+        print(f"\nMinAtar breakout DQN, batch 32, one update per step, {args.dqn_steps} steps per round, "
+              f"torch threads={torch.get_num_threads()}, device={args.device}")
+    else:
+        print(f"\nprocgen coinrun x{args.n_envs}, n_steps={args.n_steps}, batch_size={args.batch_size}, "
+              f"n_epochs={args.n_epochs}, torch threads={torch.get_num_threads()}, device={args.device}")
     print("steps/s: median over rounds (wall clock, CPU time of this process) and the best wall-clock round;")
-    print("vs stock: speed relative to stock SB3 PPO; vs none: time per env step relative to MincPPO(aux='none')")
+    agent = args.agent.upper()
+    print(f"vs stock: speed relative to stock SB3 {agent}; vs none: time per env step relative to Minc{agent}(aux='none')")
     header = ["encoder", "variant", "wall", "wall best", "cpu", "vs stock wall", "vs stock cpu",
               "vs none wall", "vs none best", "vs none cpu"]
     print(f"{header[0]:8} {header[1]:14}" + "".join(f"{h:>14}" for h in header[2:]))
