@@ -50,9 +50,9 @@ from minc_rl.losses import (  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 UNCLIPPED_MU = 1e6  # no 64-d BN embedding reaches norm 1000, so mu * SCL(mu) is the formula without clipping
-LOSSES = {
-    "minc": lambda: MINCLoss(64),
-    "minc_full_lambda": lambda: MINCLoss(64, lower_triangular=False),
+LOSSES = {  # MINC on raw embeddings, as results/grad_variance.json was measured (its unit-row default came later)
+    "minc": lambda: MINCLoss(64, normalize=False),
+    "minc_full_lambda": lambda: MINCLoss(64, lower_triangular=False, normalize=False),
     "spectral": lambda: SpectralContrastiveLoss(),  # the official loss: rows clipped to the unit sphere
     "spectral_unclipped": lambda: lambda a, b: UNCLIPPED_MU * spectral_contrastive_loss(a, b, mu=UNCLIPPED_MU),
     "infonce": lambda: InfoNCELoss(),
