@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -25,7 +27,8 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.preprocessing import is_image_space_channels_first, preprocess_obs
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor
 from stable_baselines3.common.utils import polyak_update
 from torch import nn
 from torch.nn import functional as F
@@ -126,6 +129,13 @@ class AuxLearner(nn.Module):
         self.normalize_images = normalize_images
         self.channels_last = config.augment == "shift" and not is_image_space_channels_first(observation_space)
         object.__setattr__(self, "extractor", extractor)  # the policy's module: not a submodule of this one
+        if not any(p.requires_grad for p in extractor.parameters()):
+            warnings.warn(
+                f"the features extractor {type(extractor).__name__} has no trainable parameters: the aux loss trains "
+                "its projection head only and leaves the policy's representation as it is; give the policy an "
+                "extractor that learns (MincExtractor, the default of MlpPolicy / CnnPolicy, or your own)",
+                stacklevel=2,
+            )
         with th.random.fork_rng(devices=[]):  # the seed's RL run stays as it is without the aux loss
             self.head = ProjectionHead(extractor.features_dim, config.dim, config.head_hidden)
         self.loss = config.build_loss()
@@ -202,11 +212,11 @@ class AuxLearner(nn.Module):
         g_aux = aux_input.grad if aux_input.grad is not None else th.zeros_like(aux_input)
         if self.config.mode == "joint":
             scale = self._joint_scale(g_rl, g_aux)
-            th.autograd.backward([features, aux_features], [g_rl, scale * g_aux])
+            _backward_into_encoder([features, aux_features], [g_rl, scale * g_aux])
             self._rl_step(optimizer, parameters, max_grad_norm)
         else:  # decoupled: the RL step leaves the encoder alone (its gradient is None), then the aux step moves it
             self._rl_step(optimizer, parameters, max_grad_norm)
-            aux_features.backward(g_aux)
+            _backward_into_encoder([aux_features], [g_aux])
             self._log_share(th.zeros(()), g_aux.norm(), g_rl.norm(), g_aux.norm())
         if aux_loss is not None:
             self._aux_step()
@@ -271,6 +281,14 @@ class AuxLearner(nn.Module):
         self._reset_statistics()
 
 
+def _backward_into_encoder(outputs: list[th.Tensor], grads: list[th.Tensor]) -> None:
+    """Backpropagate these gradients at the encoder's outputs into the encoder; an encoder without trainable
+    parameters (SB3's FlattenExtractor, a CombinedExtractor of vectors) has no graph to take them."""
+    taken = [(output, grad) for output, grad in zip(outputs, grads) if output.requires_grad]
+    if taken:
+        th.autograd.backward([output for output, _ in taken], [grad for _, grad in taken])
+
+
 def _output_grad_norm(tensor: th.Tensor) -> list[th.Tensor]:
     """A list that receives the norm of `tensor`'s gradient when backward reaches it (zero until then)."""
     norm = [th.zeros((), device=tensor.device)]
@@ -285,18 +303,33 @@ class MincAuxMixin:
     the aux statistics when SB3 writes its logs. Subclasses define `aux_extractor` and `_aux_network` (the network
     whose observation space and image normalisation the extractor sees)."""
 
-    def _init_aux(self, aux: str | AuxConfig | Mapping[str, Any], encoder: str, sb3_kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Check and store the aux settings; return sb3_kwargs with MincExtractor(encoder) as the default extractor."""
+    def _init_aux(
+        self, policy: str | type[BasePolicy], aux: str | AuxConfig | Mapping[str, Any], encoder: str,
+        sb3_kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Check and store the aux settings; return sb3_kwargs with MincExtractor(encoder) as the default extractor
+        of single-observation policies (MlpPolicy, CnnPolicy). MultiInputPolicy keeps SB3's CombinedExtractor."""
         self.aux = AuxConfig.of(aux)
         check_choice("encoder", encoder, ENCODER_CHOICES)
         kwargs = dict(sb3_kwargs.get("policy_kwargs") or {})
-        if "features_extractor_class" not in kwargs:
-            kwargs["features_extractor_class"] = MincExtractor
+        policy_class = self._get_policy_from_name(policy) if isinstance(policy, str) else policy  # type: ignore
+        default = getattr(inspect.signature(policy_class).parameters.get("features_extractor_class"), "default", None)
+        multi_input = isinstance(default, type) and issubclass(default, CombinedExtractor)
+        extractor_class = kwargs.get("features_extractor_class")
+        if extractor_class is None and not multi_input:
+            extractor_class = kwargs["features_extractor_class"] = MincExtractor
             kwargs["features_extractor_kwargs"] = {"encoder": encoder, **kwargs.get("features_extractor_kwargs", {})}
             kwargs.setdefault("net_arch", [])  # linear heads on the encoder, like SB3's CnnPolicy on NatureCNN
         elif encoder != "auto":
-            raise ValueError(f"encoder={encoder!r} picks MincExtractor's encoder, but policy_kwargs sets "
-                             f"features_extractor_class={kwargs['features_extractor_class'].__name__}; drop one")
+            chosen = (f"policy_kwargs sets features_extractor_class={extractor_class.__name__}" if extractor_class
+                      else f"{policy_class.__name__} keeps SB3's {default.__name__} for dict observations")
+            raise ValueError(f"encoder={encoder!r} picks MincExtractor's encoder, but {chosen}; drop one")
+        if isinstance(extractor_class, type) and issubclass(extractor_class, MincExtractor) and (
+            kwargs.get("normalize_images") is False
+        ):  # SB3's rule for NatureCNN and CombinedExtractor (BasePolicy.__init__): images the policy does not
+            # scale are taken as normalised already, so the image dtype and bounds checks are off
+            extractor_kwargs = kwargs.get("features_extractor_kwargs", {})
+            kwargs["features_extractor_kwargs"] = {"normalized_image": True, **extractor_kwargs}
         return {**sb3_kwargs, "policy_kwargs": kwargs}
 
     def _setup_model(self) -> None:
@@ -339,6 +372,11 @@ class MincAuxMixin:
         return [*super()._excluded_save_params(), "aux_learner"]  # type: ignore[misc]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        # The aux state is saved beside the policy's, so that save / load, get_parameters / set_parameters and a
+        # resumed run keep it. It holds integer tensors (MINC's step and skip counts for Lambda's bias correction,
+        # BatchNorm's num_batches_tracked in the head): counters, exact as integers, as in any torch state_dict with
+        # BatchNorm, a stock SB3 policy's included. Code that treats every state_dict entry as float (SB3's
+        # test_save_load draws th.rand_like of each) fails on them as it does on a BatchNorm policy.
         state_dicts, variables = super()._get_torch_save_params()  # type: ignore[misc]
         if self.aux.name != "none":
             state_dicts = [*state_dicts, "aux_learner", "aux_learner.optimizer"]

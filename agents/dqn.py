@@ -40,7 +40,7 @@ class MincDQN(MincAuxMixin, DQN):
         encoder: str = "auto",
         **sb3_kwargs: Any,
     ) -> None:
-        super().__init__(policy, env, **self._init_aux(aux, encoder, sb3_kwargs))
+        super().__init__(policy, env, **self._init_aux(policy, aux, encoder, sb3_kwargs))
 
     @property
     def aux_extractor(self) -> BaseFeaturesExtractor:

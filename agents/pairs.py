@@ -36,12 +36,19 @@ def rollout_successors(episode_starts: np.ndarray, last_episode_starts: np.ndarr
     return successor.ravel(), valid.ravel()
 
 
+def _as_stored(observations: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A VecEnv's observations laid out as SB3's rollout buffers store them (`add` reshapes Discrete ones, which
+    arrive as (n_envs,), to (n_envs, 1))."""
+    return np.reshape(observations, (len(observations), *shape))
+
+
 def gather_successors(flat_observations: np.ndarray, after_observations: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Observations at `index` into flat_observations followed by after_observations (without concatenating them)."""
     inside = index < len(flat_observations)
     out = np.empty((len(index), *flat_observations.shape[1:]), dtype=flat_observations.dtype)
     out[inside] = flat_observations[index[inside]]
-    out[~inside] = after_observations[index[~inside] - len(flat_observations)]
+    after = _as_stored(after_observations, flat_observations.shape[1:])
+    out[~inside] = after[index[~inside] - len(flat_observations)]
     return out
 
 
@@ -65,7 +72,7 @@ def sample_rollout_pairs(
     def pairs_of(observations: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         nexts = np.empty((len(flat), *observations.shape[2:]), dtype=observations.dtype)
         nexts[inside] = observations[following[inside] % n_steps, following[inside] // n_steps]
-        nexts[~inside] = after[following[~inside] - n_steps * n_envs]
+        nexts[~inside] = _as_stored(after, observations.shape[2:])[following[~inside] - n_steps * n_envs]
         return observations[flat % n_steps, flat // n_steps], nexts
 
     if isinstance(buffer.observations, dict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gymnasium as gym
 import torch
-from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first
+from stable_baselines3.common.preprocessing import get_flattened_obs_dim, is_image_space, is_image_space_channels_first
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 from minc_rl.checks import check_choice
@@ -13,10 +13,21 @@ from minc_rl.encoders import ENCODERS, NATURE_MIN_SIZE, build_encoder
 ENCODER_CHOICES = ("auto", *ENCODERS)
 
 
+class NotAnImageError(ValueError, AssertionError):
+    """A CNN encoder on observations that are not images as SB3 defines them. A ValueError, and an AssertionError
+    as SB3's NatureCNN raises in the same case, so code written against SB3's CnnPolicy catches it too."""
+
+
 def encoder_input_shape(observation_space: gym.Space) -> tuple[int, ...]:
-    """Shape the encoder sees: (C, H, W) for 3-D boxes (channels-last ones are transposed), else the flat shape."""
+    """Shape the encoder sees: (C, H, W) for 3-D boxes (channels-last ones are transposed), the box's shape for
+    other boxes, and for Discrete / MultiDiscrete / MultiBinary the size of SB3's one-hot preprocessing."""
+    if isinstance(observation_space, gym.spaces.Dict):
+        raise ValueError(
+            f"MincExtractor encodes a single observation; got {observation_space}. For Dict observations use "
+            "MultiInputPolicy (SB3's CombinedExtractor, which MincPPO / MincDQN keep) or your own extractor"
+        )
     if not isinstance(observation_space, gym.spaces.Box):
-        raise ValueError(f"MincExtractor needs a Box observation space; got {observation_space}")
+        return (int(get_flattened_obs_dim(observation_space)),)
     shape = tuple(int(s) for s in observation_space.shape)
     if len(shape) == 3 and not is_image_space_channels_first(observation_space):
         return (shape[2], shape[0], shape[1])
@@ -39,7 +50,9 @@ class MincExtractor(BaseFeaturesExtractor):
 
     The auxiliary loss does not live here: MincPPO, MincDQN and MincAuxCallback attach their projection head and
     loss to whatever features extractor the policy has; this one is their convenient default. Images arrive
-    scaled to [0, 1] by SB3's preprocessing; channels-last boxes are transposed here.
+    scaled to [0, 1] by SB3's preprocessing; channels-last boxes are transposed here. Discrete, MultiDiscrete and
+    MultiBinary observations arrive one-hot encoded by SB3's preprocessing and go through the MLP; Dict
+    observations are MultiInputPolicy's (SB3's CombinedExtractor).
     """
 
     def __init__(
@@ -54,8 +67,7 @@ class MincExtractor(BaseFeaturesExtractor):
         input_shape = encoder_input_shape(observation_space)
         encoder_name = resolve_encoder(encoder, input_shape)
         if encoder_name != "mlp" and not is_image_space(observation_space, normalized_image=normalized_image):
-            # as strict as SB3's NatureCNN (an AssertionError there)
-            raise ValueError(
+            raise NotAnImageError(  # as strict as SB3's NatureCNN
                 f"encoder={encoder_name!r} is a CNN for images, but {observation_space} is not an image space as SB3 "
                 "defines it (uint8 in [0, 255]); use encoder='mlp' (MlpPolicy), or pass normalized_image=True in "
                 "features_extractor_kwargs for images already scaled"

@@ -426,8 +426,9 @@ def test_extractor_and_policy_mismatches_raise_clear_errors():
     with pytest.raises(ValueError, match=r"encoder='impala' picks MincExtractor's encoder, but policy_kwargs sets "
                                          r"features_extractor_class=FlattenExtractor; drop one"):
         MincPPO("MlpPolicy", env, encoder="impala", policy_kwargs=dict(features_extractor_class=FlattenExtractor))
-    with pytest.raises(ValueError, match="needs a Box observation space"):
-        MincExtractor(gymnasium.spaces.Discrete(3))
+    with pytest.raises(ValueError, match=r"MincExtractor encodes a single observation; got Dict\(.*\)\. For Dict "
+                                         r"observations use MultiInputPolicy \(SB3's CombinedExtractor"):
+        MincExtractor(gymnasium.spaces.Dict({"a": gymnasium.spaces.Discrete(3)}))
     float_images = gymnasium.spaces.Box(-5.0, 5.0, (3, 36, 36), np.float32)  # e.g. VecNormalize'd observations
     with pytest.raises(ValueError, match=r"encoder='nature' is a CNN for images, but Box\(-5.0, 5.0, \(3, 36, 36\)"
                                          r", float32\) is not an image space as SB3 defines it"):
