@@ -12,13 +12,16 @@ import pytest
 import torch
 from minc_rl import MincAuxCallback, MincExtractor
 from minc_rl.agents import AUGMENT_CHOICES, AUX_CHOICES, AUX_MODES, AuxConfig, MincDQN, MincPPO
-from minc_rl.agents.pairs import gather_successors, rollout_successors, sample_rollout_pairs
+from minc_rl.agents.pairs import (PairDictRolloutBuffer, gather_successors, rollout_successors,
+                                  sample_rollout_pairs)
 from minc_rl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.env_util import make_atari_env
+from stable_baselines3.common.envs import BitFlippingEnv, FakeImageEnv, IdentityEnv
 from stable_baselines3.common.logger import KVWriter, Logger
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, FlattenExtractor
+from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 AUX_KEYS = {"aux_loss", "aux_scl_estimate", "aux_rankme", "aux_embedding_std", "aux_pairs", "aux_grad_share",
             "aux_grad_share_raw", "rl_step_kept"}
@@ -491,3 +494,185 @@ def test_import_minc_rl_is_light_and_exports_lazily():
             "from minc_rl import MincExtractor, MincAuxCallback; "
             "assert MincExtractor.__module__ == 'minc_rl.extractor' and MincAuxCallback.__module__ == 'minc_rl.callback'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------------------- SB3 compatibility
+# SB3's own PPO/DQN tests are the yardstick (benchmarks/sb3_yardstick.sh); these pin the cases of issue 13.
+
+
+class CountingDictEnv(gymnasium.Env):
+    """Dict observations {"image": uint8 (1, 36, 36) filled with 10 t, "t": Discrete(9) = t} at step t of an
+    8-step episode: every pair (o_t, o_t+1) can be read off its observations."""
+
+    observation_space = gymnasium.spaces.Dict({"image": gymnasium.spaces.Box(0, 255, (1, 36, 36), np.uint8),
+                                               "t": gymnasium.spaces.Discrete(9)})
+    action_space = gymnasium.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._observation(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self._observation(), float(action == self.t % 2), self.t == 8, False, {}
+
+    def _observation(self):
+        return {"image": np.full((1, 36, 36), 10 * self.t, np.uint8), "t": self.t}
+
+
+def small_model(cls, policy, env, aux=None, **kwargs):
+    """A MincPPO / MincDQN with small rollouts, replay and aux batches."""
+    aux = dict(batch=16, **SMALL_AUX) if aux is None else aux
+    if cls is MincPPO:
+        return cls(policy, env, aux=aux, n_steps=32, batch_size=16, n_epochs=2, seed=0, **kwargs)
+    return cls(policy, env, aux=aux, learning_starts=32, batch_size=16, buffer_size=500, train_freq=4, seed=0,
+               **kwargs)
+
+
+def spy_on_aux_batches(model) -> list:
+    """Record the AuxBatch of every aux update."""
+    batches, update = [], model.aux_learner.update
+
+    def spy(rl_loss, features, rl_features, batch, *args):
+        batches.append(batch)
+        return update(rl_loss, features, rl_features, batch, *args)
+
+    model.aux_learner.update = spy
+    return batches
+
+
+@pytest.mark.parametrize("cls", [MincPPO, MincDQN])
+def test_aux_loss_on_a_users_extractor_with_batchnorm_and_dropout(cls):
+    model = small_model(cls, "MlpPolicy", make_vec_env("gym:CartPole-v1", 2),
+                        policy_kwargs=dict(features_extractor_class=BatchNormDropoutExtractor))
+    extractor, learner = model.aux_extractor, model.aux_learner
+    assert type(extractor) is BatchNormDropoutExtractor and learner.head.net[0].in_features == extractor.features_dim
+    if cls is MincDQN:  # SB3's invariant: the target Q-network starts as the online one, BatchNorm buffers included
+        targets = model.q_net_target.state_dict()
+        for name, online in model.q_net.state_dict().items():
+            torch.testing.assert_close(targets[name], online, rtol=0, atol=0, msg=name)
+    batch_norm, weights = extractor.net[2], extractor.net[1].weight.detach().clone()
+    recorder = recorded(model)
+    model.learn(256)
+    model.logger.dump(model.num_timesteps)
+    assert int(learner.loss.steps) > 0 and torch.isfinite(learner.loss.cov).all()
+    assert not torch.equal(extractor.net[1].weight, weights)
+    shares = logged(recorder, "train/aux_grad_share")
+    assert shares and all(share == pytest.approx(0.1, abs=1e-4) for share in shares)  # joint: aux.share of the step
+    # predict runs in eval mode: Dropout off (deterministic actions) and BatchNorm statistics left alone
+    statistics = batch_norm.running_mean.clone(), int(batch_norm.num_batches_tracked)
+    observations = model.env.reset()
+    actions = [model.predict(observations, deterministic=True)[0] for _ in range(5)]
+    assert all(np.array_equal(action, actions[0]) for action in actions)
+    assert torch.equal(batch_norm.running_mean, statistics[0]) and int(batch_norm.num_batches_tracked) == statistics[1]
+
+
+@pytest.mark.parametrize("cls", [MincPPO, MincDQN])
+def test_dict_observations_through_combined_extractor_pair_each_step_with_its_successor(cls):
+    env = DummyVecEnv([CountingDictEnv] * 2)
+    model = small_model(cls, "MultiInputPolicy", env,
+                        policy_kwargs=dict(features_extractor_kwargs=dict(cnn_output_dim=16)))
+    assert type(model.aux_extractor) is CombinedExtractor
+    if cls is MincPPO:
+        assert type(model.rollout_buffer) is PairDictRolloutBuffer
+    image_encoder = model.aux_extractor.extractors["image"]
+    before = {k: v.clone() for k, v in image_encoder.state_dict().items()}
+    batches = spy_on_aux_batches(model)
+    model.learn(128)
+    assert batches and int(model.aux_learner.loss.steps) > 0
+    for batch in batches:
+        assert len(batch.rows) >= 2
+        step = batch.observations["t"].flatten().long()
+        assert torch.equal(batch.next_observations["t"].flatten().long(), step + 1)  # o_t+1 follows o_t
+        assert torch.equal(batch.observations["image"][:, 0, 0, 0].long(), 10 * step)
+        assert torch.equal(batch.next_observations["image"][:, 0, 0, 0].long(), 10 * (step + 1))
+    assert any(not torch.equal(before[k], v) for k, v in image_encoder.state_dict().items())
+    with pytest.raises(ValueError, match=r"encoder='impala' picks MincExtractor's encoder, but \w+ keeps SB3's "
+                                         r"CombinedExtractor for dict observations; drop one"):
+        cls("MultiInputPolicy", env, encoder="impala")
+
+
+def test_extractor_without_parameters_warns_and_ppo_stays_sb3s():
+    """A CombinedExtractor of vectors has no parameters: the aux loss cannot move the representation, says so, and
+    PPO's update is SB3's own (the head learns aside)."""
+    def ppo(cls, **aux):
+        env = DummyVecEnv([lambda: BitFlippingEnv(n_bits=4)] * 2)
+        return cls("MultiInputPolicy", env, n_steps=32, batch_size=16, n_epochs=2, seed=0, **aux)
+
+    with pytest.warns(UserWarning, match=r"the features extractor CombinedExtractor has no trainable parameters: "
+                                         r"the aux loss trains its projection head only"):
+        ours = ppo(MincPPO, aux=dict(batch=16, **SMALL_AUX))
+    head = {k: v.clone() for k, v in ours.aux_learner.head.state_dict().items()}
+    ours.learn(128)
+    stock = ppo(PPO).learn(128)  # seeded at construction: each run starts from the same random state
+    for (name, theirs), mine in zip(stock.policy.state_dict().items(), ours.policy.state_dict().values()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=name)
+    assert int(ours.aux_learner.loss.steps) > 0
+    assert any(not torch.equal(head[k], v) for k, v in ours.aux_learner.head.state_dict().items())
+
+
+@pytest.mark.parametrize("cls", [MincPPO, MincDQN])
+def test_discrete_observations_go_through_sb3s_one_hot(cls):
+    model = small_model(cls, "MlpPolicy", DummyVecEnv([lambda: IdentityEnv(10)] * 2))
+    extractor = model.aux_extractor
+    assert (type(extractor), extractor.encoder_name, extractor.input_shape) == (MincExtractor, "mlp", (10,))
+    model.learn(128)
+    assert int(model.aux_learner.loss.steps) > 0 and torch.isfinite(model.aux_learner.loss.cov).all()
+    observations = torch.tensor([[3], [7]])  # as SB3's buffers store Discrete observations
+    torch.testing.assert_close(model.aux_learner.features(observations),
+                               extractor(torch.nn.functional.one_hot(torch.tensor([3, 7]), 10).float()))
+    for space, size in ((gymnasium.spaces.MultiDiscrete([3, 4]), 7), (gymnasium.spaces.MultiBinary(5), 5)):
+        assert MincExtractor(space).input_shape == (size,)
+
+
+def test_successors_of_discrete_observations_after_the_rollout():
+    """SB3 stores Discrete observations as (n, 1) but the VecEnv hands the ones after the rollout as (n_envs,)."""
+    flat = np.array([[0], [1], [2], [3]])  # 2 envs x 2 steps, env-major
+    np.testing.assert_array_equal(gather_successors(flat, np.array([8, 9]), np.array([1, 4, 5])), [[1], [8], [9]])
+
+
+def test_dqn_target_equals_online_network_at_construction_with_aux_on():
+    kwargs = dict(features_extractor_class=MincExtractor, features_extractor_kwargs=dict(encoder="impala", **SMALL),
+                  net_arch=[])
+    stock = DQN("CnnPolicy", make_vec_env("minatar:breakout", 1), seed=0, buffer_size=100, policy_kwargs=kwargs)
+    for aux in ("minc", dict(target_tau=0.05), dict(mode="decoupled")):
+        model = MincDQN("CnnPolicy", make_vec_env("minatar:breakout", 1), aux=aux, encoder="impala", seed=0,
+                        buffer_size=100, policy_kwargs=dict(features_extractor_kwargs=SMALL))
+        online = model.q_net.state_dict()
+        for name, value in online.items():
+            torch.testing.assert_close(model.q_net_target.state_dict()[name], value, rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(stock.q_net.state_dict()[name], value, rtol=0, atol=0, msg=name)  # as SB3's
+        if model.aux_learner.target is not None:
+            for name, value in model.aux_extractor.state_dict().items():
+                torch.testing.assert_close(model.aux_learner.target.state_dict()[name], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [MincPPO, MincDQN])
+def test_cnn_policy_on_a_non_image_box_is_refused_as_sb3_refuses_it(cls):
+    image_env = FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, channel_first=True)
+    env = VecNormalize(DummyVecEnv([lambda: image_env]))  # float observations
+    replay = {} if cls is MincPPO else dict(buffer_size=100)
+    with pytest.raises(ValueError, match=r"encoder='nature' is a CNN for images, but Box\(-10.0, 10.0, "
+                                         r"\(1, 36, 36\), float32\) is not an image space as SB3 defines it") as error:
+        cls("CnnPolicy", env, **replay)
+    assert isinstance(error.value, AssertionError)  # what SB3's NatureCNN raises, which SB3 users catch
+    with pytest.raises(AssertionError):
+        (PPO if cls is MincPPO else DQN)("CnnPolicy", env, **replay)
+    # as for SB3's NatureCNN, normalize_images=False means the images are normalised already
+    model = small_model(cls, "CnnPolicy", env, policy_kwargs=dict(normalize_images=False,
+                                                                    features_extractor_kwargs=SMALL))
+    assert model.policy.features_extractor_kwargs["normalized_image"] is True
+    model.learn(64)
+    assert int(model.aux_learner.loss.steps) > 0
+
+
+@pytest.mark.parametrize("cls", [MincPPO, MincDQN])
+@pytest.mark.parametrize("observations", ["dict", "vector"])
+def test_shift_augmentation_needs_image_observations(cls, observations):
+    policy, env = (("MultiInputPolicy", DummyVecEnv([CountingDictEnv])) if observations == "dict"
+                   else ("MlpPolicy", make_vec_env("gym:CartPole-v1", 1)))
+    space = r"Dict\(" if observations == "dict" else r"Box\("
+    with pytest.raises(ValueError, match=rf"aux.augment='shift' needs image observations; the observation space is "
+                                         rf"{space}"):
+        small_model(cls, policy, env, aux=dict(augment="shift"))
