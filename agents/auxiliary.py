@@ -357,6 +357,20 @@ class MincAuxMixin:
         if self.aux_learner is not None and self.aux_learner.target is not None:
             self.aux_learner.target.load_state_dict(extractor.state_dict())
 
+    def _gradient_step(self, loss: th.Tensor, features: th.Tensor, rl_features: th.Tensor, batch: Any) -> None:
+        """One optimizer step: SB3's own on the RL loss when there is no aux loss, else the AuxLearner's step of
+        both losses as aux.mode says. `batch` is a callable giving the step's AuxBatch (built only when needed)."""
+        policy = self.policy  # type: ignore[attr-defined]
+        if self.aux_learner is None:
+            policy.optimizer.zero_grad()
+            loss.backward()
+            # Clip grad norm
+            th.nn.utils.clip_grad_norm_(policy.parameters(), self.max_grad_norm)  # type: ignore[attr-defined]
+            policy.optimizer.step()
+            return
+        self.aux_learner.update(loss, features, rl_features, batch(), policy.optimizer, list(policy.parameters()),
+                                self.max_grad_norm)  # type: ignore[attr-defined]
+
     def learn(self, *args: Any, **kwargs: Any) -> Any:
         model = super().learn(*args, **kwargs)  # type: ignore[misc]
         if self.aux_learner is not None:  # the last train() comes after SB3's last dump_logs

@@ -60,6 +60,11 @@ class MincDQN(MincAuxMixin, DQN):
         """The online encoder's features of raw observations (QNetwork.extract_features)."""
         return self.q_net.extract_features(observations, self.q_net.features_extractor)
 
+    def _aux_batch(self, pairs: Any, batch_size: int) -> AuxBatch:
+        """The step's aux pairs; their o_t features follow the TD batch's in the shared forward."""
+        rows = th.arange(batch_size, batch_size + len(pairs.rewards), device=self.device)
+        return AuxBatch(pairs.observations, pairs.next_observations, rows)
+
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
         """SB3 2.9's DQN.train, with the aux loss joined to each TD step."""
         self.policy.set_training_mode(True)
@@ -78,6 +83,7 @@ class MincDQN(MincAuxMixin, DQN):
                 target_q_values = replay_data.rewards + (1 - replay_data.dones) * discounts * next_q_values
 
             if learner is None:
+                features = rl_features = pairs = None
                 current_q_values = self.q_net(replay_data.observations)
             else:
                 pairs = self.replay_buffer.sample(self.aux.batch, env=self._vec_normalize_env)  # type: ignore[union-attr]
@@ -88,17 +94,7 @@ class MincDQN(MincAuxMixin, DQN):
             loss = F.smooth_l1_loss(current_q_values, target_q_values)
             losses.append(loss.item())
 
-            if learner is None:
-                self.policy.optimizer.zero_grad()
-                loss.backward()
-                # Clip gradient norm
-                th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-                self.policy.optimizer.step()
-            else:
-                rows = th.arange(batch_size, batch_size + self.aux.batch, device=self.device)
-                batch = AuxBatch(pairs.observations, pairs.next_observations, rows)
-                learner.update(loss, features, rl_features, batch, self.policy.optimizer,
-                               list(self.policy.parameters()), self.max_grad_norm)
+            self._gradient_step(loss, features, rl_features, lambda: self._aux_batch(pairs, batch_size))
 
         self._n_updates += gradient_steps
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")

@@ -147,14 +147,7 @@ class MincPPO(MincAuxMixin, PPO):
                     if self.verbose >= 1:
                         print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl_div:.2f}")
                     break
-                if learner is None:
-                    self.policy.optimizer.zero_grad()
-                    loss.backward()
-                    th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-                    self.policy.optimizer.step()
-                else:
-                    learner.update(loss, pi_features, rl_pi_features, self._aux_batch(rollout_data),
-                                   self.policy.optimizer, list(self.policy.parameters()), self.max_grad_norm)
+                self._gradient_step(loss, pi_features, rl_pi_features, lambda: self._aux_batch(rollout_data))
             self._n_updates += 1
             if not continue_training:
                 break
