@@ -15,7 +15,6 @@ import minc_rl.envs  # noqa: F401, I001  first: it mutes legacy gym's start-up n
 import logging
 import os
 import secrets
-import signal
 import sys
 import time
 from pathlib import Path
@@ -31,12 +30,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.logger import KVWriter, Logger, TensorBoardOutputFormat
+from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat
 from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
-from tqdm import tqdm
 
 import minc_rl.configs
 from minc_rl import run_io
@@ -45,6 +42,7 @@ from minc_rl.agents.auxiliary import AuxConfig
 from minc_rl.checks import check_choice
 from minc_rl.extractor import ENCODER_CHOICES
 from minc_rl.envs import make_eval_env, make_vec_env, parse_spec, validate_spec
+from minc_rl.run_callbacks import Checkpoints, Evaluation, LatestValues, ProgressBar, StopOnSignal
 
 CONFIG_DIR = Path(minc_rl.configs.__file__).parent / "train"
 AGENTS = {"ppo": MincPPO, "dqn": MincDQN}
@@ -262,156 +260,6 @@ def build_model(cfg: DictConfig, env: VecEnv) -> BaseAlgorithm:
     return model
 
 
-class LatestValues(KVWriter):
-    """Keeps the last logged value of every key, for summary.json."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def write(self, key_values: dict[str, Any], key_excluded: dict[str, tuple[str, ...]], step: int = 0) -> None:
-        self.values.update(key_values)
-
-    def close(self) -> None:
-        pass
-
-
-class ProgressBar(BaseCallback):
-    """A tqdm bar over the step budget with steps/s and the return of the latest finished training episode."""
-
-    def __init__(self, total_steps: int) -> None:
-        super().__init__()
-        self.total_steps = total_steps
-
-    def _on_training_start(self) -> None:
-        self.bar = tqdm(total=self.total_steps, initial=self.num_timesteps, unit="step", unit_scale=True, mininterval=1.0)
-
-    def _on_step(self) -> bool:
-        self.bar.update(self.num_timesteps - self.bar.n)
-        returns = [info["episode"]["r"] for info in self.locals["infos"] if "episode" in info]
-        if returns:
-            self.bar.set_postfix(episode_return=f"{returns[-1]:.2f}", refresh=False)
-        return True
-
-    def _on_training_end(self) -> None:
-        self.bar.close()
-
-
-class StopOnSignal(BaseCallback):
-    """Ctrl-C (SIGINT) or SIGTERM makes learn() return at the next environment step; a second one acts as usual."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.signum: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        """Catch SIGINT and SIGTERM from now on."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous[signum] = signal.signal(signum, self._handle)
-
-    def restore(self) -> None:
-        """Give SIGINT and SIGTERM back to their previous handlers."""
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        signal.signal(signum, self.previous[signum])
-
-    def _on_step(self) -> bool:
-        if self.signum is None:
-            return True
-        log.warning("%s: stopping and writing a checkpoint", signal.Signals(self.signum).name)
-        return False
-
-
-class EverySteps(BaseCallback):
-    """Calls run() at the first rollout start at or past each multiple of `every` steps: a rollout starts right after
-    the latest update (PPO's epochs, DQN's gradient steps), so run() sees the model trained on every step so far."""
-
-    def __init__(self, every: int) -> None:
-        super().__init__()
-        self.every = every
-
-    def _on_training_start(self) -> None:
-        self.next_step = (self.model.num_timesteps // self.every + 1) * self.every
-
-    def _on_rollout_start(self) -> None:
-        if self.model.num_timesteps >= self.next_step:
-            self.run()
-            self.next_step = (self.model.num_timesteps // self.every + 1) * self.every
-
-    def _on_step(self) -> bool:
-        return True
-
-    def run(self) -> Any:
-        raise NotImplementedError
-
-
-class EvaluationAbandoned(Exception):
-    """Raised inside evaluate_policy when Ctrl-C or SIGTERM arrives, so that the run stops without waiting for it."""
-
-
-class Evaluation(EverySteps):
-    """evaluate_policy on each split's env; logged under eval/ and appended to evaluations.csv."""
-
-    def __init__(
-        self, envs: dict[str, VecEnv], every: int, episodes: int, deterministic: bool, path: Path, stop: StopOnSignal
-    ) -> None:
-        super().__init__(every)
-        self.envs, self.episodes, self.deterministic, self.path, self.stop = envs, episodes, deterministic, path, stop
-
-    def run(self) -> None:
-        """One evaluation of every split at the model's current step; abandoned (no row) on Ctrl-C or SIGTERM."""
-        for split, env in self.envs.items():
-            try:
-                returns, lengths = evaluate_policy(
-                    self.model,
-                    env,
-                    self.episodes,
-                    deterministic=self.deterministic,
-                    return_episode_rewards=True,
-                    callback=self._abandon_on_signal,
-                )
-            except EvaluationAbandoned:
-                log.warning("evaluation at step %d abandoned", self.model.num_timesteps)
-                return
-            row = {
-                "step": self.model.num_timesteps,
-                "split": split,
-                "return_mean": float(np.mean(returns)),
-                "return_std": float(np.std(returns)),
-                "length_mean": float(np.mean(lengths)),
-                "episodes": len(returns),
-            }
-            run_io.append_evaluation(self.path, row)
-            self.logger.record(f"eval/{split}_return", row["return_mean"])
-            self.logger.record(f"eval/{split}_length", row["length_mean"])
-            log.info("step %d, %s: return %.2f +- %.2f over %d episodes", row["step"], split, row["return_mean"],
-                     row["return_std"], row["episodes"])  # fmt: skip
-
-    def _abandon_on_signal(self, locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
-        if self.stop.signum is not None:
-            raise EvaluationAbandoned
-
-
-class Checkpoints(EverySteps):
-    """An atomic checkpoint: model with optimizer and Lambda, step count, reward statistics, DQN's replay buffer."""
-
-    def __init__(self, run_dir: Path, every: int, replay_buffer: bool) -> None:
-        super().__init__(every)
-        self.run_dir, self.replay_buffer = run_dir, replay_buffer
-
-    def run(self) -> Path:
-        """Write the checkpoint of the current step; a model with non-finite parameters is never saved."""
-        if not run_io.parameters_finite(self.model):
-            raise RuntimeError(
-                f"non-finite parameters at step {self.model.num_timesteps}: not checkpointed; "
-                f"the last good checkpoint is {run_io.latest_checkpoint(self.run_dir)}"
-            )
-        return run_io.save_checkpoint(self.model, self.run_dir, self.replay_buffer)
-
-
 def start_wandb(cfg: DictConfig, run_dir: Path) -> Any:
     """A wandb run that mirrors the TensorBoard logs: online if logged in, else offline (WANDB_MODE decides if set)."""
     import wandb
@@ -449,43 +297,70 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = run_io.latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         fail(f"resume={cfg.resume!r} has no checkpoint in {run_dir / 'checkpoints'}")
-    if cfg.wandb.enabled and cfg.wandb.id is None:
-        cfg.wandb.id = secrets.token_hex(4)  # saved with the config, so resume= continues the same wandb run
-    save_config(cfg, run_dir)
-    if cfg.torch_threads is not None:
-        torch.set_num_threads(cfg.torch_threads)
-    log.info(
-        "config: %s + the command line; resolved in %s",
-        ", ".join(
-            [f"{group}/{cfg[group].name}.yaml" for group in GROUPS]
-            + [f"family/{parse_spec(cfg.env)[0]}.yaml", f"family_agent/{parse_spec(cfg.env)[0]}_{cfg.agent.name}.yaml"]
-        ),
-        run_dir / "config.yaml",
-    )
+    start_run(cfg, run_dir)
 
     wandb_run = start_wandb(cfg, run_dir) if cfg.wandb.enabled else None  # before SB3's TensorBoard writer exists
     env, eval_envs = build_envs(cfg, checkpoint)
-    if checkpoint is None:
-        model = build_model(cfg, env)
-    else:
-        model = AGENTS[cfg.agent.name].load(checkpoint, env=env, device=cfg.device)
-        if cfg.checkpoint.replay_buffer and run_io.replay_buffer_path(run_dir).exists():
-            model.load_replay_buffer(run_io.replay_buffer_path(run_dir))
-        run_io.truncate_evaluations(run_dir / "evaluations.csv", model.num_timesteps)
-        log.info("resuming %s at step %d", checkpoint, model.num_timesteps)
+    model = build_model(cfg, env) if checkpoint is None else load_model(cfg, env, checkpoint, run_dir)
     start_step = model.num_timesteps
-    latest = LatestValues()
-    model.set_logger(
-        Logger(
-            str(run_dir),
-            [
-                run_io.open_progress_csv(run_dir / "progress.csv", start_step if checkpoint else None),
-                TensorBoardOutputFormat(str(run_dir / "tensorboard")),
-                latest,
-            ],
-        )
-    )
+    latest = set_logger(model, run_dir, resumed=checkpoint is not None)
+    saved, stop, speed = learn(cfg, model, eval_envs, run_dir, start_step)
 
+    summary = run_summary(cfg, model, run_dir, latest.values, time.time() - started, speed, stop.signum is not None)
+    run_io.write_summary(run_dir / "summary.json", summary)
+    run_io.plot_learning_curve(run_dir, f"{cfg.env} {cfg.agent.name} aux={cfg.aux.name} seed={cfg.seed}")
+    if wandb_run is not None:
+        wandb_run.summary.update(run_io.finite_or_none(summary))
+        wandb_run.finish()
+    for vec_env in (env, *eval_envs.values()):
+        vec_env.close()
+    print(f"minc_rl.train: step {model.num_timesteps}; checkpoint {saved}; outputs in {run_dir}", flush=True)
+    if stop.signum is not None:
+        print(f"minc_rl.train: interrupted; continue with: python -m minc_rl.train resume={run_dir}", flush=True)
+        raise SystemExit(128 + stop.signum)
+    return summary
+
+
+def start_run(cfg: DictConfig, run_dir: Path) -> None:
+    """Save the resolved config (with a new wandb id, so that resume= continues the same wandb run), set torch's
+    thread count and log where the config came from."""
+    if cfg.wandb.enabled and cfg.wandb.id is None:
+        cfg.wandb.id = secrets.token_hex(4)
+    save_config(cfg, run_dir)
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
+    family = parse_spec(cfg.env)[0]
+    files = [f"{group}/{cfg[group].name}.yaml" for group in GROUPS]
+    files += [f"family/{family}.yaml", f"family_agent/{family}_{cfg.agent.name}.yaml"]
+    log.info("config: %s + the command line; resolved in %s", ", ".join(files), run_dir / "config.yaml")
+
+
+def load_model(cfg: DictConfig, env: VecEnv, checkpoint: Path, run_dir: Path) -> BaseAlgorithm:
+    """The agent of `checkpoint` (its step count, optimizer and Lambda) on `env`, with DQN's replay buffer; the rows
+    of evaluations.csv after its step are dropped, since the resumed run redoes them."""
+    model = AGENTS[cfg.agent.name].load(checkpoint, env=env, device=cfg.device)
+    if cfg.checkpoint.replay_buffer and run_io.replay_buffer_path(run_dir).exists():
+        model.load_replay_buffer(run_io.replay_buffer_path(run_dir))
+    run_io.truncate_evaluations(run_dir / "evaluations.csv", model.num_timesteps)
+    log.info("resuming %s at step %d", checkpoint, model.num_timesteps)
+    return model
+
+
+def set_logger(model: BaseAlgorithm, run_dir: Path, resumed: bool) -> LatestValues:
+    """SB3's logger writes progress.csv (on resume: after its rows up to the checkpoint), TensorBoard events, and
+    the latest values (returned) for summary.json."""
+    latest = LatestValues()
+    progress = run_io.open_progress_csv(run_dir / "progress.csv", model.num_timesteps if resumed else None)
+    model.set_logger(Logger(str(run_dir), [progress, TensorBoardOutputFormat(str(run_dir / "tensorboard")), latest]))
+    return latest
+
+
+def learn(
+    cfg: DictConfig, model: BaseAlgorithm, eval_envs: dict[str, VecEnv], run_dir: Path, start_step: int
+) -> tuple[Path, StopOnSignal, float]:
+    """model.learn() up to cfg.total_steps with evaluations, checkpoints, the progress bar and a stop on Ctrl-C /
+    SIGTERM; then the last checkpoint and, unless stopped, the last evaluation. Returns the last checkpoint, the
+    stop callback (its signum says whether a signal stopped the run) and this session's steps per second."""
     deterministic = cfg.eval.deterministic if cfg.eval.deterministic is not None else cfg.agent.name == "dqn"
     stop = StopOnSignal()
     evaluation = Evaluation(eval_envs, cfg.eval.every, cfg.eval.episodes, deterministic, run_dir / "evaluations.csv", stop)
@@ -498,7 +373,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             total_timesteps=max(cfg.total_steps - start_step, 0),
             callback=CallbackList(callbacks),
             log_interval=cfg.agent.log_interval,
-            reset_num_timesteps=checkpoint is None,
+            reset_num_timesteps=not cfg.resume,
         )
         learn_time = time.time() - learn_started
         saved = checkpoints.run()
@@ -508,22 +383,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model.logger.dump(model.num_timesteps)  # also the last train() metrics, which SB3 only dumps before the next
     finally:
         stop.restore()
-
-    speed = (model.num_timesteps - start_step) / learn_time
-    summary = run_summary(cfg, model, run_dir, latest.values, time.time() - started, speed, stop.signum is not None)
-    run_io.write_summary(run_dir / "summary.json", summary)
-    run_io.plot_learning_curve(run_dir, f"{cfg.env} {cfg.agent.name} aux={cfg.aux.name} seed={cfg.seed}")
-    if wandb_run is not None:
-        wandb_run.summary.update(run_io.finite_or_none(summary))
-        wandb_run.finish()
-    env.close()
-    for eval_env in eval_envs.values():
-        eval_env.close()
-    print(f"minc_rl.train: step {model.num_timesteps}; checkpoint {saved}; outputs in {run_dir}", flush=True)
-    if stop.signum is not None:
-        print(f"minc_rl.train: interrupted; continue with: python -m minc_rl.train resume={run_dir}", flush=True)
-        raise SystemExit(128 + stop.signum)
-    return summary
+    return saved, stop, (model.num_timesteps - start_step) / learn_time
 
 
 def run_summary(

@@ -21,7 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from minc_rl import train
+from minc_rl import run_callbacks, train
 from minc_rl.agents import MincDQN, MincPPO
 from minc_rl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
@@ -406,7 +406,7 @@ def test_encoder_init_loads_a_pretrained_encoder_and_refuses_a_mismatched_one(tm
 
 def test_a_model_with_non_finite_parameters_is_never_checkpointed(tmp_path, one_torch_thread):
     model = MincPPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), encoder="mlp", n_steps=16, batch_size=16)
-    checkpoints = train.Checkpoints(tmp_path, every=1, replay_buffer=False)
+    checkpoints = run_callbacks.Checkpoints(tmp_path, every=1, replay_buffer=False)
     checkpoints.init_callback(model)
     healthy = checkpoints.run().read_bytes()  # a healthy model is saved
     with torch.no_grad():
