@@ -153,12 +153,12 @@ def test_baseline_losses_and_ema_target_encoder_train(tmp_path, loss):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("precision=fp16", "unknown precision 'fp16'; valid: fp32, bf16"),
-        ("optimizer=rmsprop", "unknown optimizer 'rmsprop'; valid: sgd, lars, adamw"),
+        ("precision=fp16", "precision='fp16' is not valid; choose one of 'fp32', 'bf16'"),
+        ("optimizer=rmsprop", "optimizer='rmsprop' is not valid; choose one of 'sgd', 'lars', 'adamw'"),
         ("batch_size=1", "batch_size=1 must be >= 2"),
         ("batch_size=4096", "batch_size=4096 is larger than the 1437 training pairs"),
         ("backbone=vgg", "unknown backbone 'vgg'; valid backbones: resnet18, resnet50, convnet, impala"),
-        ("lr_scaling=cubic", "unknown lr_scaling 'cubic'; valid: linear, sqrt, none"),
+        ("lr_scaling=cubic", "lr_scaling='cubic' is not valid; choose one of 'linear', 'sqrt', 'none'"),
         ("target_momentum=1.5", "target_momentum must be in"),
     ],
 )
