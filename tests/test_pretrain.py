@@ -32,6 +32,20 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def torchvision_imports() -> bool:
+    """Whether torchvision (the `vision` extra) is installed and imports beside this torch."""
+    try:
+        import torchvision.models  # noqa: F401
+    except Exception:  # not installed (ImportError), or built for another torch (RuntimeError at import)
+        return False
+    return True
+
+
+needs_torchvision = pytest.mark.skipif(
+    not torchvision_imports(), reason="the ResNet backbones need the `vision` extra (torchvision matching this torch)"
+)
+
+
 def run(out_dir: Path, *overrides: str) -> dict:
     return pretrain(compose_config([*QUIET, *overrides]), out_dir)
 
@@ -195,6 +209,7 @@ def write_imagefolder(root: Path, size: int = 40, per_class: int = 6) -> None:
                 Image.fromarray(pixels).save(root / split / name / f"{i}.png")
 
 
+@needs_torchvision
 def test_cifar_fixture_trains_a_resnet18_small_stem_step_and_evaluates(tmp_path):
     write_cifar(tmp_path / "cifar")
     data = load_data("cifar10", root=str(tmp_path / "cifar"))
