@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,27 +55,64 @@ class ProgressBar(BaseCallback):
         self.bar.close()
 
 
+# SIGUSR2: what SLURM sends before the time limit with --signal=USR2@<seconds> (submitit's timeout signal).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
 class StopOnSignal(BaseCallback):
-    """Ctrl-C (SIGINT) or SIGTERM makes learn() return at the next environment step; a second one acts as usual."""
+    """Ctrl-C (SIGINT), SIGTERM or SIGUSR2 stop the run promptly: learn() returns at the next environment step, and
+    a PPO update in progress ends after its current minibatch, so that the checkpoint is written within about one
+    minibatch's time. (MincPPO.train reads its minibatches from rollout_buffer.get, which this callback wraps: once a
+    signal has arrived, get() yields no more minibatches; the first minibatch of an update always runs, so train()
+    has its losses to log.) A second signal acts as usual (Ctrl-C twice: KeyboardInterrupt)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
+        self.minibatches = 0  # minibatches of the current update read so far
+        self.stopped_update = False
 
     def install(self) -> None:
-        """Catch SIGINT and SIGTERM from now on."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        """Catch STOP_SIGNALS from now on."""
+        for signum in STOP_SIGNALS:
             self.previous[signum] = signal.signal(signum, self._handle)
 
     def restore(self) -> None:
-        """Give SIGINT and SIGTERM back to their previous handlers."""
+        """Give the signals back to their previous handlers."""
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
         signal.signal(signum, self.previous[signum])
+
+    def _init_callback(self) -> None:
+        buffer = getattr(self.model, "rollout_buffer", None)
+        if buffer is not None and not getattr(buffer.get, "stops_on_signal", False):
+            buffer.get = self._stoppable(buffer.get)
+
+    def _stoppable(self, get: Any) -> Any:
+        def get_until_stopped(batch_size: int | None = None) -> Any:
+            for minibatch in get(batch_size):
+                if self.signum is not None and self.minibatches > 0:
+                    self._update_stopped()
+                    return
+                self.minibatches += 1
+                yield minibatch
+
+        get_until_stopped.stops_on_signal = True  # type: ignore[attr-defined]
+        return get_until_stopped
+
+    def _update_stopped(self) -> None:
+        if not self.stopped_update:
+            self.stopped_update = True
+            log.warning("%s: the update stops after %d minibatches", signal.Signals(self.signum).name, self.minibatches)
+            warnings.filterwarnings("ignore", "Mean of empty slice")  # train()'s means over the epochs it skips
+            warnings.filterwarnings("ignore", "invalid value encountered")
+
+    def _on_rollout_end(self) -> None:
+        self.minibatches = 0
 
     def _on_step(self) -> bool:
         if self.signum is None:
@@ -153,6 +191,10 @@ class Evaluation(EverySteps):
             raise EvaluationAbandoned
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that was not written (non-finite parameters, a full disk); the message is one line."""
+
+
 class Checkpoints(EverySteps):
     """An atomic checkpoint: model with optimizer and Lambda, step count, reward statistics, DQN's replay buffer."""
 
@@ -163,8 +205,14 @@ class Checkpoints(EverySteps):
     def run(self) -> Path:
         """Write the checkpoint of the current step; a model with non-finite parameters is never saved."""
         if not run_io.parameters_finite(self.model):
-            raise RuntimeError(
+            raise CheckpointError(
                 f"non-finite parameters at step {self.model.num_timesteps}: not checkpointed; "
                 f"the last good checkpoint is {run_io.latest_checkpoint(self.run_dir)}"
             )
-        return run_io.save_checkpoint(self.model, self.run_dir, self.replay_buffer)
+        try:
+            return run_io.save_checkpoint(self.model, self.run_dir, self.replay_buffer)
+        except OSError as error:
+            raise CheckpointError(
+                f"the checkpoint of step {self.model.num_timesteps} was not written ({run_io.one_line(error)}); "
+                f"the last checkpoint, {run_io.latest_checkpoint(self.run_dir)}, is intact"
+            ) from error
