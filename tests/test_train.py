@@ -167,11 +167,12 @@ BAD_VALUES = [
     # procgen's 64 training envs: the largest seed any env gets is seed + 1,000,000 + 63
     (["seed=2147483647"], ["seed=2147483647 is too large: the evaluation envs use seed + 1,000,000 + i", "[0, 2146483584]"]),
     (["n_envs=4", "eval.n_envs=2", "seed=2146483645"], ["seed=2146483645 is too large", "[0, 2146483644]"]),
-    (["aux.cof=0.1"], ["aux.cof is not a key of minc_rl.train's config; did you mean aux.coef?"]),
-    (["+aux.cof=0.1"], ["aux.cof is not a key of minc_rl.train's config; did you mean aux.coef?"]),
-    (["++aux.cof=0.1"], ["aux.cof is not a key of minc_rl.train's config; did you mean aux.coef?"]),
+    (["aux.emaa=0.1"], ["aux.emaa is not a key of minc_rl.train's config; did you mean aux.ema?"]),
+    (["+aux.emaa=0.1"], ["aux.emaa is not a key of minc_rl.train's config; did you mean aux.ema?"]),  # never added
+    (["++aux.emaa=0.1"], ["aux.emaa is not a key of minc_rl.train's config; did you mean aux.ema?"]),
+    (["total_step=1000"], ["total_step is not a key of minc_rl.train's config; did you mean total_steps?"]),
     (["agent.learning_rat=1e-3"], ["did you mean agent.learning_rate? (to give SB3 another keyword argument, write +agent.learning_rat=<value>)"]),
-    (["-m", "aux=none,spectral", "aux.cof=1"], ["aux.cof is not a key of minc_rl.train's config; did you mean aux.coef?"]),
+    (["-m", "aux=none,spectral", "aux.emaa=1"], ["aux.emaa is not a key of minc_rl.train's config; did you mean aux.ema?"]),
     (["env_options.distribution_mod=hard"], ["Unknown option 'distribution_mod' for procgen environments", "distribution_mode"]),
 ]
 
