@@ -300,7 +300,7 @@ class SignalAtRolloutEnd(BaseCallback):
 def test_a_signal_stops_a_ppo_update_after_its_current_minibatch(signum, one_torch_thread):
     env = make_vec_env("gym:CartPole-v1", 1)
     # 10 epochs x 8 minibatches: a full update is 80 MINC steps
-    model = MincPPO("MlpPolicy", env, aux="minc", aux_batch=8, encoder="mlp", n_steps=64, batch_size=8, n_epochs=10)
+    model = MincPPO("MlpPolicy", env, aux={"name": "minc", "batch": 8}, encoder="mlp", n_steps=64, batch_size=8, n_epochs=10)
     stop = StopOnSignal()
     stop.install()
     try:
@@ -308,7 +308,7 @@ def test_a_signal_stops_a_ppo_update_after_its_current_minibatch(signum, one_tor
     finally:
         stop.restore()
     assert stop.signum == signum
-    assert int(model.minc_extractor.aux_loss.steps) == 1  # one minibatch, then the update and learn() stopped
+    assert int(model.aux_learner.loss.steps) == 1  # one minibatch, then the update and learn() stopped
     assert model.num_timesteps == 65  # the next rollout stopped at its first step
     assert run_io.parameters_finite(model)
     env.close()
