@@ -26,6 +26,29 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     return path
 
 
+def atomic_write_all(writes: list[tuple[str | os.PathLike, Any]]) -> list[Path]:
+    """Several files as one: call every write(tmp_path) first, then rename them over their paths in order (so the
+    last one, written last, can mark the set complete). If any write fails (a full disk: OSError ENOSPC), every
+    temporary file is removed and no target changes."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, write in writes:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(handle)
+            staged.append((tmp, path))
+            write(tmp)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    return [path for _, path in staged]
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save(obj) to `path` atomically."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))

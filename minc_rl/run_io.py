@@ -15,7 +15,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from matplotlib.figure import Figure
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.logger import CSVOutputFormat
 
-from minc_rl.io import atomic_write
+from minc_rl.io import atomic_write, atomic_write_all
 
 EVALUATION_FIELDS = ("step", "split", "return_mean", "return_std", "length_mean", "episodes")
 STEP_COLUMN = "time/total_timesteps"
@@ -37,10 +39,126 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:012d}.zip"
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints in run_dir/checkpoints, newest (largest step count) first."""
+    found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*.zip") if (m := _CHECKPOINT.fullmatch(p.name))]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint with the largest step count in run_dir/checkpoints, or None."""
-    found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*.zip") if (m := _CHECKPOINT.fullmatch(p.name))]
-    return max(found)[1] if found else None
+    found = checkpoints(run_dir)
+    return found[0] if found else None
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as `Type: first line of its message`."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def checkpoint_problem(path: Path, vecnormalize: bool) -> str | None:
+    """Why `path` is not a checkpoint a run can resume from, or None: a zip whose members pass their CRC check,
+    SB3's data and policy weights that load and are finite, and (`vecnormalize`) its reward statistics."""
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+            missing = {"data", "policy.pth"} - set(archive.namelist())
+        if broken is not None:
+            return f"its member {broken} fails the CRC check"
+        if missing:
+            return f"it lacks {', '.join(sorted(missing))}"
+        _, params, _ = load_from_zip_file(path, device="cpu", print_system_info=False)
+        if not params or "policy" not in params:
+            return "it holds no policy weights"
+        if not all(torch.isfinite(t).all() for t in params["policy"].values() if t.is_floating_point()):
+            return "its policy weights are not finite"
+        if vecnormalize:
+            with open(vecnormalize_path(path), "rb") as file:
+                pickle.load(file)
+    except FileNotFoundError as error:
+        return f"{error.filename} is missing"
+    except Exception as error:  # noqa: BLE001  anything a damaged file raises: the file is not used
+        return one_line(error)
+    return None
+
+
+def valid_checkpoint(run_dir: Path, vecnormalize: bool) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that passes checkpoint_problem, and one line for each newer one that does not."""
+    damaged = []
+    for path in checkpoints(run_dir):
+        problem = checkpoint_problem(path, vecnormalize)
+        if problem is None:
+            return path, damaged
+        damaged.append(f"{path.name} ({problem})")
+    return None, damaged
+
+
+def readable_run_files(run_dir: Path) -> str | None:
+    """Why a run's progress.csv, evaluations.csv or summary.json cannot be continued, or None (missing is fine)."""
+    for path, problem in ((run_dir / "progress.csv", _progress_problem), (run_dir / "evaluations.csv", _evaluations_problem),
+                          (run_dir / "summary.json", lambda p: json.loads(p.read_text()) and None)):  # fmt: skip
+        if not path.exists():
+            continue
+        try:
+            found = problem(path)
+        except Exception as error:  # noqa: BLE001  a damaged file raises anything
+            return f"{path} cannot be read ({one_line(error)})"
+        if found is not None:
+            return f"{path} {found}"
+    return None
+
+
+def _progress_problem(path: Path) -> str | None:
+    if path.stat().st_size == 0:
+        return None
+    frame = pd.read_csv(path)
+    if STEP_COLUMN not in frame:
+        return f"has no {STEP_COLUMN} column"
+    pd.to_numeric(frame[STEP_COLUMN])
+    return None
+
+
+def _evaluations_problem(path: Path) -> str | None:
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        if tuple(reader.fieldnames or ()) != EVALUATION_FIELDS:
+            return f"has the columns {reader.fieldnames}, not {list(EVALUATION_FIELDS)}"
+        for row in reader:
+            int(row["step"])
+    return None
+
+
+def encoder_file_problem(path: Path, encoder: str) -> str | None:
+    """Why `path` is not an encoder.pt for `encoder` (minc_rl.encoders.save_encoder's format), or None: a torch
+    file of plain tensors with the keys name, input_shape, features_dim and state_dict, written for `encoder`,
+    whose weights fit that architecture and are finite. (The input shape is checked against the env later.)"""
+    from minc_rl.encoders import build_encoder
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001
+        return f"not a torch file written by minc_rl.pretrain ({one_line(error)})"
+    keys = ("name", "input_shape", "features_dim", "state_dict")
+    if not isinstance(saved, dict) or not set(keys) <= saved.keys():
+        found = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+        return f"not an encoder.pt: it holds {found}, an encoder.pt holds {list(keys)}"
+    if saved["name"] != encoder:
+        return f"it holds a {saved['name']!r} encoder; this run's encoder is {encoder!r} (set encoder={saved['name']} or pretrain an {encoder!r} one)"
+    try:
+        expected = build_encoder(encoder, tuple(int(s) for s in saved["input_shape"])).state_dict()
+    except Exception as error:  # noqa: BLE001
+        return f"its input_shape {saved['input_shape']!r} does not fit encoder {encoder!r} ({one_line(error)})"
+    weights = saved["state_dict"]
+    shapes = {k: tuple(v.shape) for k, v in weights.items()} if isinstance(weights, dict) else None
+    if shapes != {k: tuple(v.shape) for k, v in expected.items()}:
+        return f"its weights do not fit the {encoder!r} architecture (other tensor names or shapes)"
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        return f"its weights are not finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+    return None
 
 
 def checkpoint_step(path: Path) -> int:
@@ -64,14 +182,17 @@ def parameters_finite(model: BaseAlgorithm) -> bool:
 
 
 def save_checkpoint(model: BaseAlgorithm, run_dir: Path, replay_buffer: bool) -> Path:
-    """Write the checkpoint of the model's current step atomically; the .zip, written last, marks it complete."""
+    """Write the checkpoint of the model's current step: every file (replay buffer, reward statistics, the .zip) is
+    written to a temporary file first and renamed only when all are written, the .zip last, which marks the
+    checkpoint complete. A failed write (a full disk) leaves the previous checkpoint and no temporary file."""
     path = checkpoint_path(run_dir, model.num_timesteps)
+    writes = []
     if replay_buffer and getattr(model, "replay_buffer", None) is not None:
-        atomic_write(replay_buffer_path(run_dir), model.save_replay_buffer)
+        writes.append((replay_buffer_path(run_dir), model.save_replay_buffer))
     vec_normalize = model.get_vec_normalize_env()
     if vec_normalize is not None:
-        atomic_write(vecnormalize_path(path), vec_normalize.save)
-    atomic_write(path, model.save)
+        writes.append((vecnormalize_path(path), vec_normalize.save))
+    atomic_write_all([*writes, (path, model.save)])
     return path
 
 

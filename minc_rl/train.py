@@ -12,39 +12,42 @@ and learning_curve.png; minc_rl.run_io holds those file formats.
 from __future__ import annotations
 
 import minc_rl.envs  # noqa: F401, I001  first: it mutes legacy gym's start-up notice, which importing SB3 would print
+import difflib
 import logging
 import os
 import secrets
-import signal
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import gymnasium as gym
 import hydra
 import numpy as np
 import torch
-from hydra import compose
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.logger import KVWriter, Logger, TensorBoardOutputFormat
+from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat
 from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
-from tqdm import tqdm
 
 import minc_rl.configs
 from minc_rl import run_io
+from minc_rl.checks import check_choice, check_int
+from minc_rl.run_dir import RunDirError, RunLock, check_fresh, check_writable, resume_argument
 from minc_rl.agents import MincDQN, MincPPO
 from minc_rl.agents.auxiliary import AuxConfig
 from minc_rl.checks import check_choice
 from minc_rl.extractor import ENCODER_CHOICES
 from minc_rl.envs import make_eval_env, make_vec_env, parse_spec, validate_spec
+from minc_rl.run_callbacks import CheckpointError, Checkpoints, Evaluation, LatestValues, ProgressBar, StopOnSignal
 
 CONFIG_DIR = Path(minc_rl.configs.__file__).parent / "train"
 AGENTS = {"ppo": MincPPO, "dqn": MincDQN}
@@ -52,11 +55,22 @@ GROUPS = ("agent", "aux", "encoder")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("learning_rate", "clip_range", "clip_range_vf")  # agent keys that take rl-zoo3's "lin_<x>"
 NOT_SB3_KEYS = ("name", "n_minibatches", "log_interval", "exploration_steps")  # agent keys minc_rl.train uses itself
+EVAL_SEED_OFFSET = 1_000_000  # the evaluation envs' seed is seed + EVAL_SEED_OFFSET: other episodes than training's
+# The command line may add keys inside these dicts: the API they are passed to checks them. env_options.<option>=
+# and aux.loss_kwargs.<option>= need no + (they go to ++); an SB3 keyword the agent config lacks needs +agent.<key>=
+# (so that a misspelt agent key is caught). Any other key must be one the config has.
+PASSED_ON = ("env_options", "aux.loss_kwargs")
+OPEN_KEYS = ("agent", *PASSED_ON)
+# The files that mark a directory as holding a run of minc_rl.train (Hydra's .hydra/ and train.log do not).
+RUN_FILES = ("config.yaml", "checkpoints", "progress.csv", "evaluations.csv", "summary.json")
 
 log = logging.getLogger("minc_rl.train")
 
 # hydra.run.dir in config.yaml: a resumed run writes into the run directory it continues.
 OmegaConf.register_new_resolver("minc_rl.run_dir", lambda resume, fresh: resume or fresh, replace=True)
+# hydra.output_subdir: Hydra writes .hydra/ for a fresh run only; resume= leaves the run's files as they are until
+# every file it reads has been checked (config.yaml then records the resumed config).
+OmegaConf.register_new_resolver("minc_rl.hydra_subdir", lambda resume: None if resume else ".hydra", replace=True)
 
 
 def fail(message: str) -> NoReturn:
@@ -72,13 +86,17 @@ def group_choices(group: str) -> list[str]:
     return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-def check_command_line(args: list[str]) -> None:
-    """Exit 2 on an unknown agent / aux / encoder, a family= override or a resume= without a run, before Hydra starts
-    (Hydra's own message for an unknown group option is several lines and exit code 1)."""
+def check_command_line(args: list[str]) -> list[str]:
+    """Exit 2 on an unknown agent / aux / encoder, a family= override, a resume= without a run, a misspelt key, or a
+    run directory that is read-only or already holds a run, before Hydra starts (Hydra's own messages are several
+    lines, exit code 1, and would advise +key=value for a misspelt key, which then goes unused). Returns the
+    command line for Hydra: env_options.<option>=value as ++env_options.<option>=value, and so for the other
+    PASSED_ON dicts (their options are not all listed in the config)."""
+    arguments = [a for a in args if "=" in a and not a.startswith("-")]
     try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+        overrides = OverridesParser.create().parse_overrides(arguments)
     except OverrideParseException:
-        return  # Hydra reports syntax errors itself
+        return args  # Hydra reports syntax errors itself
     for override in overrides:
         key = override.key_or_group
         if key in ("family", "family_agent"):
@@ -91,6 +109,79 @@ def check_command_line(args: list[str]) -> None:
         if key == "resume" and not override.is_sweep_override() and override.value() is not None:
             if not (Path(str(override.value())) / "config.yaml").is_file():
                 fail(f"resume={override.value()!r} is not a run directory of minc_rl.train (it has no config.yaml)")
+    check_keys(overrides)
+    check_run_dir_argument(overrides, multirun=any(a in ("-m", "--multirun") for a in args))
+    return [f"++{a}" if a.startswith(tuple(f"{k}." for k in PASSED_ON)) else a for a in args]
+
+
+def check_keys(overrides: list[Any]) -> None:
+    """Exit 2 with the closest valid key on a key=value (or +key=value) whose key the config does not have, except
+    inside OPEN_KEYS. With resume= the saved config decides (resumed_config)."""
+    if any(o.key_or_group == "resume" and o.value() is not None for o in overrides):
+        return
+    valid = valid_keys(overrides)
+    for override in overrides:
+        key = override.key_or_group
+        if key.startswith("hydra") or key in (*GROUPS, "family", "family_agent", "resume") or key in valid:
+            continue
+        if any(key.startswith(f"{open_key}.") for open_key in OPEN_KEYS) and (
+            override.is_add() or override.is_force_add() or key.startswith(tuple(f"{k}." for k in PASSED_ON))
+        ):
+            continue
+        close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "python -m minc_rl.train --help lists the keys"
+        if key.startswith("agent."):
+            hint += f" (to give SB3 another keyword argument, write +{key}=<value>)"
+        fail(f"{key} is not a key of minc_rl.train's config; {hint}")
+
+
+def valid_keys(overrides: list[Any]) -> set[str]:
+    """Every key (dotted, nodes and leaves) of the config composed for each env, agent, aux and encoder choice the
+    command line names, with the family defaults of the env."""
+    choices = {"env": [], **{group: [] for group in GROUPS}}
+    for override in overrides:
+        if override.key_or_group in choices and not override.is_delete():
+            sweep = override.is_discrete_sweep()
+            choices[override.key_or_group] += override.sweep_string_iterator() if sweep else [override.get_value_element_as_str()]
+    variants = [[]] + [[f"{group}={value}"] for group in GROUPS for value in choices[group]]
+    keys: set[str] = set()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        for env in choices["env"] or [compose("config").env]:
+            try:
+                family = [f"family={parse_spec(env)[0]}"]
+            except ValueError:
+                family = []  # check_config names the bad env
+            for variant in variants:
+                keys |= dotted_keys(OmegaConf.to_container(compose("config", overrides=[*variant, *family])))
+    GlobalHydra.instance().clear()
+    return keys
+
+
+def dotted_keys(node: Any, prefix: str = "") -> set[str]:
+    """The dotted paths of every key in nested dicts."""
+    keys = set()
+    for key, value in node.items() if isinstance(node, dict) else ():
+        keys.add(prefix + str(key))
+        keys |= dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def check_run_dir_argument(overrides: list[Any], multirun: bool) -> None:
+    """Exit 2 if the run directory the command line names cannot be written, or (for a fresh run) holds a run."""
+    values = {o.key_or_group: o.value() for o in overrides if not o.is_sweep_override()}
+    resume, run_dir = values.get("resume"), values.get("hydra.sweep.dir" if multirun else "hydra.run.dir")
+    try:
+        if resume is not None:
+            check_writable(Path(str(resume)))
+        elif run_dir is not None and "${" not in str(run_dir):
+            check_writable(Path(str(run_dir)))
+            if not multirun:
+                check_fresh(Path(str(run_dir)), RUN_FILES, resume_argument(run_dir))
+        else:
+            check_writable(Path("outputs" if not multirun else "multirun"))
+    except RunDirError as error:
+        fail(str(error))
 
 
 def run_config(cfg: DictConfig) -> DictConfig:
@@ -184,13 +275,10 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.agent.name not in AGENTS:
         fail(f"agent={cfg.agent.name!r} is not valid; choose one of {', '.join(map(repr, AGENTS))}")
     for key in ("total_steps", "n_envs", "eval.every", "eval.episodes", "eval.n_envs", "checkpoint.every"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            fail(f"{key} must be an integer >= 1; got {value!r}")
-    if cfg.torch_threads is not None and (not isinstance(cfg.torch_threads, int) or cfg.torch_threads < 1):
-        fail(f"torch_threads must be null (torch's default) or an integer >= 1; got {cfg.torch_threads!r}")
-    if cfg.device not in DEVICES:
-        fail(f"device={cfg.device!r} is not valid; choose one of {', '.join(map(repr, DEVICES))}")
+        check(check_int, key, OmegaConf.select(cfg, key), 1)
+    if cfg.torch_threads is not None:
+        check(check_int, "torch_threads", cfg.torch_threads, 1)
+    check(check_choice, "device", cfg.device, DEVICES)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         fail("device='cuda' but torch finds no CUDA device; use device=auto or device=cpu")
     for key in SCHEDULES:
@@ -203,6 +291,31 @@ def check_config(cfg: DictConfig) -> None:
             fail(f"agent=dqn needs a discrete action space; {cfg.env} has {actions}; use agent=ppo")
     if cfg.encoder.init is not None and not Path(cfg.encoder.init).is_file():
         fail(f"encoder.init={cfg.encoder.init!r}: no such file (give an encoder.pt written by minc_rl.pretrain)")
+    check_seed(cfg)
+    if cfg.encoder.init is not None:
+        problem = run_io.encoder_file_problem(Path(cfg.encoder.init), cfg.encoder.name)
+        if problem is not None:
+            fail(f"encoder.init={cfg.encoder.init!r}: {problem}")
+
+
+def check(function: Callable[..., None], *args: Any) -> None:
+    """A check of minc_rl.checks; its ValueError becomes fail()'s one line."""
+    try:
+        function(*args)
+    except ValueError as error:
+        fail(str(error))
+
+
+def check_seed(cfg: DictConfig) -> None:
+    """Every seed the run derives fits procgen's and ALE's 31-bit seeds: the training envs use seed + i and the
+    evaluation envs seed + EVAL_SEED_OFFSET + i, one per env."""
+    check(check_int, "seed", cfg.seed, 0)
+    largest = 2**31 - 1 - EVAL_SEED_OFFSET - (max(cfg.n_envs, cfg.eval.n_envs) - 1)
+    if cfg.seed > largest:
+        fail(
+            f"seed={cfg.seed} is too large: the evaluation envs use seed + {EVAL_SEED_OFFSET:,} + i (one per env), "
+            f"which must stay below 2**31; give a seed in [0, {largest}]"
+        )
 
 
 def aux_config(cfg: DictConfig) -> AuxConfig:
@@ -221,7 +334,7 @@ def build_envs(cfg: DictConfig, checkpoint: Path | None) -> tuple[VecEnv, dict[s
             env = VecNormalize.load(str(saved), env)
         else:
             env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=cfg.agent.gamma)
-    eval_seed = cfg.seed + 1_000_000  # other episodes than the training envs'
+    eval_seed = cfg.seed + EVAL_SEED_OFFSET  # other episodes than the training envs'
     if parse_spec(cfg.env)[0] == "procgen":
         eval_envs = {
             "train_levels": make_vec_env(cfg.env, cfg.eval.n_envs, seed=eval_seed, **options),
@@ -262,156 +375,6 @@ def build_model(cfg: DictConfig, env: VecEnv) -> BaseAlgorithm:
     return model
 
 
-class LatestValues(KVWriter):
-    """Keeps the last logged value of every key, for summary.json."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def write(self, key_values: dict[str, Any], key_excluded: dict[str, tuple[str, ...]], step: int = 0) -> None:
-        self.values.update(key_values)
-
-    def close(self) -> None:
-        pass
-
-
-class ProgressBar(BaseCallback):
-    """A tqdm bar over the step budget with steps/s and the return of the latest finished training episode."""
-
-    def __init__(self, total_steps: int) -> None:
-        super().__init__()
-        self.total_steps = total_steps
-
-    def _on_training_start(self) -> None:
-        self.bar = tqdm(total=self.total_steps, initial=self.num_timesteps, unit="step", unit_scale=True, mininterval=1.0)
-
-    def _on_step(self) -> bool:
-        self.bar.update(self.num_timesteps - self.bar.n)
-        returns = [info["episode"]["r"] for info in self.locals["infos"] if "episode" in info]
-        if returns:
-            self.bar.set_postfix(episode_return=f"{returns[-1]:.2f}", refresh=False)
-        return True
-
-    def _on_training_end(self) -> None:
-        self.bar.close()
-
-
-class StopOnSignal(BaseCallback):
-    """Ctrl-C (SIGINT) or SIGTERM makes learn() return at the next environment step; a second one acts as usual."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.signum: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        """Catch SIGINT and SIGTERM from now on."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous[signum] = signal.signal(signum, self._handle)
-
-    def restore(self) -> None:
-        """Give SIGINT and SIGTERM back to their previous handlers."""
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        signal.signal(signum, self.previous[signum])
-
-    def _on_step(self) -> bool:
-        if self.signum is None:
-            return True
-        log.warning("%s: stopping and writing a checkpoint", signal.Signals(self.signum).name)
-        return False
-
-
-class EverySteps(BaseCallback):
-    """Calls run() at the first rollout start at or past each multiple of `every` steps: a rollout starts right after
-    the latest update (PPO's epochs, DQN's gradient steps), so run() sees the model trained on every step so far."""
-
-    def __init__(self, every: int) -> None:
-        super().__init__()
-        self.every = every
-
-    def _on_training_start(self) -> None:
-        self.next_step = (self.model.num_timesteps // self.every + 1) * self.every
-
-    def _on_rollout_start(self) -> None:
-        if self.model.num_timesteps >= self.next_step:
-            self.run()
-            self.next_step = (self.model.num_timesteps // self.every + 1) * self.every
-
-    def _on_step(self) -> bool:
-        return True
-
-    def run(self) -> Any:
-        raise NotImplementedError
-
-
-class EvaluationAbandoned(Exception):
-    """Raised inside evaluate_policy when Ctrl-C or SIGTERM arrives, so that the run stops without waiting for it."""
-
-
-class Evaluation(EverySteps):
-    """evaluate_policy on each split's env; logged under eval/ and appended to evaluations.csv."""
-
-    def __init__(
-        self, envs: dict[str, VecEnv], every: int, episodes: int, deterministic: bool, path: Path, stop: StopOnSignal
-    ) -> None:
-        super().__init__(every)
-        self.envs, self.episodes, self.deterministic, self.path, self.stop = envs, episodes, deterministic, path, stop
-
-    def run(self) -> None:
-        """One evaluation of every split at the model's current step; abandoned (no row) on Ctrl-C or SIGTERM."""
-        for split, env in self.envs.items():
-            try:
-                returns, lengths = evaluate_policy(
-                    self.model,
-                    env,
-                    self.episodes,
-                    deterministic=self.deterministic,
-                    return_episode_rewards=True,
-                    callback=self._abandon_on_signal,
-                )
-            except EvaluationAbandoned:
-                log.warning("evaluation at step %d abandoned", self.model.num_timesteps)
-                return
-            row = {
-                "step": self.model.num_timesteps,
-                "split": split,
-                "return_mean": float(np.mean(returns)),
-                "return_std": float(np.std(returns)),
-                "length_mean": float(np.mean(lengths)),
-                "episodes": len(returns),
-            }
-            run_io.append_evaluation(self.path, row)
-            self.logger.record(f"eval/{split}_return", row["return_mean"])
-            self.logger.record(f"eval/{split}_length", row["length_mean"])
-            log.info("step %d, %s: return %.2f +- %.2f over %d episodes", row["step"], split, row["return_mean"],
-                     row["return_std"], row["episodes"])  # fmt: skip
-
-    def _abandon_on_signal(self, locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
-        if self.stop.signum is not None:
-            raise EvaluationAbandoned
-
-
-class Checkpoints(EverySteps):
-    """An atomic checkpoint: model with optimizer and Lambda, step count, reward statistics, DQN's replay buffer."""
-
-    def __init__(self, run_dir: Path, every: int, replay_buffer: bool) -> None:
-        super().__init__(every)
-        self.run_dir, self.replay_buffer = run_dir, replay_buffer
-
-    def run(self) -> Path:
-        """Write the checkpoint of the current step; a model with non-finite parameters is never saved."""
-        if not run_io.parameters_finite(self.model):
-            raise RuntimeError(
-                f"non-finite parameters at step {self.model.num_timesteps}: not checkpointed; "
-                f"the last good checkpoint is {run_io.latest_checkpoint(self.run_dir)}"
-            )
-        return run_io.save_checkpoint(self.model, self.run_dir, self.replay_buffer)
-
-
 def start_wandb(cfg: DictConfig, run_dir: Path) -> Any:
     """A wandb run that mirrors the TensorBoard logs: online if logged in, else offline (WANDB_MODE decides if set)."""
     import wandb
@@ -441,51 +404,110 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """One training run in Hydra's run directory; returns the summary."""
+    """One training run in Hydra's run directory, which it holds alone (a lock) and which holds no other run;
+    returns the summary."""
     started = time.time()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     cfg = run_config(cfg)
     check_config(cfg)
-    checkpoint = run_io.latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and checkpoint is None:
-        fail(f"resume={cfg.resume!r} has no checkpoint in {run_dir / 'checkpoints'}")
-    if cfg.wandb.enabled and cfg.wandb.id is None:
-        cfg.wandb.id = secrets.token_hex(4)  # saved with the config, so resume= continues the same wandb run
-    save_config(cfg, run_dir)
+    try:
+        lock = RunLock(run_dir).acquire()
+        if cfg.resume is None:
+            check_fresh(run_dir, RUN_FILES, resume_argument(run_dir))
+    except RunDirError as error:
+        fail(str(error))
+    try:
+        return run_training(cfg, run_dir, started)
+    finally:
+        lock.release()
+
+
+def run_training(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, Any]:
+    """Build the envs and the agent (or load its checkpoint, after checking every file of the run), learn, and
+    write the summary and the learning curve. Nothing is written before the inputs are known to be good."""
+    checkpoint = resume_checkpoint(cfg, run_dir) if cfg.resume else None
     if cfg.torch_threads is not None:
         torch.set_num_threads(cfg.torch_threads)
-    log.info(
-        "config: %s + the command line; resolved in %s",
-        ", ".join(
-            [f"{group}/{cfg[group].name}.yaml" for group in GROUPS]
-            + [f"family/{parse_spec(cfg.env)[0]}.yaml", f"family_agent/{parse_spec(cfg.env)[0]}_{cfg.agent.name}.yaml"]
-        ),
-        run_dir / "config.yaml",
-    )
-
-    wandb_run = start_wandb(cfg, run_dir) if cfg.wandb.enabled else None  # before SB3's TensorBoard writer exists
     env, eval_envs = build_envs(cfg, checkpoint)
-    if checkpoint is None:
-        model = build_model(cfg, env)
-    else:
-        model = AGENTS[cfg.agent.name].load(checkpoint, env=env, device=cfg.device)
-        if cfg.checkpoint.replay_buffer and run_io.replay_buffer_path(run_dir).exists():
-            model.load_replay_buffer(run_io.replay_buffer_path(run_dir))
-        run_io.truncate_evaluations(run_dir / "evaluations.csv", model.num_timesteps)
-        log.info("resuming %s at step %d", checkpoint, model.num_timesteps)
+    model = build_model(cfg, env) if checkpoint is None else load_model(cfg, env, checkpoint, run_dir)
+    start_run(cfg, run_dir)
+    wandb_run = start_wandb(cfg, run_dir) if cfg.wandb.enabled else None  # before SB3's TensorBoard writer exists
     start_step = model.num_timesteps
-    latest = LatestValues()
-    model.set_logger(
-        Logger(
-            str(run_dir),
-            [
-                run_io.open_progress_csv(run_dir / "progress.csv", start_step if checkpoint else None),
-                TensorBoardOutputFormat(str(run_dir / "tensorboard")),
-                latest,
-            ],
-        )
-    )
+    latest = set_logger(model, run_dir, resumed=checkpoint is not None)
+    saved, stop, speed = learn(cfg, model, eval_envs, run_dir, start_step)
 
+    summary = run_summary(cfg, model, run_dir, latest.values, time.time() - started, speed, stop.signum is not None)
+    run_io.write_summary(run_dir / "summary.json", summary)
+    run_io.plot_learning_curve(run_dir, f"{cfg.env} {cfg.agent.name} aux={cfg.aux.name} seed={cfg.seed}")
+    if wandb_run is not None:
+        wandb_run.summary.update(run_io.finite_or_none(summary))
+        wandb_run.finish()
+    for vec_env in (env, *eval_envs.values()):
+        vec_env.close()
+    print(f"minc_rl.train: step {model.num_timesteps}; checkpoint {saved}; outputs in {run_dir}", flush=True)
+    if stop.signum is not None:
+        print(f"minc_rl.train: interrupted; continue with: python -m minc_rl.train {resume_argument(run_dir)}", flush=True)
+        raise SystemExit(128 + stop.signum)
+    return summary
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path:
+    """The newest checkpoint that loads (a damaged newer one is named and skipped), after checking that
+    progress.csv, evaluations.csv and summary.json can be continued; exit 2 with one line otherwise."""
+    checkpoint, damaged = run_io.valid_checkpoint(run_dir, vecnormalize=cfg.normalize_reward)
+    if checkpoint is None:
+        found = f": {'; '.join(damaged)}" if damaged else ""
+        fail(f"resume={cfg.resume!r}: no checkpoint in {run_dir / 'checkpoints'} can be loaded{found}")
+    if damaged:
+        log.warning("resuming from %s: the newer %s", checkpoint.name, "; ".join(f"{d} is damaged" for d in damaged))
+    problem = run_io.readable_run_files(run_dir)
+    if problem is not None:
+        fail(f"resume={cfg.resume!r}: {problem}; repair it or move it away, then resume again")
+    return checkpoint
+
+
+def start_run(cfg: DictConfig, run_dir: Path) -> None:
+    """Save the resolved config (with a new wandb id, so that resume= continues the same wandb run) and log where
+    the config came from."""
+    if cfg.wandb.enabled and cfg.wandb.id is None:
+        cfg.wandb.id = secrets.token_hex(4)
+    save_config(cfg, run_dir)
+    family = parse_spec(cfg.env)[0]
+    files = [f"{group}/{cfg[group].name}.yaml" for group in GROUPS]
+    files += [f"family/{family}.yaml", f"family_agent/{family}_{cfg.agent.name}.yaml"]
+    log.info("config: %s + the command line; resolved in %s", ", ".join(files), run_dir / "config.yaml")
+
+
+def load_model(cfg: DictConfig, env: VecEnv, checkpoint: Path, run_dir: Path) -> BaseAlgorithm:
+    """The agent of `checkpoint` (its step count, optimizer and Lambda) on `env`, with DQN's replay buffer; the rows
+    of evaluations.csv after its step are dropped, since the resumed run redoes them."""
+    model = AGENTS[cfg.agent.name].load(checkpoint, env=env, device=cfg.device)
+    if cfg.checkpoint.replay_buffer and run_io.replay_buffer_path(run_dir).exists():
+        try:
+            model.load_replay_buffer(run_io.replay_buffer_path(run_dir))
+        except Exception as error:  # noqa: BLE001  a damaged pickle raises anything
+            fail(f"resume={cfg.resume!r}: {run_io.replay_buffer_path(run_dir)} cannot be read ({run_io.one_line(error)}); "
+                 "move it away to resume with an empty replay buffer")  # fmt: skip
+    run_io.truncate_evaluations(run_dir / "evaluations.csv", model.num_timesteps)
+    log.info("resuming %s at step %d", checkpoint, model.num_timesteps)
+    return model
+
+
+def set_logger(model: BaseAlgorithm, run_dir: Path, resumed: bool) -> LatestValues:
+    """SB3's logger writes progress.csv (on resume: after its rows up to the checkpoint), TensorBoard events, and
+    the latest values (returned) for summary.json."""
+    latest = LatestValues()
+    progress = run_io.open_progress_csv(run_dir / "progress.csv", model.num_timesteps if resumed else None)
+    model.set_logger(Logger(str(run_dir), [progress, TensorBoardOutputFormat(str(run_dir / "tensorboard")), latest]))
+    return latest
+
+
+def learn(
+    cfg: DictConfig, model: BaseAlgorithm, eval_envs: dict[str, VecEnv], run_dir: Path, start_step: int
+) -> tuple[Path, StopOnSignal, float]:
+    """model.learn() up to cfg.total_steps with evaluations, checkpoints, the progress bar and a stop on Ctrl-C /
+    SIGTERM; then the last checkpoint and, unless stopped, the last evaluation. Returns the last checkpoint, the
+    stop callback (its signum says whether a signal stopped the run) and this session's steps per second."""
     deterministic = cfg.eval.deterministic if cfg.eval.deterministic is not None else cfg.agent.name == "dqn"
     stop = StopOnSignal()
     evaluation = Evaluation(eval_envs, cfg.eval.every, cfg.eval.episodes, deterministic, run_dir / "evaluations.csv", stop)
@@ -498,7 +520,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             total_timesteps=max(cfg.total_steps - start_step, 0),
             callback=CallbackList(callbacks),
             log_interval=cfg.agent.log_interval,
-            reset_num_timesteps=checkpoint is None,
+            reset_num_timesteps=not cfg.resume,
         )
         learn_time = time.time() - learn_started
         saved = checkpoints.run()
@@ -506,24 +528,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             evaluation.run()
         model.logger.record("time/total_timesteps", model.num_timesteps)
         model.logger.dump(model.num_timesteps)  # also the last train() metrics, which SB3 only dumps before the next
+    except CheckpointError as error:  # a full disk, or a model gone non-finite: the last checkpoint is intact
+        print(f"minc_rl.train: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         stop.restore()
-
-    speed = (model.num_timesteps - start_step) / learn_time
-    summary = run_summary(cfg, model, run_dir, latest.values, time.time() - started, speed, stop.signum is not None)
-    run_io.write_summary(run_dir / "summary.json", summary)
-    run_io.plot_learning_curve(run_dir, f"{cfg.env} {cfg.agent.name} aux={cfg.aux.name} seed={cfg.seed}")
-    if wandb_run is not None:
-        wandb_run.summary.update(run_io.finite_or_none(summary))
-        wandb_run.finish()
-    env.close()
-    for eval_env in eval_envs.values():
-        eval_env.close()
-    print(f"minc_rl.train: step {model.num_timesteps}; checkpoint {saved}; outputs in {run_dir}", flush=True)
-    if stop.signum is not None:
-        print(f"minc_rl.train: interrupted; continue with: python -m minc_rl.train resume={run_dir}", flush=True)
-        raise SystemExit(128 + stop.signum)
-    return summary
+    return saved, stop, (model.num_timesteps - start_step) / learn_time
 
 
 def run_summary(
@@ -564,7 +574,7 @@ def run_summary(
 
 def main() -> None:
     """Console entry point."""
-    check_command_line(sys.argv[1:])
+    sys.argv[1:] = check_command_line(sys.argv[1:])
     train()
 
 

@@ -6,8 +6,10 @@ import csv
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def torchvision_imports() -> bool:
+    """Whether torchvision (the `vision` extra) is installed and imports beside this torch."""
+    try:
+        import torchvision.models  # noqa: F401
+    except Exception:  # not installed (ImportError), or built for another torch (RuntimeError at import)
+        return False
+    return True
+
+
+needs_torchvision = pytest.mark.skipif(
+    not torchvision_imports(), reason="the ResNet backbones need the `vision` extra (torchvision matching this torch)"
+)
 
 
 def run(out_dir: Path, *overrides: str) -> dict:
@@ -138,6 +154,93 @@ def test_a_diverged_run_skips_non_finite_batches_and_writes_no_checkpoint(tmp_pa
     assert float(row["lambda_eig_max"]) == float(row["lambda_eig_max"])  # Lambda stayed finite
 
 
+def test_a_stop_inside_an_epoch_resumes_exactly_and_metrics_get_no_duplicate_rows(tmp_path, monkeypatch):
+    common = ["loss=minc", "batch_size=256", "epochs=3", "eval.at_start=false", "checkpoint_every=1"]
+    run(tmp_path / "full", *common)
+    real_step = minc_rl.pretrain.train_step
+
+    def signal_at_step_7(run_, *args):
+        result = real_step(run_, *args)
+        if run_.step == 6:  # the 7th step, the 2nd of epoch 2 (5 steps per epoch): as if SIGTERM came during it
+            run_.stop.signum = signal.SIGTERM
+        return result
+
+    monkeypatch.setattr(minc_rl.pretrain, "train_step", signal_at_step_7)
+    summary = run(tmp_path / "stopped", *common)
+    monkeypatch.undo()
+    assert (summary["interrupted"], summary["steps"]) == ("SIGTERM", 7)
+    stopped = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
+    assert (stopped["epoch"], stopped["batches_done"], stopped["step"]) == (1, 2, 7)
+    assert (tmp_path / "stopped" / "encoder.pt").exists()
+    run(tmp_path / "stopped", *common, f"resume={tmp_path / 'stopped'}")
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
+    assert resumed["step"] == full["step"] == 15
+    torch.testing.assert_close(resumed["model"], full["model"])  # the same batches and augmentations, in order
+    torch.testing.assert_close(resumed["loss"], full["loss"])
+    rows = list(csv.DictReader(open(tmp_path / "stopped" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_ctrl_c_sets_the_stop_flag_and_a_second_one_acts_as_usual():
+    before = signal.getsignal(signal.SIGINT)
+    with minc_rl.pretrain.StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs at the next bytecode
+        assert stop.signum == signal.SIGINT  # no KeyboardInterrupt: the loop stops after its step
+        assert signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C interrupts as usual
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_sigterm_writes_checkpoint_encoder_and_summary_and_exits_143(tmp_path):
+    out, signum = tmp_path / "run", signal.SIGTERM
+    command = [
+        sys.executable, "-m", "minc_rl.pretrain", "epochs=100000", "eval.every=100000", "eval.at_start=false",
+        "progress=false", "device=cpu", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if (out / "metrics.csv").exists() and len((out / "metrics.csv").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    sent = time.monotonic()
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 10
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    name = signal.Signals(signum).name
+    assert f"minc_rl.pretrain: interrupted ({name}) at step" in stdout and f"resume={out}" in stdout
+    assert "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert summary["interrupted"] == name and summary["steps"] == checkpoint["step"] >= 22
+    assert (out / "encoder.pt").exists()
+
+
+def test_a_damaged_pretraining_checkpoint_or_a_used_run_dir_is_one_line(digits_run, tmp_path):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((digits_run / "checkpoint.pt").read_bytes()[:2000])
+    with pytest.raises(ValueError, match=rf"^resume={truncated}: not a readable pretraining checkpoint \(RuntimeError: "):
+        run(tmp_path / "a", f"resume={truncated}")
+    atomic_torch_save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match=rf"^resume={tmp_path / 'foreign.pt'}: not a pretraining checkpoint of minc_rl.pretrain \(it lacks config, epoch"):
+        run(tmp_path / "b", f"resume={tmp_path / 'foreign.pt'}")
+    before = (digits_run / "metrics.csv").read_bytes()
+    with pytest.raises(ValueError, match=rf"^{digits_run} already holds a run \(checkpoint.pt, metrics.csv, encoder.pt, summary.json\); continue it with resume={digits_run}"):
+        run(digits_run, "steps=1")
+    assert (digits_run / "metrics.csv").read_bytes() == before
+    done = subprocess.run(
+        [sys.executable, "-m", "minc_rl.pretrain", f"resume={truncated}", f"hydra.run.dir={tmp_path / 'cli'}", "device=cpu"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"minc_rl.pretrain: error: resume={truncated}: not a readable pretraining checkpoint (RuntimeError: "
+        + done.stderr.split("(RuntimeError: ", 1)[1].strip()
+    ]
+
+
 @pytest.mark.parametrize("loss", ["spectral", "infonce"])
 def test_baseline_losses_and_ema_target_encoder_train(tmp_path, loss):
     summary = run(tmp_path, f"loss={loss}", "steps=2", "batch_size=32", "target_momentum=0.9", "eval.at_start=false")
@@ -153,13 +256,15 @@ def test_baseline_losses_and_ema_target_encoder_train(tmp_path, loss):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("precision=fp16", "unknown precision 'fp16'; valid: fp32, bf16"),
-        ("optimizer=rmsprop", "unknown optimizer 'rmsprop'; valid: sgd, lars, adamw"),
+        ("precision=fp16", "precision='fp16' is not valid; choose one of 'fp32', 'bf16'"),
+        ("optimizer=rmsprop", "optimizer='rmsprop' is not valid; choose one of 'sgd', 'lars', 'adamw'"),
         ("batch_size=1", "batch_size=1 must be >= 2"),
         ("batch_size=4096", "batch_size=4096 is larger than the 1437 training pairs"),
         ("backbone=vgg", "unknown backbone 'vgg'; valid backbones: resnet18, resnet50, convnet, impala"),
-        ("lr_scaling=cubic", "unknown lr_scaling 'cubic'; valid: linear, sqrt, none"),
+        ("lr_scaling=cubic", "lr_scaling='cubic' is not valid; choose one of 'linear', 'sqrt', 'none'"),
         ("target_momentum=1.5", "target_momentum must be in"),
+        ("epochs=0", "epochs must be an integer >= 1; got 0"),  # it would write the untrained encoder as a result
+        ("steps=0", "steps must be an integer >= 1; got 0"),
     ],
 )
 def test_bad_options_name_the_value_and_the_valid_ones(tmp_path, override, message):
@@ -195,6 +300,7 @@ def write_imagefolder(root: Path, size: int = 40, per_class: int = 6) -> None:
                 Image.fromarray(pixels).save(root / split / name / f"{i}.png")
 
 
+@needs_torchvision
 def test_cifar_fixture_trains_a_resnet18_small_stem_step_and_evaluates(tmp_path):
     write_cifar(tmp_path / "cifar")
     data = load_data("cifar10", root=str(tmp_path / "cifar"))

@@ -21,7 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from minc_rl import train
+from minc_rl import run_callbacks, train
 from minc_rl.agents import MincDQN, MincPPO
 from minc_rl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
@@ -163,6 +163,17 @@ BAD_VALUES = [
     (["encoder.init=/nonexistent/encoder.pt"], ["encoder.init", "/nonexistent/encoder.pt", "no such file"]),
     (["resume=/nonexistent/run"], ["resume='/nonexistent/run'", "no config.yaml"]),
     (["family=atari"], ["family", "env="]),
+    (["seed=-1"], ["seed must be an integer >= 0; got -1"]),
+    # procgen's 64 training envs: the largest seed any env gets is seed + 1,000,000 + 63
+    (["seed=2147483647"], ["seed=2147483647 is too large: the evaluation envs use seed + 1,000,000 + i", "[0, 2146483584]"]),
+    (["n_envs=4", "eval.n_envs=2", "seed=2146483645"], ["seed=2146483645 is too large", "[0, 2146483644]"]),
+    (["aux.emaa=0.1"], ["aux.emaa is not a key of minc_rl.train's config; did you mean aux.ema?"]),
+    (["+aux.emaa=0.1"], ["aux.emaa is not a key of minc_rl.train's config; did you mean aux.ema?"]),  # never added
+    (["++aux.emaa=0.1"], ["aux.emaa is not a key of minc_rl.train's config; did you mean aux.ema?"]),
+    (["total_step=1000"], ["total_step is not a key of minc_rl.train's config; did you mean total_steps?"]),
+    (["agent.learning_rat=1e-3"], ["did you mean agent.learning_rate? (to give SB3 another keyword argument, write +agent.learning_rat=<value>)"]),
+    (["-m", "aux=none,spectral", "aux.emaa=1"], ["aux.emaa is not a key of minc_rl.train's config; did you mean aux.ema?"]),
+    (["env_options.distribution_mod=hard"], ["Unknown option 'distribution_mod' for procgen environments", "distribution_mode"]),
 ]
 
 
@@ -400,13 +411,16 @@ def test_encoder_init_loads_a_pretrained_encoder_and_refuses_a_mismatched_one(tm
         )  # fmt: skip
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("minc_rl.train: error: encoder file") and "'nature'" in err and "'impala'" in err
+    assert err == (
+        f"minc_rl.train: error: encoder.init='{tmp_path / 'nature.pt'}': it holds a 'nature' encoder; this run's "
+        "encoder is 'impala' (set encoder=nature or pretrain an 'impala' one)"
+    )
     assert not (tmp_path / "mismatch" / "checkpoints").exists()
 
 
 def test_a_model_with_non_finite_parameters_is_never_checkpointed(tmp_path, one_torch_thread):
     model = MincPPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), encoder="mlp", n_steps=16, batch_size=16)
-    checkpoints = train.Checkpoints(tmp_path, every=1, replay_buffer=False)
+    checkpoints = run_callbacks.Checkpoints(tmp_path, every=1, replay_buffer=False)
     checkpoints.init_callback(model)
     healthy = checkpoints.run().read_bytes()  # a healthy model is saved
     with torch.no_grad():

@@ -1,0 +1,218 @@
+"""The callbacks of a training run (minc_rl.train): the progress bar, periodic evaluation and checkpoints, and a
+prompt stop on Ctrl-C / SIGTERM; and LatestValues, the logger output that keeps the last value of every key."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.logger import KVWriter
+from stable_baselines3.common.vec_env import VecEnv
+from tqdm import tqdm
+
+from minc_rl import run_io
+
+log = logging.getLogger("minc_rl.train")
+
+
+class LatestValues(KVWriter):
+    """Keeps the last logged value of every key, for summary.json."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def write(self, key_values: dict[str, Any], key_excluded: dict[str, tuple[str, ...]], step: int = 0) -> None:
+        self.values.update(key_values)
+
+    def close(self) -> None:
+        pass
+
+
+class ProgressBar(BaseCallback):
+    """A tqdm bar over the step budget with steps/s and the return of the latest finished training episode."""
+
+    def __init__(self, total_steps: int) -> None:
+        super().__init__()
+        self.total_steps = total_steps
+
+    def _on_training_start(self) -> None:
+        self.bar = tqdm(total=self.total_steps, initial=self.num_timesteps, unit="step", unit_scale=True, mininterval=1.0)
+
+    def _on_step(self) -> bool:
+        self.bar.update(self.num_timesteps - self.bar.n)
+        returns = [info["episode"]["r"] for info in self.locals["infos"] if "episode" in info]
+        if returns:
+            self.bar.set_postfix(episode_return=f"{returns[-1]:.2f}", refresh=False)
+        return True
+
+    def _on_training_end(self) -> None:
+        self.bar.close()
+
+
+# SIGUSR2: what SLURM sends before the time limit with --signal=USR2@<seconds> (submitit's timeout signal).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
+class StopOnSignal(BaseCallback):
+    """Ctrl-C (SIGINT), SIGTERM or SIGUSR2 stop the run promptly: learn() returns at the next environment step, and
+    a PPO update in progress ends after its current minibatch, so that the checkpoint is written within about one
+    minibatch's time. (MincPPO.train reads its minibatches from rollout_buffer.get, which this callback wraps: once a
+    signal has arrived, get() yields no more minibatches; the first minibatch of an update always runs, so train()
+    has its losses to log.) A second signal acts as usual (Ctrl-C twice: KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+        self.minibatches = 0  # minibatches of the current update read so far
+        self.stopped_update = False
+
+    def install(self) -> None:
+        """Catch STOP_SIGNALS from now on."""
+        for signum in STOP_SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        """Give the signals back to their previous handlers."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])
+
+    def _init_callback(self) -> None:
+        buffer = getattr(self.model, "rollout_buffer", None)
+        if buffer is not None and not getattr(buffer.get, "stops_on_signal", False):
+            buffer.get = self._stoppable(buffer.get)
+
+    def _stoppable(self, get: Any) -> Any:
+        def get_until_stopped(batch_size: int | None = None) -> Any:
+            for minibatch in get(batch_size):
+                if self.signum is not None and self.minibatches > 0:
+                    self._update_stopped()
+                    return
+                self.minibatches += 1
+                yield minibatch
+
+        get_until_stopped.stops_on_signal = True  # type: ignore[attr-defined]
+        return get_until_stopped
+
+    def _update_stopped(self) -> None:
+        if not self.stopped_update:
+            self.stopped_update = True
+            log.warning("%s: the update stops after %d minibatches", signal.Signals(self.signum).name, self.minibatches)
+            warnings.filterwarnings("ignore", "Mean of empty slice")  # train()'s means over the epochs it skips
+            warnings.filterwarnings("ignore", "invalid value encountered")
+
+    def _on_rollout_end(self) -> None:
+        self.minibatches = 0
+
+    def _on_step(self) -> bool:
+        if self.signum is None:
+            return True
+        log.warning("%s: stopping and writing a checkpoint", signal.Signals(self.signum).name)
+        return False
+
+
+class EverySteps(BaseCallback):
+    """Calls run() at the first rollout start at or past each multiple of `every` steps: a rollout starts right after
+    the latest update (PPO's epochs, DQN's gradient steps), so run() sees the model trained on every step so far."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__()
+        self.every = every
+
+    def _on_training_start(self) -> None:
+        self.next_step = (self.model.num_timesteps // self.every + 1) * self.every
+
+    def _on_rollout_start(self) -> None:
+        if self.model.num_timesteps >= self.next_step:
+            self.run()
+            self.next_step = (self.model.num_timesteps // self.every + 1) * self.every
+
+    def _on_step(self) -> bool:
+        return True
+
+    def run(self) -> Any:
+        raise NotImplementedError
+
+
+class EvaluationAbandoned(Exception):
+    """Raised inside evaluate_policy when Ctrl-C or SIGTERM arrives, so that the run stops without waiting for it."""
+
+
+class Evaluation(EverySteps):
+    """evaluate_policy on each split's env; logged under eval/ and appended to evaluations.csv."""
+
+    def __init__(
+        self, envs: dict[str, VecEnv], every: int, episodes: int, deterministic: bool, path: Path, stop: StopOnSignal
+    ) -> None:
+        super().__init__(every)
+        self.envs, self.episodes, self.deterministic, self.path, self.stop = envs, episodes, deterministic, path, stop
+
+    def run(self) -> None:
+        """One evaluation of every split at the model's current step; abandoned (no row) on Ctrl-C or SIGTERM."""
+        for split, env in self.envs.items():
+            try:
+                returns, lengths = evaluate_policy(
+                    self.model,
+                    env,
+                    self.episodes,
+                    deterministic=self.deterministic,
+                    return_episode_rewards=True,
+                    callback=self._abandon_on_signal,
+                )
+            except EvaluationAbandoned:
+                log.warning("evaluation at step %d abandoned", self.model.num_timesteps)
+                return
+            row = {
+                "step": self.model.num_timesteps,
+                "split": split,
+                "return_mean": float(np.mean(returns)),
+                "return_std": float(np.std(returns)),
+                "length_mean": float(np.mean(lengths)),
+                "episodes": len(returns),
+            }
+            run_io.append_evaluation(self.path, row)
+            self.logger.record(f"eval/{split}_return", row["return_mean"])
+            self.logger.record(f"eval/{split}_length", row["length_mean"])
+            log.info("step %d, %s: return %.2f +- %.2f over %d episodes", row["step"], split, row["return_mean"],
+                     row["return_std"], row["episodes"])  # fmt: skip
+
+    def _abandon_on_signal(self, locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
+        if self.stop.signum is not None:
+            raise EvaluationAbandoned
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that was not written (non-finite parameters, a full disk); the message is one line."""
+
+
+class Checkpoints(EverySteps):
+    """An atomic checkpoint: model with optimizer and Lambda, step count, reward statistics, DQN's replay buffer."""
+
+    def __init__(self, run_dir: Path, every: int, replay_buffer: bool) -> None:
+        super().__init__(every)
+        self.run_dir, self.replay_buffer = run_dir, replay_buffer
+
+    def run(self) -> Path:
+        """Write the checkpoint of the current step; a model with non-finite parameters is never saved."""
+        if not run_io.parameters_finite(self.model):
+            raise CheckpointError(
+                f"non-finite parameters at step {self.model.num_timesteps}: not checkpointed; "
+                f"the last good checkpoint is {run_io.latest_checkpoint(self.run_dir)}"
+            )
+        try:
+            return run_io.save_checkpoint(self.model, self.run_dir, self.replay_buffer)
+        except OSError as error:
+            raise CheckpointError(
+                f"the checkpoint of step {self.model.num_timesteps} was not written ({run_io.one_line(error)}); "
+                f"the last checkpoint, {run_io.latest_checkpoint(self.run_dir)}, is intact"
+            ) from error

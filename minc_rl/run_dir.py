@@ -1,0 +1,98 @@
+"""A run directory belongs to one run: a lock while a process writes it, a refusal to start a fresh run in a
+directory that holds one, and a check that the directory can be written at all.
+
+The lock is fcntl.flock on `<run dir>/.lock`: the operating system releases it when the process ends, also when it
+crashes or is killed, so a crashed run never leaves the directory locked. The file itself stays (with the pid of
+the last holder); its presence means nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+
+
+def resume_argument(run_dir: Path | str) -> str:
+    """`resume=<run_dir>` as the user types it in a shell: a path with characters Hydra's override grammar reads
+    otherwise (a sweep job's directory holds `=` and `,`) is quoted for Hydra, and that for the shell."""
+    if re.fullmatch(r"[\w/.:+~@%-]+", str(run_dir)):
+        return f"resume={run_dir}"
+    return "'resume=\"" + str(run_dir).replace("'", "'\\''") + "\"'"
+
+
+class RunDirError(Exception):
+    """A run directory that this run cannot use; the message is one line for the user."""
+
+
+def writable_problem(directory: Path) -> str | None:
+    """Why `directory` (made if missing) cannot be written, or None: checks the nearest folder that exists."""
+    existing = Path(os.path.abspath(directory))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def check_writable(run_dir: Path) -> None:
+    """Raise RunDirError naming the run directory unless it can be made and written."""
+    problem = writable_problem(run_dir)
+    if problem is not None:
+        raise RunDirError(
+            f"cannot write the run directory {run_dir}: {problem}; choose a writable one with hydra.run.dir=<dir>"
+        )
+
+
+def check_fresh(run_dir: Path, run_files: tuple[str, ...], resume_hint: str) -> None:
+    """Raise RunDirError if run_dir already holds a run (any of `run_files`): a fresh run there would overwrite it."""
+    found = [name for name in run_files if (run_dir / name).exists()]
+    if found:
+        raise RunDirError(
+            f"{run_dir} already holds a run ({', '.join(found)}); continue it with {resume_hint}, "
+            "or start a new run in another directory (hydra.run.dir=<new dir>)"
+        )
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a run directory for this process (a context manager)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise RunDirError naming the process that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(
+                f"{self.path.parent} is in use by another run (pid {holder}); two runs cannot write one directory: "
+                "wait for it to end, or choose another directory (hydra.run.dir=<new dir>)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Give the lock back (the OS also does when the process ends)."""
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,365 @@
+"""minc_rl.train's run directories and the files it reads (issue 14): a directory belongs to one run (refusal, lock),
+every file read is checked (checkpoints with fallback, progress.csv, summary.json, encoder.pt), a full disk during
+a checkpoint, a prompt stop inside a PPO update, and the cluster path through submitit_local with SIGTERM / SIGUSR2."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.vec_env import VecNormalize
+
+from minc_rl import run_io, train
+from minc_rl.agents import MincPPO
+from minc_rl.encoders import build_encoder, save_encoder
+from minc_rl.envs import make_vec_env
+from minc_rl.run_callbacks import CheckpointError, Checkpoints, StopOnSignal
+from minc_rl.run_dir import RunLock
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# A CartPole PPO run with the MLP encoder and MINC: 2 envs x 32 steps per rollout, a few seconds per run.
+CARTPOLE = [
+    "env=gym:CartPole-v1", "encoder=mlp", "aux=minc", "aux.batch=16", "n_envs=2", "agent.n_steps=32",
+    "agent.n_minibatches=2", "eval.episodes=1", "eval.n_envs=1", "eval.every=1000000", "progress_bar=false",
+    "torch_threads=1",
+]  # fmt: skip
+
+
+def run_in_process(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+    """minc_rl.train.main() with `args` as its command line, in this process."""
+    monkeypatch.setattr(sys, "argv", ["minc_rl.train", *args])
+    try:
+        train.main()
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def refused(monkeypatch, capsys, *args: str) -> str:
+    """The one stderr line of a command line that exits with code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(monkeypatch, *args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minc_rl.train: error: "), err
+    return err[0].removeprefix("minc_rl.train: error: ")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes (but the lock file, which holds the pid of its latest holder)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A CartPole run of 128 steps with checkpoints at 64 and 128 (copy it before changing it)."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    mp = pytest.MonkeyPatch()
+    try:
+        run_in_process(mp, *CARTPOLE, "total_steps=128", "checkpoint.every=64", f"hydra.run.dir={run_dir}")
+    finally:
+        mp.undo()
+    assert [p.name for p in run_io.checkpoints(run_dir)] == ["step_000000000128.zip", "step_000000000064.zip"]
+    return run_dir
+
+
+def copy_run(finished_run: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir, ignore=shutil.ignore_patterns(".lock"))
+    return run_dir
+
+
+# --- a run directory belongs to one run ----------------------------------------------------------------------------
+
+
+def test_a_fresh_run_in_a_directory_holding_a_run_is_refused_and_nothing_is_touched(monkeypatch, capsys, finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    before = snapshot(run_dir)
+    message = refused(monkeypatch, capsys, *CARTPOLE, "total_steps=64", f"hydra.run.dir={run_dir}")
+    assert message == (
+        f"{run_dir} already holds a run (config.yaml, checkpoints, progress.csv, evaluations.csv, summary.json); continue it with "
+        f"resume={run_dir}, or start a new run in another directory (hydra.run.dir=<new dir>)"
+    )
+    assert snapshot(run_dir) == before  # Hydra did not start either: .hydra/ and train.log are the old run's
+
+
+def test_two_runs_cannot_share_a_directory_and_a_killed_holder_leaves_no_lock(monkeypatch, capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from minc_rl.run_dir import RunLock; RunLock(sys.argv[1]).acquire(); "
+         "print('locked', flush=True); import time; time.sleep(600)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        message = refused(monkeypatch, capsys, *CARTPOLE, "total_steps=64", f"hydra.run.dir={run_dir}")
+        assert message == (
+            f"{run_dir} is in use by another run (pid {holder.pid}); two runs cannot write one directory: "
+            "wait for it to end, or choose another directory (hydra.run.dir=<new dir>)"
+        )
+        assert not (run_dir / "config.yaml").exists() and not (run_dir / "progress.csv").exists()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs, the OS drops the lock
+        holder.wait()
+    with RunLock(run_dir):
+        pass
+
+
+def test_a_read_only_run_directory_is_one_line(monkeypatch, capsys, tmp_path):
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    if os.geteuid() == 0:  # root may write anywhere: answer as access(2) does for everyone else
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == parent else real_access(p, mode, **k))
+    try:
+        message = refused(monkeypatch, capsys, *CARTPOLE, f"hydra.run.dir={parent / 'run'}")
+    finally:
+        parent.chmod(0o755)
+    assert message == (
+        f"cannot write the run directory {parent / 'run'}: {parent} is not writable; "
+        "choose a writable one with hydra.run.dir=<dir>"
+    )
+    assert not (parent / "run").exists()
+
+
+# --- the config: misspelt keys, env_options --------------------------------------------------------------------------
+
+
+def test_env_options_and_loss_kwargs_are_taken_without_plus(monkeypatch, tmp_path):
+    seen = []
+
+    def stop_before_building(cfg, checkpoint):
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train, "build_envs", stop_before_building)
+    with pytest.raises(SystemExit):
+        run_in_process(
+            monkeypatch, "env=procgen:bigfish", "env_options.distribution_mode=hard", "env_options.use_backgrounds=false",
+            "aux=spectral", "aux.loss_kwargs.mu=2.0", f"hydra.run.dir={tmp_path / 'run'}",
+        )  # fmt: skip
+    (cfg,) = seen
+    assert cfg.env_options.distribution_mode == "hard" and cfg.env_options.use_backgrounds is False
+    assert cfg.env_options.num_levels == 200  # the family default stays
+    assert cfg.aux.loss_kwargs.mu == 2.0  # the loss's own options, documented in aux/spectral.yaml, need no + either
+
+
+# --- encoder.pt ----------------------------------------------------------------------------------------------------
+
+
+def encoder_files(folder: Path) -> dict[str, Path]:
+    """Bad encoder.pt files: random bytes, a torch file of other keys, NaN weights, another architecture's weights."""
+    folder.mkdir()
+    files = {name: folder / f"{name}.pt" for name in ("random", "keys", "nan", "shapes")}
+    files["random"].write_bytes(os.urandom(4096))
+    torch.save({"weights": torch.zeros(3)}, files["keys"])
+    impala = build_encoder("impala", (3, 64, 64))
+    with torch.no_grad():
+        next(impala.parameters()).fill_(float("nan"))
+    save_encoder(str(files["nan"]), impala, "impala", (3, 64, 64))
+    nature = build_encoder("nature", (3, 64, 64))
+    save_encoder(str(files["shapes"]), nature, "impala", (3, 64, 64))  # named impala, nature's tensors
+    return files
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("random", "not a torch file written by minc_rl.pretrain ("),
+        ("keys", "not an encoder.pt: it holds ['weights'], an encoder.pt holds ['name', 'input_shape', 'features_dim', 'state_dict']"),
+        ("nan", "its weights are not finite ("),
+        ("shapes", "its weights do not fit the 'impala' architecture (other tensor names or shapes)"),
+    ],
+)  # fmt: skip
+def test_a_bad_encoder_file_is_one_line_before_anything_is_built(monkeypatch, capsys, tmp_path, case, expected):
+    path = encoder_files(tmp_path / "encoders")[case]
+    built = []
+    monkeypatch.setattr(train, "make_vec_env", lambda *a, **k: built.append(a))
+    message = refused(monkeypatch, capsys, "env=procgen:bigfish", f"encoder.init={path}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert message.startswith(f"encoder.init='{path}': {expected}"), message
+    assert built == [] and not (tmp_path / "run" / "config.yaml").exists()
+
+
+# --- checkpoints and the other files of a resumed run ----------------------------------------------------------------
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_valid_one(monkeypatch, capsys, finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    latest = run_dir / "checkpoints" / "step_000000000128.zip"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # truncated, as by a crash during a copy
+    run_in_process(monkeypatch, f"resume={run_dir}", "total_steps=192")
+    captured = capsys.readouterr()
+    assert (
+        "resuming from step_000000000064.zip: the newer step_000000000128.zip (BadZipFile: File is not a zip file) "
+        "is damaged"
+    ) in captured.out + captured.err
+    assert MincPPO.load(run_dir / "checkpoints" / "step_000000000192.zip", device="cpu").num_timesteps == 192
+    assert run_io.checkpoint_problem(latest, vecnormalize=False) is None  # step 128 was written again by the resumed run
+    steps = pd.read_csv(run_dir / "progress.csv")["time/total_timesteps"].tolist()
+    assert steps == sorted(steps) and steps[-1] == 192 and steps.count(128) == 1  # the rows after step 64 were redone
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 192
+
+
+def test_no_loadable_checkpoint_is_one_line_and_nothing_is_overwritten(monkeypatch, capsys, finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    for path in run_io.checkpoints(run_dir):
+        path.write_bytes(b"PK\x03\x04" + os.urandom(100))
+    before = snapshot(run_dir)
+    message = refused(monkeypatch, capsys, f"resume={run_dir}", "total_steps=192")
+    assert message == (
+        f"resume={str(run_dir)!r}: no checkpoint in {run_dir / 'checkpoints'} can be loaded: "
+        "step_000000000128.zip (BadZipFile: File is not a zip file); step_000000000064.zip (BadZipFile: File is not a zip file)"
+    )
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("progress.csv", b"time/total_timesteps,a\n1,2\n\x00\xff,\"unclosed\n", "cannot be read ("),
+        ("progress.csv", b"a,b\n1,2\n", "progress.csv has no time/total_timesteps column"),
+        ("evaluations.csv", b"step,split\n1,test\n", "evaluations.csv has the columns ['step', 'split']"),
+        ("summary.json", b'{"steps": 12', "summary.json cannot be read (JSONDecodeError: "),
+    ],
+)  # fmt: skip
+def test_a_damaged_run_file_on_resume_is_one_line_and_nothing_is_overwritten(
+    monkeypatch, capsys, finished_run, tmp_path, name, content, expected
+):
+    run_dir = copy_run(finished_run, tmp_path)
+    (run_dir / name).write_bytes(content)
+    before = snapshot(run_dir)
+    message = refused(monkeypatch, capsys, f"resume={run_dir}", "total_steps=192")
+    assert message.startswith(f"resume={str(run_dir)!r}: ") and expected in message, message
+    assert message.endswith("; repair it or move it away, then resume again")
+    assert snapshot(run_dir) == before
+
+
+# --- a full disk during a checkpoint -------------------------------------------------------------------------------
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_leaves_no_orphan(tmp_path, monkeypatch, one_torch_thread):
+    env = VecNormalize(make_vec_env("gym:CartPole-v1", 1), norm_obs=False)  # two files per checkpoint: .pkl and .zip
+    model = MincPPO("MlpPolicy", env, encoder="mlp", n_steps=16, batch_size=16)
+    checkpoints = Checkpoints(tmp_path, every=1, replay_buffer=False)
+    checkpoints.init_callback(model)
+    first = checkpoints.run()
+    before = snapshot(tmp_path)
+    assert set(before) == {"checkpoints/step_000000000000.zip", "checkpoints/step_000000000000.vecnormalize.pkl"}
+
+    def disk_full(path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")  # the disk fills up half-way through the zip
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    model.num_timesteps = 16
+    monkeypatch.setattr(model, "save", disk_full)
+    with pytest.raises(CheckpointError) as error:
+        checkpoints.run()
+    assert str(error.value) == (
+        "the checkpoint of step 16 was not written (OSError: [Errno 28] No space left on device); "
+        f"the last checkpoint, {first}, is intact"
+    )
+    assert snapshot(tmp_path) == before  # no step_16 .pkl without its .zip, no temporary file
+    assert run_io.checkpoint_problem(first, vecnormalize=True) is None
+    env.close()
+
+
+# --- a prompt stop: inside a PPO update ----------------------------------------------------------------------------
+
+
+class SignalAtRolloutEnd(BaseCallback):
+    """Sends this process `signum` when the first rollout is complete, just before the update starts."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signum
+
+    def _on_rollout_end(self) -> None:
+        if self.model.num_timesteps <= 64:
+            os.kill(os.getpid(), self.signum)
+
+    def _on_step(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])
+def test_a_signal_stops_a_ppo_update_after_its_current_minibatch(signum, one_torch_thread):
+    env = make_vec_env("gym:CartPole-v1", 1)
+    # 10 epochs x 8 minibatches: a full update is 80 MINC steps
+    model = MincPPO("MlpPolicy", env, aux={"name": "minc", "batch": 8}, encoder="mlp", n_steps=64, batch_size=8, n_epochs=10)
+    stop = StopOnSignal()
+    stop.install()
+    try:
+        model.learn(128, callback=CallbackList([stop, SignalAtRolloutEnd(signum)]))
+    finally:
+        stop.restore()
+    assert stop.signum == signum
+    assert int(model.aux_learner.loss.steps) == 1  # one minibatch, then the update and learn() stopped
+    assert model.num_timesteps == 65  # the next rollout stopped at its first step
+    assert run_io.parameters_finite(model)
+    env.close()
+
+
+# --- the cluster path: a sweep through submitit_local, stopped as SLURM stops a job -----------------------------------
+
+
+def test_a_submitit_sweep_runs_and_a_job_stopped_by_sigterm_or_sigusr2_resumes(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "minc_rl.train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+         *CARTPOLE, "checkpoint.every=64", "total_steps=128,100000001,100000002", f"hydra.sweep.dir={sweep}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        jobs = {}
+        deadline = time.monotonic() + 240
+        while len(jobs) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+            for number in (1, 2):
+                found = list(sweep.glob(f"{number}_*/checkpoints/step_*.zip"))
+                if found and number not in jobs:
+                    jobs[number] = found[0].parents[1]
+            time.sleep(0.5)
+        assert len(jobs) == 2, launcher.communicate(timeout=60)[0][-3000:]
+        # job 1: SIGTERM to the job's step (submitit's local controller forwards it to the task, as srun does)
+        task_1 = psutil.Process(int((jobs[1] / ".lock").read_text()))
+        os.kill(task_1.parent().pid, signal.SIGTERM)
+        # job 2: SIGUSR2 to the task, as SLURM does with --signal=USR2@<seconds> before the time limit
+        task_2 = int((jobs[2] / ".lock").read_text())
+        os.kill(task_2, signal.SIGUSR2)
+        output = launcher.communicate(timeout=180)[0]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0  # the two stopped jobs are reported as failed by the launcher
+    finished = json.loads(next(sweep.glob("0_*/summary.json")).read_text())
+    assert (finished["steps"], finished["interrupted"]) == (128, False), output[-3000:]
+    for number, signum in ((1, signal.SIGTERM), (2, signal.SIGUSR2)):
+        summary = json.loads((jobs[number] / "summary.json").read_text())
+        assert summary["interrupted"] is True and summary["steps"] >= 64, (number, output[-3000:])
+        assert run_io.latest_checkpoint(jobs[number]).name == f"step_{summary['steps']:012d}.zip"
+        log = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+        assert f"{signal.Signals(signum).name}: stopping and writing a checkpoint" in log
+
+    # the stopped job continues with resume=, from its checkpoint, to a larger budget
+    step = json.loads((jobs[2] / "summary.json").read_text())["steps"]
+    hint = f"""continue with: python -m minc_rl.train 'resume="{jobs[2]}"'"""  # the job dir holds = and ,: quoted
+    assert hint in log
+    run_in_process(monkeypatch, f'resume="{jobs[2]}"', f"total_steps={step + 64}")  # what the shell passes on
+    summary = json.loads((jobs[2] / "summary.json").read_text())
+    assert (summary["steps"], summary["interrupted"]) == (step + 64, False)
+    assert MincPPO.load(run_io.latest_checkpoint(jobs[2]), device="cpu").num_timesteps == step + 64
