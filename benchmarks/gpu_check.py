@@ -96,12 +96,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def require_cuda() -> None:
-    """Exit with status 2 and one line on stderr when torch sees no CUDA GPU."""
+    """Exit with status 2 and one line on stderr when torch sees no CUDA GPU, or torchvision (ResNet-18) is missing."""
     if not torch.cuda.is_available():
         built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         print(f"gpu_check: no CUDA GPU found (torch {torch.__version__}, {built}, sees none); "
               "run on a machine with one, or use --quick for the CPU smoke run", file=sys.stderr)
         sys.exit(2)
+    if not torchvision_imports():
+        print("gpu_check: the ResNet-18 step needs torchvision matching this torch (pip install -e '.[vision]')",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def torchvision_imports() -> bool:
+    """Whether torchvision (the `vision` extra, for ResNet-18) imports beside this torch."""
+    try:
+        import torchvision.models  # noqa: F401
+    except Exception:  # absent, or built for another torch (an operator registration error)
+        return False
+    return True
+
+
+def ssl_backbone(quick: bool) -> str:
+    """ResNet-18; the quick CPU smoke run falls back to the project's small ConvNet where torchvision is missing."""
+    return "resnet18" if not quick or torchvision_imports() else "convnet"
 
 
 def loss_part(sizes: Sizes, device: torch.device) -> list[dict]:
@@ -143,10 +161,10 @@ def loss_alone(model: torch.nn.Module, loss_fn: torch.nn.Module, views: torch.Te
     return step
 
 
-def resnet_cell(loss_name: str, batch: int, sizes: Sizes, device: torch.device) -> dict:
+def resnet_cell(loss_name: str, batch: int, sizes: Sizes, device: torch.device, backbone_name: str) -> dict:
     """Full-step and loss-alone seconds of one (loss, B) cell, the two alternating after the warm-up steps."""
     torch.manual_seed(0)
-    backbone = build_backbone("resnet18", (3, 32, 32))
+    backbone = build_backbone(backbone_name, (3, 32, 32))
     head = ProjectionHead(backbone.features_dim)
     model = SSLModel(backbone, head).to(device, memory_format=torch.channels_last).train()
     loss_fn = build_aux_loss(loss_name, head.out_dim).to(device)
@@ -177,15 +195,16 @@ def resnet_part(sizes: Sizes, device: torch.device) -> list[dict]:
     cells = [(batch, name) for batch in sizes.resnet_batches for name in RESNET_LOSSES]
     results: dict[int, dict[str, dict]] = {}
     torch.backends.cudnn.benchmark = True  # fixed shapes here; PPO's aux batches vary in size, so off again after
-    for batch, name in tqdm(cells, desc="resnet18 step", unit="cell"):
-        results.setdefault(batch, {})[name] = resnet_cell(name, batch, sizes, device)
+    backbone = ssl_backbone(device.type == "cpu")
+    for batch, name in tqdm(cells, desc=f"{backbone} step", unit="cell"):
+        results.setdefault(batch, {})[name] = resnet_cell(name, batch, sizes, device, backbone)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     torch.backends.cudnn.benchmark = False
     rows = []
     for batch, losses in results.items():
         ratio = losses["spectral"]["median_step_s"] / losses["minc"]["median_step_s"]
-        rows.append({"batch": batch, "image_size": 32, "dtype": "bfloat16", "channels_last": True,
+        rows.append({"backbone": backbone, "batch": batch, "image_size": 32, "dtype": "bfloat16", "channels_last": True,
                      "cudnn_benchmark": True, "warmup_steps": sizes.resnet_warmup, "rounds": sizes.resnet_rounds,
                      "losses": losses, "step_time_spectral_over_minc": ratio})
     return rows
@@ -250,12 +269,12 @@ def table(results: dict) -> str:
         for name, seconds in cell["median_s"].items():
             derived = f"{cell['slowdown_vs_minc'][name]:.2f}x MINC's time" if name != "minc" else ""
             lines.append(f"| loss fwd+bwd | {setting} | {name} | {1000 * seconds:.3f} ms | {derived} |")
-    for row in results["resnet18"]:
+    for row in results["ssl_step"]:
         for name, cell in row["losses"].items():
             derived = f"loss {100 * cell['loss_share']:.1f}% of the step"
             if name == "spectral":
                 derived += f"; step {row['step_time_spectral_over_minc']:.2f}x MINC's"
-            lines.append(f"| resnet18 step | bf16 B={row['batch']} | {name} | {cell['images_per_s']:.0f} images/s "
+            lines.append(f"| {row['backbone']} step | bf16 B={row['batch']} | {name} | {cell['images_per_s']:.0f} images/s "
                          f"| {derived} |")
     ppo = results["ppo"]
     setting = f"{ppo['game']} {ppo['n_envs']}x{ppo['n_steps']}"
@@ -277,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     results: dict[str, Any] = {"environment": environment(device), "quick": args.quick}
     results["loss"] = loss_part(sizes, device)
-    results["resnet18"] = resnet_part(sizes, device)
+    results["ssl_step"] = resnet_part(sizes, device)
     results["ppo"] = ppo_part(sizes, device)
     results["wall_s"] = time.perf_counter() - start
     atomic_write(args.out, lambda path: Path(path).write_text(json.dumps(results, indent=1)))

@@ -14,6 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import gpu_check  # noqa: E402
 TIMINGS = frozenset({
     "seconds", "median_s", "step_s", "loss_s", "median_step_s", "median_loss_s", "images_per_s", "steps_per_s",
     "median_steps_per_s", "wall_s",
@@ -55,7 +57,7 @@ def quick(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
     done = run_check("--quick", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| resnet18 step |" in done.stdout and "| ppo |" in done.stdout
+    assert f"| {quick_backbone()} step |" in done.stdout and "| ppo |" in done.stdout
     return json.loads(out.read_text())
 
 
@@ -83,8 +85,14 @@ def test_quick_loss_cells(quick: dict) -> None:
             assert ratio == pytest.approx(cell["median_s"][name] / cell["median_s"]["minc"], rel=1e-12)
 
 
+def quick_backbone() -> str:
+    """ResNet-18 where torchvision imports; the quick run's fallback, the project's ConvNet, elsewhere."""
+    return "resnet18" if gpu_check.torchvision_imports() else "convnet"
+
+
 def test_quick_resnet_cells(quick: dict) -> None:
-    (row,) = quick["resnet18"]
+    (row,) = quick["ssl_step"]
+    assert row["backbone"] == quick_backbone()
     assert (row["batch"], row["image_size"], row["dtype"], row["channels_last"]) == (16, 32, "bfloat16", True)
     for cell in row["losses"].values():
         assert len(cell["step_s"]) == len(cell["loss_s"]) == row["rounds"]
