@@ -19,7 +19,7 @@ import copy
 import dataclasses
 import inspect
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import gymnasium as gym
@@ -310,6 +310,7 @@ class MincAuxMixin:
         """Check and store the aux settings; return sb3_kwargs with MincExtractor(encoder) as the default extractor
         of single-observation policies (MlpPolicy, CnnPolicy). MultiInputPolicy keeps SB3's CombinedExtractor."""
         self.aux = AuxConfig.of(aux)
+        self.should_stop: Callable[[], bool] | None = None  # checked after every gradient step (a prompt Ctrl-C)
         check_choice("encoder", encoder, ENCODER_CHOICES)
         kwargs = dict(sb3_kwargs.get("policy_kwargs") or {})
         policy_class = self._get_policy_from_name(policy) if isinstance(policy, str) else policy  # type: ignore
@@ -357,9 +358,10 @@ class MincAuxMixin:
         if self.aux_learner is not None and self.aux_learner.target is not None:
             self.aux_learner.target.load_state_dict(extractor.state_dict())
 
-    def _gradient_step(self, loss: th.Tensor, features: th.Tensor, rl_features: th.Tensor, batch: Any) -> None:
+    def _gradient_step(self, loss: th.Tensor, features: th.Tensor, rl_features: th.Tensor, batch: Any) -> bool:
         """One optimizer step: SB3's own on the RL loss when there is no aux loss, else the AuxLearner's step of
-        both losses as aux.mode says. `batch` is a callable giving the step's AuxBatch (built only when needed)."""
+        both losses as aux.mode says. `batch` is a callable giving the step's AuxBatch (built only when needed).
+        Returns whether `should_stop` asks the update to end here."""
         policy = self.policy  # type: ignore[attr-defined]
         if self.aux_learner is None:
             policy.optimizer.zero_grad()
@@ -367,9 +369,10 @@ class MincAuxMixin:
             # Clip grad norm
             th.nn.utils.clip_grad_norm_(policy.parameters(), self.max_grad_norm)  # type: ignore[attr-defined]
             policy.optimizer.step()
-            return
-        self.aux_learner.update(loss, features, rl_features, batch(), policy.optimizer, list(policy.parameters()),
-                                self.max_grad_norm)  # type: ignore[attr-defined]
+        else:
+            self.aux_learner.update(loss, features, rl_features, batch(), policy.optimizer,
+                                    list(policy.parameters()), self.max_grad_norm)  # type: ignore[attr-defined]
+        return self.should_stop is not None and self.should_stop()
 
     def learn(self, *args: Any, **kwargs: Any) -> Any:
         model = super().learn(*args, **kwargs)  # type: ignore[misc]
@@ -383,7 +386,7 @@ class MincAuxMixin:
         super().dump_logs(*args)  # type: ignore[misc]
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "aux_learner"]  # type: ignore[misc]
+        return [*super()._excluded_save_params(), "aux_learner", "should_stop"]  # type: ignore[misc]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         # The aux state is saved beside the policy's, so that save / load, get_parameters / set_parameters and a

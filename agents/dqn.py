@@ -70,7 +70,7 @@ class MincDQN(MincAuxMixin, DQN):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         learner = self.aux_learner
-        losses = []
+        losses, done_steps = [], 0
         for _ in range(gradient_steps):
             replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
             # For n-step replay, discount factor is gamma**n_steps (when no early termination)
@@ -94,8 +94,10 @@ class MincDQN(MincAuxMixin, DQN):
             loss = F.smooth_l1_loss(current_q_values, target_q_values)
             losses.append(loss.item())
 
-            self._gradient_step(loss, features, rl_features, lambda: self._aux_batch(pairs, batch_size))
+            done_steps += 1
+            if self._gradient_step(loss, features, rl_features, lambda: self._aux_batch(pairs, batch_size)):
+                break  # should_stop
 
-        self._n_updates += gradient_steps
+        self._n_updates += done_steps
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/loss", np.mean(losses))

@@ -147,7 +147,9 @@ class MincPPO(MincAuxMixin, PPO):
                     if self.verbose >= 1:
                         print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl_div:.2f}")
                     break
-                self._gradient_step(loss, pi_features, rl_pi_features, lambda: self._aux_batch(rollout_data))
+                if self._gradient_step(loss, pi_features, rl_pi_features, lambda: self._aux_batch(rollout_data)):
+                    continue_training = False  # should_stop: end the update here, as target_kl's early stop does
+                    break
             self._n_updates += 1
             if not continue_training:
                 break

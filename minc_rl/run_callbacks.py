@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +60,14 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 class StopOnSignal(BaseCallback):
     """Ctrl-C (SIGINT), SIGTERM or SIGUSR2 stop the run promptly: learn() returns at the next environment step, and
-    a PPO update in progress ends after its current minibatch, so that the checkpoint is written within about one
-    minibatch's time. (MincPPO.train reads its minibatches from rollout_buffer.get, which this callback wraps: once a
-    signal has arrived, get() yields no more minibatches; the first minibatch of an update always runs, so train()
-    has its losses to log.) A second signal acts as usual (Ctrl-C twice: KeyboardInterrupt)."""
+    an update in progress ends after its current gradient step (MincPPO / MincDQN's `should_stop`), so that the
+    checkpoint is written within about one minibatch's time. A second signal acts as usual (Ctrl-C twice:
+    KeyboardInterrupt)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
-        self.minibatches = 0  # minibatches of the current update read so far
         self.stopped_update = False
 
     def install(self) -> None:
@@ -88,31 +85,13 @@ class StopOnSignal(BaseCallback):
         signal.signal(signum, self.previous[signum])
 
     def _init_callback(self) -> None:
-        buffer = getattr(self.model, "rollout_buffer", None)
-        if buffer is not None and not getattr(buffer.get, "stops_on_signal", False):
-            buffer.get = self._stoppable(buffer.get)
+        self.model.should_stop = self._stop_update  # MincPPO / MincDQN check it after every gradient step
 
-    def _stoppable(self, get: Any) -> Any:
-        def get_until_stopped(batch_size: int | None = None) -> Any:
-            for minibatch in get(batch_size):
-                if self.signum is not None and self.minibatches > 0:
-                    self._update_stopped()
-                    return
-                self.minibatches += 1
-                yield minibatch
-
-        get_until_stopped.stops_on_signal = True  # type: ignore[attr-defined]
-        return get_until_stopped
-
-    def _update_stopped(self) -> None:
-        if not self.stopped_update:
+    def _stop_update(self) -> bool:
+        if self.signum is not None and not self.stopped_update:
             self.stopped_update = True
-            log.warning("%s: the update stops after %d minibatches", signal.Signals(self.signum).name, self.minibatches)
-            warnings.filterwarnings("ignore", "Mean of empty slice")  # train()'s means over the epochs it skips
-            warnings.filterwarnings("ignore", "invalid value encountered")
-
-    def _on_rollout_end(self) -> None:
-        self.minibatches = 0
+            log.warning("%s: the update stops after its current gradient step", signal.Signals(self.signum).name)
+        return self.signum is not None
 
     def _on_step(self) -> bool:
         if self.signum is None:

@@ -676,3 +676,16 @@ def test_shift_augmentation_needs_image_observations(cls, observations):
     with pytest.raises(ValueError, match=rf"aux.augment='shift' needs image observations; the observation space is "
                                          rf"{space}"):
         small_model(cls, policy, env, aux=dict(augment="shift"))
+
+
+@pytest.mark.parametrize("aux", ["none", "minc"])
+def test_should_stop_ends_a_dqn_update_after_its_current_gradient_step(aux):
+    """minc_rl.train's Ctrl-C / SIGTERM hook: DQN's train() returns after the step at which should_stop says so."""
+    model = MincDQN("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), aux=aux, learning_starts=40, batch_size=16,
+                    gradient_steps=-1, seed=0)
+    model.learn(64)
+    updates = model._n_updates
+    asked = []
+    model.should_stop = lambda: asked.append(True) or len(asked) >= 2
+    model.train(gradient_steps=10, batch_size=16)
+    assert model._n_updates == updates + 2 and len(asked) == 2
