@@ -473,7 +473,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> None:
         cfg.wandb.id = secrets.token_hex(4)
     save_config(cfg, run_dir)
     family = parse_spec(cfg.env)[0]
-    files = [f"{group}/{cfg[group].name}.yaml" for group in GROUPS]
+    files = [f"{group}/{cfg[group].name}.yaml" if group != "aux" else f"aux={cfg.aux.name}" for group in GROUPS]
     files += [f"family/{family}.yaml", f"family_agent/{family}_{cfg.agent.name}.yaml"]
     log.info("config: %s + the command line; resolved in %s", ", ".join(files), run_dir / "config.yaml")
 
