@@ -70,6 +70,7 @@ TRAINING_KEYS = {
     "train/aux_scl_estimate": "SCL plug-in estimate on the aux pairs",
     "train/aux_rankme": "RankMe of the aux embeddings",
     "train/aux_lambda_offdiag_ratio": "Lambda off-diagonal ratio (MINC)",
+    "train/aux_grad_share_raw": "aux share of the gradient at the encoder (as the losses give it)",
 }
 SPLIT_LABELS = {"train_levels": "training levels", "unseen_levels": "unseen levels", "test": "evaluation (greedy)"}
 # Cobbe et al. 2020 (PPO, IMPALA CNN, 25M steps, 200 levels, easy): mean test return on unseen levels
