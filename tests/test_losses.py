@@ -534,7 +534,7 @@ def test_every_aux_loss_is_order_one_in_the_dimension(name):
         a.requires_grad_()
         loss = build_aux_loss(name, dim)(a, b)
         loss.backward()
-        values.append(float(loss))
+        values.append(float(loss.detach()))
         grads.append(float(torch.cat([a.grad, b.grad if b.grad is not None else torch.zeros_like(b)]).norm()))
         raw.append(float(MINCLoss(dim, normalize=False)(a.detach(), b.detach())))
     assert max(abs(v) for v in values) <= 2 * math.log(256) + 2
