@@ -19,7 +19,6 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.vec_env import VecNormalize
 
@@ -29,23 +28,14 @@ from minc_rl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
 from minc_rl.run_callbacks import CheckpointError, Checkpoints, StopOnSignal
 from minc_rl.run_dir import RunLock
+from train_cli import ENV, run_in_process
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # A CartPole PPO run with the MLP encoder and MINC: 2 envs x 32 steps per rollout, a few seconds per run.
 CARTPOLE = [
     "env=gym:CartPole-v1", "encoder=mlp", "aux=minc", "aux.batch=16", "n_envs=2", "agent.n_steps=32",
     "agent.n_minibatches=2", "eval.episodes=1", "eval.n_envs=1", "eval.every=1000000", "progress_bar=false",
     "torch_threads=1",
 ]  # fmt: skip
-
-
-def run_in_process(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
-    """minc_rl.train.main() with `args` as its command line, in this process."""
-    monkeypatch.setattr(sys, "argv", ["minc_rl.train", *args])
-    try:
-        train.main()
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def refused(monkeypatch, capsys, *args: str) -> str:

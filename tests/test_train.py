@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import struct
 import subprocess
@@ -17,7 +16,6 @@ import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -25,10 +23,10 @@ from minc_rl import run_callbacks, train
 from minc_rl.agents import MincDQN, MincPPO
 from minc_rl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
+from train_cli import ENV, run_in_process
 
 # One torch thread per process: on a shared 2-core machine, torch's default of one thread per core makes every
 # process wait on the others (a 25x slowdown measured here under load).
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # A procgen game whose random-policy episodes are short (about 100 steps; coinrun's often run to 1000), so that
 # the evaluations stay cheap; and PPO settings for a rollout of 4 envs x 32 steps.
 TINY_PPO = [
@@ -45,15 +43,6 @@ def run_cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None)
         timeout=timeout,
         env=env or ENV,
     )
-
-
-def run_in_process(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
-    """minc_rl.train.main() with `args` as its command line, in this process (cheaper than a subprocess)."""
-    monkeypatch.setattr(sys, "argv", ["minc_rl.train", *args])
-    try:
-        train.main()
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def numbers(value):
