@@ -162,6 +162,10 @@ def run(args: argparse.Namespace) -> None:
     for number, (game, aux, seed) in enumerate(jobs, 1):
         name = f"[{number}/{len(jobs)}] {args.suite}:{game} aux={aux} seed={seed}"
         run_dir = (args.runs / args.suite / game / aux / f"seed{seed}").resolve()
+        copy_dir = args.out / args.suite / game / aux / f"seed{seed}"
+        if run_finished(copy_dir, args.steps) and not run_finished(run_dir, args.steps):
+            print(f"{name}: finished; its results are in {copy_dir}", flush=True)  # run dirs do not outlive a machine
+            continue
         if run_finished(run_dir, args.steps):
             print(f"{name}: finished in {run_dir}", flush=True)
         else:
@@ -175,7 +179,6 @@ def run(args: argparse.Namespace) -> None:
                 advice = "run the same command again to continue" if returncode > 128 else "see the error above"
                 print(f"{name}: stopped (exit code {returncode}); {advice}", flush=True)
                 raise SystemExit(returncode)
-        copy_dir = args.out / args.suite / game / aux / f"seed{seed}"
         copy_dir.mkdir(parents=True, exist_ok=True)
         for filename in COPIED:
             shutil.copyfile(run_dir / filename, copy_dir / filename)
