@@ -44,7 +44,6 @@ from minc_rl.checks import check_choice, check_int
 from minc_rl.run_dir import RunDirError, RunLock, check_fresh, check_writable, resume_argument
 from minc_rl.agents import MincDQN, MincPPO
 from minc_rl.agents.auxiliary import AuxConfig
-from minc_rl.checks import check_choice
 from minc_rl.extractor import ENCODER_CHOICES
 from minc_rl.envs import make_eval_env, make_vec_env, parse_spec, validate_spec
 from minc_rl.run_callbacks import CheckpointError, Checkpoints, Evaluation, LatestValues, ProgressBar, StopOnSignal
