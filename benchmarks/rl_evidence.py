@@ -60,7 +60,7 @@ SUITES: dict[str, dict[str, Any]] = {
     "minatar": {
         "overrides": ["agent=dqn"],  # family/minatar.yaml: the MinAtar paper's CNN (encoder=minatar)
         "games": ["breakout", "space_invaders"],
-        "aux": ["none", "minc"],
+        "aux": ["none", "minc", "spectral"],
         "splits": ["test"],
     },
 }
@@ -138,9 +138,13 @@ def run_training(command: list[str]) -> int:
 
 
 def commit_copies(paths: list[Path], message: str) -> None:
-    """git commit exactly `paths` (a sweep commits each run as it finishes); a failure is reported, not fatal."""
+    """git commit exactly `paths` (a sweep commits each run as it finishes); nothing new is no commit, a failure is
+    reported, not fatal."""
     for attempt in range(5):
         added = subprocess.run(["git", "add", "--", *map(str, paths)], cwd=ROOT, capture_output=True, text=True)
+        unchanged = ["git", "diff", "--cached", "--quiet", "--", *map(str, paths)]
+        if added.returncode == 0 and subprocess.run(unchanged, cwd=ROOT).returncode == 0:
+            return  # the same results are already committed
         done = added.returncode == 0 and subprocess.run(
             ["git", "commit", "-q", "-m", message, "--", *map(str, paths)], cwd=ROOT, capture_output=True, text=True
         ).returncode == 0
@@ -150,15 +154,27 @@ def commit_copies(paths: list[Path], message: str) -> None:
     print(f"could not commit {', '.join(map(str, paths))}; commit them by hand", flush=True)
 
 
+def select_jobs(
+    suite: str, grid_name: str, seeds: list[int], only: list[str] | None, shard: tuple[int, int]
+) -> list[tuple[str, str, int]]:
+    """This shard's (game, variant, seed) jobs, seed by seed, of the grid's variants (all, or only those named)."""
+    grid = variants(suite, grid_name)
+    unknown = sorted(set(only or []) - set(grid))
+    if unknown:
+        raise ValueError(f"--variants {' '.join(unknown)}: not in the {grid_name} grid; choose from {', '.join(grid)}")
+    names = [name for name in grid if not only or name in only]
+    jobs = [(game, name, seed) for seed in seeds for game in SUITES[suite]["games"] for name in names]
+    index, count = shard
+    return jobs[index::count]
+
+
 def run(args: argparse.Namespace) -> None:
     """Train every (seed, game, variant) of the suite and grid that has not finished (this shard's share of them),
     and copy each finished run's small files (and commit them with --commit)."""
     if args.steps < 1 or args.evaluations < 1:
         raise ValueError(f"--steps and --evaluations must be >= 1; got {args.steps} and {args.evaluations}")
-    shard, shards = args.shard
     grid = variants(args.suite, args.grid)
-    jobs = [(game, name, seed) for seed in args.seeds for game in SUITES[args.suite]["games"] for name in grid]
-    jobs = jobs[shard::shards]
+    jobs = select_jobs(args.suite, args.grid, args.seeds, args.variants, args.shard)
     for number, (game, aux, seed) in enumerate(jobs, 1):
         name = f"[{number}/{len(jobs)}] {args.suite}:{game} aux={aux} seed={seed}"
         run_dir = (args.runs / args.suite / game / aux / f"seed{seed}").resolve()
@@ -482,6 +498,8 @@ def main() -> None:
     run_parser.add_argument("--out", type=Path, default=RESULTS, help="where the small files of each run go")
     run_parser.add_argument("--grid", choices=["aux", "calibration"], default="aux",
                             help="aux: the suite's aux losses at their defaults; calibration: issue 12's grid")
+    run_parser.add_argument("--variants", nargs="+", metavar="NAME",
+                            help="run only these variants of the grid (default: all), e.g. --variants none")
     run_parser.add_argument("--shard", type=shard_spec, default=(0, 1), metavar="I/N",
                             help="run only every N-th job starting at I (parallel processes on disjoint jobs)")
     run_parser.add_argument("--commit", action="store_true", help="git commit each run's copied files as it finishes")

@@ -55,3 +55,15 @@ def test_calibration_falls_back_to_the_least_harmful_setting():
     assert (choice["setting"], choice["met_bar"]) == ("joint-s0.1", False)  # the highest minimum score, 0.70
     table = rl_evidence.calibration_table(rl_evidence.calibration(grid_runs(full_grid("spectral", scores))))
     assert "no setting kept >= 0.9 of aux=none's AUC on every game" in table and "| spectral-joint-s0.3 | 1.20 | 0.20 | 0.70 |" in table
+
+
+def test_shards_split_the_jobs_disjointly_and_variants_filter_them():
+    shards = [rl_evidence.select_jobs("minatar", "calibration", [100], None, (k, 3)) for k in range(3)]
+    every_job = rl_evidence.select_jobs("minatar", "calibration", [100], None, (0, 1))
+    assert sorted(job for shard in shards for job in shard) == sorted(every_job)
+    assert len(every_job) == len(set(every_job)) == 2 * 9
+    only_none = rl_evidence.select_jobs("minatar", "aux", [0, 1], ["none"], (0, 1))
+    assert only_none == [("breakout", "none", 0), ("space_invaders", "none", 0),
+                         ("breakout", "none", 1), ("space_invaders", "none", 1)]
+    with pytest.raises(ValueError, match="nonee.*choose from none, minc, spectral"):
+        rl_evidence.select_jobs("minatar", "aux", [0], ["nonee"], (0, 1))
