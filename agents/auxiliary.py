@@ -1,5 +1,5 @@
-"""The auxiliary loss on (o_t, o_t+1) pairs and how it joins the RL update; shared by MincPPO, MincDQN and
-MincAuxCallback.
+"""The auxiliary loss on (o_t, o_t+1) pairs, or ((o_t, a_t), o_t+1) pairs, and how it joins the RL update; shared by
+MincPPO, MincDQN and MincAuxCallback.
 
 `AuxConfig` holds every setting (checked in one place). `AuxLearner` holds the projection head, the loss (MINC's
 Lambda), an optional EMA target encoder and the aux optimizer, attached to the features of any SB3 features
@@ -11,6 +11,10 @@ extractor. Its `update` takes one gradient step of the RL loss and the aux loss 
 - separate: the RL step as SB3 takes it, then an aux step of encoder and head with the aux optimizer and its own
   clip, on the encoder as the RL step left it (CURL, CTRL).
 - decoupled: the RL heads see detached features; the encoder learns from the aux loss alone (ATC).
+
+`aux.pairs` picks the views: "state" embeds o_t and o_t+1 with one head (phi against phi); "state_action" embeds
+(o_t, a_t) with phi(s, a) and o_t+1 with its own head mu(s'), the factorisation P(s'|s, a) = <phi(s, a), mu(s')>
+of the spectral RL papers (docs/losses.md, "Asymmetric views"), with MINC's Lambda for each view.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import gymnasium as gym
+from gymnasium import spaces
 import numpy as np
 import torch as th
 from stable_baselines3.common.logger import Logger
@@ -43,6 +48,7 @@ from minc_rl.metrics import embedding_health
 AUX_CHOICES = ("none", *AUX_LOSSES)
 AUX_MODES = ("joint", "separate", "decoupled")
 AUGMENT_CHOICES = ("none", "shift")
+PAIR_CHOICES = ("state", "state_action")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +66,14 @@ class AuxConfig:
     augment: str = "none"  # none | shift (DrQ random shift of both views; image observations)
     target_tau: float | None = None  # None: o_t+1 through the online encoder under stop-gradient; else EMA target
     head_hidden: int = 256  # hidden width of the projection head
+    pairs: str = "state"  # state: phi(o_t) against phi(o_t+1); state_action: phi(o_t, a_t) against mu(o_t+1)
     loss_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. spectral: mu; infonce: temperature
 
     def __post_init__(self) -> None:
         check_choice("aux", self.name, AUX_CHOICES)
         check_choice("aux.mode", self.mode, AUX_MODES)
         check_choice("aux.augment", self.augment, AUGMENT_CHOICES)
+        check_choice("aux.pairs", self.pairs, PAIR_CHOICES)
         if not isinstance(self.share, (int, float)) or isinstance(self.share, bool) or not 0.0 <= self.share < 1.0:
             raise ValueError(f"aux.share must be in [0, 1); got {self.share!r}")
         check_positive("aux.lr", self.lr)
@@ -78,8 +86,9 @@ class AuxConfig:
             check_fraction("aux.target_tau (None: stop-gradient online encoder)", self.target_tau)
         if self.name == "none" and self.loss_kwargs:
             raise ValueError(f"aux.loss_kwargs={dict(self.loss_kwargs)!r} were given, but aux='none' has no loss")
-        if "ema" in self.loss_kwargs:
-            raise ValueError(f"aux.loss_kwargs may not set 'ema' (got {self.loss_kwargs['ema']!r}); set aux.ema")
+        for key, setting in (("ema", "aux.ema"), ("asymmetric", "aux.pairs")):
+            if key in self.loss_kwargs:
+                raise ValueError(f"aux.loss_kwargs may not set {key!r} (got {self.loss_kwargs[key]!r}); set {setting}")
         if self.name != "none":
             self.build_loss()  # an option the loss does not take fails here, before any network is built
 
@@ -97,7 +106,8 @@ class AuxConfig:
 
     def build_loss(self) -> nn.Module:
         """The loss module these settings name."""
-        options = {**self.loss_kwargs, **({"ema": self.ema} if self.name == "minc" else {})}
+        minc_options = {"ema": self.ema, **({"asymmetric": True} if self.pairs == "state_action" else {})}
+        options = {**self.loss_kwargs, **(minc_options if self.name == "minc" else {})}
         try:
             return build_aux_loss(self.name, self.dim, **options)
         except ValueError as error:
@@ -105,11 +115,38 @@ class AuxConfig:
 
 
 class AuxBatch(NamedTuple):
-    """The pairs of one gradient step: o_t, o_t+1, and where o_t's features are in the step's features tensor."""
+    """The pairs of one gradient step: o_t, o_t+1, where o_t's features are in the step's features tensor, and a_t."""
 
     observations: th.Tensor | dict[str, th.Tensor]
     next_observations: th.Tensor | dict[str, th.Tensor]
     rows: th.Tensor
+    actions: th.Tensor
+
+
+class StateActionHead(nn.Module):
+    """phi(s, a) from the encoder's features of s: for Discrete actions a projection head with |A| x d outputs, of
+    which the taken action's d; for Box actions a projection head over the features and the action, concatenated."""
+
+    def __init__(self, features_dim: int, action_space: gym.Space | None, dim: int, hidden: int) -> None:
+        super().__init__()
+        if isinstance(action_space, spaces.Discrete):
+            self.actions: int | None = int(action_space.n)
+            self.net = ProjectionHead(features_dim, self.actions * dim, hidden)
+        elif isinstance(action_space, spaces.Box):
+            self.actions = None
+            self.net = ProjectionHead(features_dim + spaces.flatdim(action_space), dim, hidden)
+        else:
+            raise ValueError(
+                f"aux.pairs='state_action' takes Discrete or Box actions; the action space is {action_space}"
+            )
+        self.dim = dim
+
+    def forward(self, features: th.Tensor, actions: th.Tensor) -> th.Tensor:
+        """Embeddings phi(s_i, a_i) of features (B, features_dim) and actions (B,) or (B, 1) indices, or (B, ...) Box."""
+        if self.actions is None:
+            return self.net(th.cat([features, actions.float().reshape(len(features), -1)], dim=1))
+        per_action = self.net(features).view(len(features), self.actions, self.dim)
+        return per_action[th.arange(len(features), device=features.device), actions.long().reshape(-1)]
 
 
 class AuxLearner(nn.Module):
@@ -117,7 +154,8 @@ class AuxLearner(nn.Module):
     optimizer. Statistics accumulate between `record` calls; the embedding-health metrics are computed only there."""
 
     def __init__(
-        self, config: AuxConfig, extractor: BaseFeaturesExtractor, observation_space: gym.Space, normalize_images: bool
+        self, config: AuxConfig, extractor: BaseFeaturesExtractor, observation_space: gym.Space, normalize_images: bool,
+        action_space: gym.Space | None = None,
     ) -> None:
         super().__init__()
         if config.augment == "shift" and not (
@@ -137,10 +175,17 @@ class AuxLearner(nn.Module):
                 stacklevel=2,
             )
         with th.random.fork_rng(devices=[]):  # the seed's RL run stays as it is without the aux loss
-            self.head = ProjectionHead(extractor.features_dim, config.dim, config.head_hidden)
+            size = (extractor.features_dim, config.dim, config.head_hidden)
+            if config.pairs == "state":  # phi for both views; no mu
+                self.head: nn.Module = ProjectionHead(*size)
+                self.next_head: nn.Module | None = None
+            else:
+                self.head = StateActionHead(extractor.features_dim, action_space, config.dim, config.head_hidden)
+                self.next_head = ProjectionHead(*size)
         self.loss = config.build_loss()
         self.target = None if config.target_tau is None else copy.deepcopy(extractor).requires_grad_(False)
-        trained = [*self.head.parameters(), *(extractor.parameters() if config.mode != "joint" else [])]
+        heads = [*self.head.parameters(), *(self.next_head.parameters() if self.next_head is not None else [])]
+        trained = [*heads, *(extractor.parameters() if config.mode != "joint" else [])]
         self.optimizer = th.optim.Adam(trained, lr=config.lr)
         self._reset_statistics()
 
@@ -163,15 +208,24 @@ class AuxLearner(nn.Module):
             inputs = inputs.permute(0, 2, 3, 1) if self.channels_last else inputs
         return (encoder or self.extractor)(inputs)
 
-    def pair_loss(self, features: th.Tensor, next_observations: th.Tensor | dict[str, th.Tensor]) -> th.Tensor | None:
-        """The aux loss of o_t's `features` against o_t+1 (encoded without gradient, by the target if there is one);
-        None (counted as dropped) when non-finite or fewer than 2 pairs."""
+    def embed(self, features: th.Tensor, actions: th.Tensor, next_features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        """The two views' embeddings: phi(o_t) and phi(o_t+1) (one BatchNorm batch for both), or phi(o_t, a_t) and
+        mu(o_t+1)."""
+        if self.next_head is None:
+            return self.head(th.cat([features, next_features])).tensor_split(2)
+        return self.head(features, actions), self.next_head(next_features)
+
+    def pair_loss(
+        self, features: th.Tensor, next_observations: th.Tensor | dict[str, th.Tensor], actions: th.Tensor
+    ) -> th.Tensor | None:
+        """The aux loss of o_t's `features` (and a_t) against o_t+1 (encoded without gradient, by the target if there
+        is one); None (counted as dropped) when non-finite or fewer than 2 pairs."""
         self.pairs.append(len(features))
         if len(features) < 2:
             return None
         with th.no_grad():
             next_features = self.features(next_observations, self.target)
-        a, b = self.head(th.cat([features, next_features])).tensor_split(2)  # one BatchNorm batch for both views
+        a, b = self.embed(features, actions, next_features)
         loss = self.loss(a, b)
         if not th.isfinite(loss):
             self.dropped += 1
@@ -198,7 +252,7 @@ class AuxLearner(nn.Module):
             rl_norm = _output_grad_norm(features)
             rl_loss.backward()
             self._rl_step(optimizer, parameters, max_grad_norm)
-            aux_norm = self.aux_step(batch.observations, batch.next_observations)
+            aux_norm = self.aux_step(batch.observations, batch.next_observations, batch.actions)
             if aux_norm is not None:
                 self._log_share(rl_norm[0], aux_norm, rl_norm[0], aux_norm)
             return
@@ -206,7 +260,7 @@ class AuxLearner(nn.Module):
         g_rl = rl_features.grad if rl_features.grad is not None else th.zeros_like(features)
         aux_features = self.features(batch.observations) if self.config.augment != "none" else features[batch.rows]
         aux_input = aux_features.detach().requires_grad_(True)
-        aux_loss = self.pair_loss(aux_input, batch.next_observations)
+        aux_loss = self.pair_loss(aux_input, batch.next_observations, batch.actions)
         if aux_loss is not None:
             aux_loss.backward()  # into the head; aux_input.grad is g_aux
         g_aux = aux_input.grad if aux_input.grad is not None else th.zeros_like(aux_input)
@@ -221,13 +275,13 @@ class AuxLearner(nn.Module):
         if aux_loss is not None:
             self._aux_step()
 
-    def aux_step(self, observations: Any, next_observations: Any) -> th.Tensor | None:
+    def aux_step(self, observations: Any, next_observations: Any, actions: th.Tensor) -> th.Tensor | None:
         """One step of the aux optimizer on fresh features of these pairs; the norm of the aux gradient at the
         encoder's output, or None when the loss was dropped."""
         self.optimizer.zero_grad()
         features = self.features(observations)
         norm = _output_grad_norm(features)
-        loss = self.pair_loss(features, next_observations)
+        loss = self.pair_loss(features, next_observations, actions)
         if loss is None:
             return None
         loss.backward()
@@ -338,7 +392,8 @@ class MincAuxMixin:
         self.aux_learner: AuxLearner | None = None
         if self.aux.name != "none":
             network = self._aux_network
-            learner = AuxLearner(self.aux, self.aux_extractor, network.observation_space, network.normalize_images)
+            learner = AuxLearner(self.aux, self.aux_extractor, network.observation_space, network.normalize_images,
+                                 self.action_space)  # type: ignore[attr-defined]
             self.aux_learner = learner.to(self.device)  # type: ignore[attr-defined]
 
     @property

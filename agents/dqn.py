@@ -63,7 +63,7 @@ class MincDQN(MincAuxMixin, DQN):
     def _aux_batch(self, pairs: Any, batch_size: int) -> AuxBatch:
         """The step's aux pairs; their o_t features follow the TD batch's in the shared forward."""
         rows = th.arange(batch_size, batch_size + len(pairs.rewards), device=self.device)
-        return AuxBatch(pairs.observations, pairs.next_observations, rows)
+        return AuxBatch(pairs.observations, pairs.next_observations, rows, pairs.actions)
 
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
         """SB3 2.9's DQN.train, with the aux loss joined to each TD step."""

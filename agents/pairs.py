@@ -57,9 +57,9 @@ def sample_rollout_pairs(
     after_observations: Observations,
     last_episode_starts: np.ndarray,
     count: int,
-) -> tuple[Observations, Observations] | None:
-    """Up to `count` random valid pairs of a full rollout buffer that is not flattened yet (n_steps, n_envs, ...);
-    None when the rollout holds no valid pair."""
+) -> tuple[Observations, Observations, np.ndarray] | None:
+    """Up to `count` random valid pairs (o_t, o_t+1) and their actions a_t, of a full rollout buffer that is not
+    flattened yet (n_steps, n_envs, ...); None when the rollout holds no valid pair."""
     successor, valid = rollout_successors(buffer.episode_starts, last_episode_starts)
     candidates = np.flatnonzero(valid)
     if len(candidates) == 0:
@@ -75,10 +75,11 @@ def sample_rollout_pairs(
         nexts[~inside] = _as_stored(after, observations.shape[2:])[following[~inside] - n_steps * n_envs]
         return observations[flat % n_steps, flat // n_steps], nexts
 
+    actions = buffer.actions[flat % n_steps, flat // n_steps]
     if isinstance(buffer.observations, dict):
         both = {key: pairs_of(value, after_observations[key]) for key, value in buffer.observations.items()}
-        return {k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()}
-    return pairs_of(buffer.observations, after_observations)
+        return {k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()}, actions
+    return (*pairs_of(buffer.observations, after_observations), actions)
 
 
 class IndexedSamples(NamedTuple):

@@ -74,13 +74,16 @@ class MincPPO(MincAuxMixin, PPO):
             )
 
     def _aux_batch(self, rollout_data: IndexedSamples) -> AuxBatch:
-        """The minibatch's pairs: its o_t whose successor is in the same episode (at most aux.batch), and those o_t+1."""
+        """The minibatch's pairs: its o_t whose successor is in the same episode (at most aux.batch), their actions and
+        those o_t+1."""
         rows, next_obs = self.rollout_buffer.successor_pairs(rollout_data.indices, self._last_obs, self.aux.batch)
         rows_t = th.as_tensor(rows, device=self.device)
         observations = rollout_data.observations
         if isinstance(observations, dict):
-            return AuxBatch({k: v[rows_t] for k, v in observations.items()}, next_obs, rows_t)
-        return AuxBatch(observations[rows_t], next_obs, rows_t)
+            observations = {k: v[rows_t] for k, v in observations.items()}
+        else:
+            observations = observations[rows_t]
+        return AuxBatch(observations, next_obs, rows_t, rollout_data.actions[rows_t])
 
     def _ppo_loss(
         self, rollout_data: Any, features: Any, clip_range: float, clip_range_vf: float | None, stats: dict[str, list]

@@ -5,6 +5,8 @@ interleaved.
     python benchmarks/aux_overhead.py --rounds 5 --impala-rounds 1 --impala-warmup 0 --threads 1   # docs' run
     python benchmarks/aux_overhead.py --train-only --encoders nature --rounds 8 --threads 1   # the update alone
     python benchmarks/aux_overhead.py --agent dqn --rounds 5 --threads 1   # DQN on MinAtar breakout
+    python benchmarks/aux_overhead.py --agent dqn --variants none minc minc-state-action --rounds 6 --threads 1 \
+        --out benchmarks/results/aux_overhead_pairs_dqn.json                 # state against state-action pairs
     python benchmarks/aux_overhead.py --quick                # smoke run, a few seconds
 
 DQN (--agent dqn): MinAtar breakout with the MinAtar CNN, Young and Tian's batch 32 and one update per step;
@@ -53,6 +55,7 @@ VARIANTS = {
     "minc-separate": dict(name="minc", mode="separate"),
     "minc-decoupled": dict(name="minc", mode="decoupled"),
     "spectral": dict(name="spectral"),
+    "minc-state-action": dict(name="minc", pairs="state_action"),  # phi(o_t, a_t) against mu(o_t+1)
     "minc@2048": dict(name="minc", batch=2048),
     "spectral@2048": dict(name="spectral", batch=2048),
 }

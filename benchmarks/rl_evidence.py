@@ -84,17 +84,24 @@ CALIBRATION_SETTINGS = {
     "separate-lr1e-4": ["aux.mode=separate", "aux.lr=1e-4"],
     "decoupled-lr1e-3": ["aux.mode=decoupled", "aux.lr=1e-3"],
 }
-CALIBRATED_LOSSES = ("minc", "spectral")
+# the calibrated aux losses -> their overrides; each calibration grid tunes some of them with CALIBRATION_SETTINGS
+CALIBRATED = {
+    "minc": ["aux=minc"],
+    "spectral": ["aux=spectral"],
+    "minc-state-action": ["aux=minc", "aux.pairs=state_action"],  # issue 16: phi(o_t, a_t) against mu(o_t+1)
+}
+GRIDS = {"aux": (), "calibration": ("minc", "spectral"), "calibration-pairs": ("minc-state-action",)}
 
 
 def variants(suite: str, grid: str) -> dict[str, list[str]]:
-    """Variant name -> its overrides: the suite's aux losses at their defaults ("aux"), or the calibration grid."""
+    """Variant name -> its overrides: the suite's aux losses at their defaults ("aux"), or a calibration grid
+    (aux=none and CALIBRATION_SETTINGS for each of the grid's losses)."""
     if grid == "aux":
         return {aux: [f"aux={aux}"] for aux in SUITES[suite]["aux"]}
     grid_variants = {"none": ["aux=none"]}
-    for loss in CALIBRATED_LOSSES:
+    for loss in GRIDS[grid]:
         for name, overrides in CALIBRATION_SETTINGS.items():
-            grid_variants[f"{loss}-{name}"] = [f"aux={loss}", *overrides]
+            grid_variants[f"{loss}-{name}"] = [*CALIBRATED[loss], *overrides]
     return grid_variants
 
 
@@ -301,7 +308,7 @@ def calibration(runs: Runs) -> dict[str, Any]:
             if ratios:
                 scores.setdefault(variant, {})[game] = float(np.mean(ratios))
     choices = {}
-    for loss in CALIBRATED_LOSSES:
+    for loss in CALIBRATED:
         candidates = [(name, scores[f"{loss}-{name}"]) for name in CALIBRATION_SETTINGS
                       if set(scores.get(f"{loss}-{name}", {})) == set(runs)]
         if len(candidates) < len(CALIBRATION_SETTINGS):
@@ -458,7 +465,7 @@ def aggregate(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
         if "none" in {v for by_variant in runs.values() for v in by_variant} and any(
             f"{loss}-{name}" in by_variant for by_variant in runs.values()
-            for loss in CALIBRATED_LOSSES for name in CALIBRATION_SETTINGS
+            for loss in CALIBRATED for name in CALIBRATION_SETTINGS
         ):
             chosen = calibration(runs)
             text = calibration_table(chosen)
@@ -496,8 +503,9 @@ def main() -> None:
                             help="extra minc_rl.train override for every run (repeatable), e.g. n_envs=8")
     run_parser.add_argument("--runs", type=Path, default=RUNS, help="run directories (checkpoints; not committed)")
     run_parser.add_argument("--out", type=Path, default=RESULTS, help="where the small files of each run go")
-    run_parser.add_argument("--grid", choices=["aux", "calibration"], default="aux",
-                            help="aux: the suite's aux losses at their defaults; calibration: issue 12's grid")
+    run_parser.add_argument("--grid", choices=list(GRIDS), default="aux",
+                            help="aux: the suite's aux losses at their defaults; calibration: issue 12's grid (minc, "
+                            "spectral); calibration-pairs: issue 16's (minc with aux.pairs=state_action)")
     run_parser.add_argument("--variants", nargs="+", metavar="NAME",
                             help="run only these variants of the grid (default: all), e.g. --variants none")
     run_parser.add_argument("--shard", type=shard_spec, default=(0, 1), metavar="I/N",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch as th
 from stable_baselines3.common.buffers import DictRolloutBuffer, ReplayBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 
@@ -52,26 +53,27 @@ class MincAuxCallback(BaseCallback):
         network = self.model.policy if network is None else network
         extractor = getattr(network, "pi_features_extractor", None) or network.features_extractor
         if self.learner is None:  # a second learn() keeps the head, Lambda and optimizer
-            learner = AuxLearner(self.config, extractor, network.observation_space, network.normalize_images)
+            learner = AuxLearner(self.config, extractor, network.observation_space, network.normalize_images,
+                                 self.model.action_space)
             self.learner = learner.to(self.model.device)
 
     def _on_step(self) -> bool:
         return True
 
-    def _sample_pairs(self) -> tuple[Any, Any] | None:
-        """(o_t, o_t+1) batches of up to aux.batch pairs from the algorithm's buffer, or None if there are none yet."""
+    def _sample_pairs(self) -> tuple[Any, Any, th.Tensor] | None:
+        """o_t, o_t+1 and a_t of up to aux.batch pairs from the algorithm's buffer, or None if there are none yet."""
         model = self.model
         buffer = getattr(model, "rollout_buffer", None)
         if isinstance(buffer, (RolloutBuffer, DictRolloutBuffer)):
             # on_rollout_end: the buffer is full and not yet flattened; _last_obs follows its last step.
             pairs = sample_rollout_pairs(buffer, model._last_obs, model._last_episode_starts, self.config.batch)
-            return None if pairs is None else tuple(observations_to_torch(buffer, o) for o in pairs)
+            return None if pairs is None else tuple(observations_to_torch(buffer, part) for part in pairs)
         buffer = getattr(model, "replay_buffer", None)
         if isinstance(buffer, ReplayBuffer):
             if model.num_timesteps <= getattr(model, "learning_starts", 0) or buffer.size() == 0:
                 return None
             sample = buffer.sample(self.config.batch, env=model._vec_normalize_env)
-            return sample.observations, sample.next_observations
+            return sample.observations, sample.next_observations, sample.actions
         raise ValueError(f"MincAuxCallback supports SB3's rollout and replay buffers; got {type(buffer).__name__}")
 
     def _on_rollout_end(self) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from minc_rl import MincAuxCallback, MincExtractor
-from minc_rl.agents import AUGMENT_CHOICES, AUX_CHOICES, AUX_MODES, AuxConfig, MincDQN, MincPPO
+from minc_rl.agents import AUGMENT_CHOICES, AUX_CHOICES, AUX_MODES, AuxConfig, MincDQN, MincPPO, StateActionHead
 from minc_rl.agents.pairs import (PairDictRolloutBuffer, gather_successors, rollout_successors,
                                   sample_rollout_pairs)
 from minc_rl.encoders import build_encoder, save_encoder
@@ -126,7 +126,7 @@ def test_callback_samples_the_same_pairs_from_an_unflattened_buffer():
     """MincAuxCallback's sampler (before SB3 flattens the buffer) finds the same valid pairs as MincPPO's."""
     model, expected = hand_built_rollout(batch_size=5)
     buffer = model.rollout_buffer
-    observations, following = sample_rollout_pairs(buffer, model._last_obs, model._last_episode_starts, 1000)
+    observations, following, _ = sample_rollout_pairs(buffer, model._last_obs, model._last_episode_starts, 1000)
     drawn = set()
     for (t, env, _, _), (t_next, env_next, after, _) in zip(observations, following):
         assert (t_next, env_next, after) == (t + 1, env, float(t + 1 == 5))
@@ -251,6 +251,69 @@ def test_optimizers_follow_the_mode():
         assert encoder <= {id(p) for p in model.policy.optimizer.param_groups[0]["params"]}
 
 
+# ------------------------------------------------------------------------------------ state-action pairs
+
+
+def test_state_action_head_embeds_the_taken_action():
+    """Discrete: the taken action's d of the head's |A| x d outputs (actions as SB3's buffers hold them: float
+    (B, 1) in rollouts, long (B, 1) in replay); Box: the head over features and action."""
+    features = torch.randn(5, 4)
+    head = StateActionHead(4, gymnasium.spaces.Discrete(3), dim=2, hidden=8).eval()
+    actions = torch.tensor([0, 2, 1, 2, 0])
+    per_action = head.net(features).view(5, 3, 2)
+    expected = torch.stack([per_action[i, a] for i, a in enumerate(actions)])
+    torch.testing.assert_close(head(features, actions[:, None].float()), expected)
+    torch.testing.assert_close(head(features, actions[:, None]), expected)
+    box = StateActionHead(4, gymnasium.spaces.Box(-1, 1, (2,)), dim=2, hidden=8).eval()
+    box_actions = torch.randn(5, 2)
+    torch.testing.assert_close(box(features, box_actions), box.net(torch.cat([features, box_actions], dim=1)))
+    with pytest.raises(ValueError, match=r"aux.pairs='state_action' takes Discrete or Box actions; the action space "
+                                         r"is MultiDiscrete"):
+        StateActionHead(4, gymnasium.spaces.MultiDiscrete([2, 3]), 2, 8)
+
+
+@pytest.mark.parametrize(
+    "algo, spec, mode",
+    [("ppo", "gym:CartPole-v1", "joint"), ("ppo", "gym:Pendulum-v1", "separate"),
+     ("dqn", "minatar:breakout", "decoupled"), ("a2c", "gym:CartPole-v1", "separate")],
+)
+def test_state_action_pairs_train_phi_mu_and_the_encoder_in_every_agent(algo, spec, mode):
+    """phi(o_t, a_t) against mu(o_t+1): both heads and the encoder learn, MINC keeps one Lambda per view (each the
+    second moment of its view's unit rows), the logs are those of state pairs."""
+    aux = dict(batch=32, mode=mode, pairs="state_action", **SMALL_AUX)
+    env = make_vec_env(spec, 2)
+    if algo == "a2c":
+        callback = MincAuxCallback(aux, gradient_steps=2)
+        model = A2C("MlpPolicy", env, n_steps=8, seed=0, policy_kwargs=dict(features_extractor_class=MincExtractor))
+        callback.init_callback(model)
+        extractor, learner = model.policy.features_extractor, callback.learner
+    else:
+        policy_kwargs = dict(features_extractor_kwargs=SMALL)
+        model = small_model(MincPPO if algo == "ppo" else MincDQN, "CnnPolicy" if algo == "dqn" else "MlpPolicy",
+                            env, aux=aux, policy_kwargs=policy_kwargs)
+        callback, extractor, learner = None, model.aux_extractor, model.aux_learner
+    assert isinstance(learner.head, StateActionHead) and learner.loss.asymmetric
+    before = {name: p.detach().clone() for name, p in [*learner.named_parameters(), *extractor.named_parameters()]}
+    recorder = recorded(model)
+    model.learn(256, callback=callback)
+    model.logger.dump(model.num_timesteps)
+    assert np.all(np.isfinite(logged(recorder, "train/aux_loss"))) and logged(recorder, "train/aux_loss")
+    after = dict([*learner.named_parameters(), *extractor.named_parameters()])
+    assert all(not torch.equal(before[name], after[name]) for name in before if "target" not in name)
+    for cov in (learner.loss.cov, learner.loss.cov_b):
+        assert torch.isfinite(cov).all()
+        torch.testing.assert_close(torch.trace(cov), torch.tensor(1.0))
+    assert not torch.allclose(learner.loss.cov, learner.loss.cov_b)  # phi's and mu's moments differ
+
+
+def test_state_action_pairs_refuse_other_action_spaces():
+    env = DummyVecEnv([lambda: IdentityEnv(space=gymnasium.spaces.MultiDiscrete([2, 3]))])
+    with pytest.raises(ValueError, match=r"takes Discrete or Box actions; the action space is MultiDiscrete"):
+        MincPPO("MlpPolicy", env, aux=dict(pairs="state_action"), n_steps=8, batch_size=8)
+    with pytest.raises(ValueError, match=r"aux.pairs='action' is not valid; choose one of 'state', 'state_action'"):
+        AuxConfig(pairs="action")
+
+
 # ------------------------------------------------------------------------------------ stock SB3 + callback
 
 
@@ -326,10 +389,10 @@ def test_callback_settings_raise_clear_errors():
 # ----------------------------------------------------------------------------------------- save / load
 
 
-@pytest.mark.parametrize("cls", [MincPPO, MincDQN])
-def test_save_load_round_trip_keeps_lambda_optimizer_target_and_continues(cls, tmp_path):
+@pytest.mark.parametrize("cls, pairs", [(MincPPO, "state"), (MincDQN, "state_action")])
+def test_save_load_round_trip_keeps_lambda_optimizer_target_and_continues(cls, pairs, tmp_path):
     env = make_vec_env("gym:CartPole-v1", 2)
-    common = dict(aux=dict(batch=16, target_tau=0.1, mode="separate"), seed=0)
+    common = dict(aux=dict(batch=16, target_tau=0.1, mode="separate", pairs=pairs), seed=0)
     if cls is MincPPO:
         model = cls("MlpPolicy", env, n_steps=16, batch_size=16, n_epochs=1, **common)
     else:
@@ -342,7 +405,8 @@ def test_save_load_round_trip_keeps_lambda_optimizer_target_and_continues(cls, t
         torch.testing.assert_close(restored, saved, rtol=0, atol=0, msg=name)
     for (name, saved), restored in zip(model.aux_learner.state_dict().items(),
                                        loaded.aux_learner.state_dict().values()):
-        torch.testing.assert_close(restored, saved, rtol=0, atol=0, msg=name)  # head, Lambda, target encoder
+        torch.testing.assert_close(restored, saved, rtol=0, atol=0, msg=name)  # heads, Lambdas, target encoder
+    assert ("next_head.net.0.weight" in model.aux_learner.state_dict()) == (pairs == "state_action")
     lam, lam_loaded = model.aux_learner.loss, loaded.aux_learner.loss
     assert int(lam_loaded.steps) == int(lam.steps) > 0
     for optimizer, restored in ((model.policy.optimizer, loaded.policy.optimizer),
@@ -351,7 +415,7 @@ def test_save_load_round_trip_keeps_lambda_optimizer_target_and_continues(cls, t
         assert saved_state.keys() == loaded_state.keys() and len(saved_state) > 0
         for key in saved_state:
             torch.testing.assert_close(loaded_state[key]["exp_avg"], saved_state[key]["exp_avg"], rtol=0, atol=0)
-    assert loaded.aux == AuxConfig(batch=16, target_tau=0.1, mode="separate")
+    assert loaded.aux == AuxConfig(batch=16, target_tau=0.1, mode="separate", pairs=pairs)
 
     steps, encoder = int(lam_loaded.steps), loaded.aux_extractor.state_dict()
     encoder = {k: v.clone() for k, v in encoder.items()}
@@ -480,7 +544,7 @@ def test_pair_loss_uses_the_target_encoder_for_successors():
             p.add_(torch.randn_like(p))
     obs, next_obs = torch.randn(8, 4), torch.randn(8, 4)
     learner.train()
-    loss = learner.pair_loss(learner.features(obs), next_obs)
+    loss = learner.pair_loss(learner.features(obs), next_obs, None)
     extractor.zero_grad()
     loss.backward()
     a, b = learner.head(torch.cat([extractor(obs), learner.target(next_obs)])).tensor_split(2)

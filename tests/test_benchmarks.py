@@ -67,3 +67,10 @@ def test_shards_split_the_jobs_disjointly_and_variants_filter_them():
                          ("breakout", "none", 1), ("space_invaders", "none", 1)]
     with pytest.raises(ValueError, match="nonee.*choose from none, minc, spectral"):
         rl_evidence.select_jobs("minatar", "aux", [0], ["nonee"], (0, 1))
+
+
+def test_pairs_calibration_grid_tunes_state_action_minc_with_the_same_settings():
+    grid = rl_evidence.variants("minatar", "calibration-pairs")
+    assert grid["none"] == ["aux=none"] and len(grid) == 1 + len(rl_evidence.CALIBRATION_SETTINGS)
+    assert grid["minc-state-action-separate-lr1e-4"] == [
+        "aux=minc", "aux.pairs=state_action", "aux.mode=separate", "aux.lr=1e-4"]
