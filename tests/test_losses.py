@@ -381,6 +381,223 @@ def test_bf16_autocast_keeps_float32_and_values(name: str) -> None:
         assert_close(cov16, cov32, rtol=3e-2, atol=3e-2)
 
 
+# ---------------------------------------------------------------- MINC: asymmetric views (phi(s, a) against mu(s'))
+
+
+def asymmetric_pair(batch: int = 16, dim: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views with different second moments: b is correlated with a and its coordinate j is scaled by (j + 1) / 2."""
+    a, noise = random_pair(batch=batch, dim=dim, seed=seed)
+    b = (0.5 * a.detach() + noise.detach()) * (torch.arange(1, dim + 1) / 2)
+    return a, b.requires_grad_()
+
+
+@pytest.mark.parametrize(
+    ("lower_triangular", "expected_a_grad", "expected_b_grad"),
+    [
+        # tril(Lambda_b) a_0 = (.5, 1.5), a_1 = (0, 2); tril(Lambda_a) b_0 = (.5, 3), b_1 = (0, 2.5)
+        (True, [[-0.25, 0.25], [0.0, 0.5]], [[-0.25, 1.0], [0.0, 0.25]]),
+        # Lambda_b a_0 = (1, 1.5), a_1 = (1, 2); Lambda_a b_0 = (1, 3), b_1 = (.5, 2.5)
+        (False, [[0.0, 0.25], [0.5, 0.5]], [[0.0, 1.0], [0.25, 0.25]]),
+    ],
+)
+def test_asymmetric_minc_hand_computed(
+    lower_triangular: bool, expected_a_grad: list[list[float]], expected_b_grad: list[list[float]]
+) -> None:
+    a = torch.tensor([[1.0, 1.0], [0.0, 2.0]], requires_grad=True)
+    b = torch.tensor([[1.0, 1.0], [0.0, 1.0]], requires_grad=True)
+    loss_fn = MINCLoss(2, ema=0.3, lower_triangular=lower_triangular, normalize=False, asymmetric=True)
+    loss = loss_fn(a, b)
+    assert_close(loss_fn.cov, torch.tensor([[0.5, 0.5], [0.5, 2.5]]))  # a^T a / 2
+    assert_close(loss_fn.cov_b, torch.tensor([[0.5, 0.5], [0.5, 1.0]]))  # b^T b / 2
+    # direction a: -(2/2)(a_0.b_0 + a_1.b_1) + (1/2)(a_0 Lambda_b a_0 + a_1 Lambda_b a_1) = -4 + (2.5 + 4)/2
+    # direction b: -4 + (1/2)(b_0 Lambda_a b_0 + b_1 Lambda_a b_1) = -4 + (4 + 2.5)/2; the mean is -0.75
+    # (Lambda_a in direction a, the shared-view mistake, would give -4 + (4 + 10)/2 = 3)
+    assert_close(loss, torch.tensor(-0.75))
+    loss.backward()
+    # a.grad = -(1/2)(b - M_b a), b.grad = -(1/2)(a - M_a b): the 1/B of the mean of the two directions at B = 2
+    assert_close(a.grad, torch.tensor(expected_a_grad))
+    assert_close(b.grad, torch.tensor(expected_b_grad))
+
+
+@pytest.mark.parametrize("lower_triangular", [True, False])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_asymmetric_minc_gradient_contract(lower_triangular: bool, symmetric: bool) -> None:
+    batch = 16
+    loss_fn = MINCLoss(
+        5, ema=0.2, lower_triangular=lower_triangular, symmetric=symmetric, normalize=False, asymmetric=True
+    )
+    for seed in range(3):  # a few steps so that both Lambdas are EMAs, not just this batch
+        a, b = asymmetric_pair(batch=batch, seed=seed)
+        loss = loss_fn(a, b)
+    loss.backward()
+    cov_a, cov_b = loss_fn.cov, loss_fn.cov_b
+    mixing_a, mixing_b = (torch.tril(cov_a), torch.tril(cov_b)) if lower_triangular else (cov_a, cov_b)
+    a_, b_ = a.detach(), b.detach()
+    value = -(2 / batch) * (a_ * b_).sum() + ((a_ @ cov_b) * a_).sum() / batch
+    if symmetric:
+        value = (value - (2 / batch) * (a_ * b_).sum() + ((b_ @ cov_a) * b_).sum() / batch) / 2
+        assert_close(a.grad, -(1 / batch) * (b_ - a_ @ mixing_b.T), atol=1e-5, rtol=1e-5)
+        assert_close(b.grad, -(1 / batch) * (a_ - b_ @ mixing_a.T), atol=1e-5, rtol=1e-5)
+    else:
+        assert_close(a.grad, -(2 / batch) * (b_ - a_ @ mixing_b.T), atol=1e-5, rtol=1e-5)
+        assert b.grad is None
+    assert_close(loss, value)
+    assert not torch.allclose(cov_a, cov_b, atol=0.1)  # the test data tells the two Lambdas apart
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_asymmetric_minc_each_lambda_follows_the_bias_corrected_ema_of_its_own_view(symmetric: bool) -> None:
+    ema = 0.3
+    loss_fn = MINCLoss(4, ema=ema, symmetric=symmetric, normalize=False, asymmetric=True)
+    running_a = torch.zeros(4, 4, dtype=torch.float64)
+    running_b = torch.zeros(4, 4, dtype=torch.float64)
+    for step in range(1, 7):
+        a, b = asymmetric_pair(batch=8, dim=4, seed=10 + step)
+        b = (step * b.detach()).requires_grad_()  # moments that move, and move differently in the two views
+        loss_fn(a, b)
+        running_a = (1 - ema) * running_a + ema * (a.detach().T @ a.detach()).double() / 8
+        running_b = (1 - ema) * running_b + ema * (b.detach().T @ b.detach()).double() / 8
+        correction = 1 - (1 - ema) ** step
+        assert_close(loss_fn.cov, (running_a / correction).float())
+        assert_close(loss_fn.cov_b, (running_b / correction).float())
+    assert int(loss_fn.steps) == 6
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_asymmetric_minc_equals_the_all_pairs_spectral_objective(symmetric: bool) -> None:
+    """ema=1, full Lambdas, first step: the value is S(a, b) = -(2/B) sum_i a_i.b_i + (1/B^2) sum_ij (a_i.b_j)^2;
+    the gradients are half of S's in both views (symmetric) or S's gradient in a (one-sided)."""
+    a, b = asymmetric_pair(batch=12, dim=6, seed=6)
+    loss_fn = MINCLoss(6, ema=1.0, lower_triangular=False, symmetric=symmetric, normalize=False, asymmetric=True)
+    loss = loss_fn(a, b)
+    loss.backward()
+    a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    batch = a.shape[0]
+    all_pairs = -(2 / batch) * (a_ref * b_ref).sum() + ((a_ref @ b_ref.T) ** 2).sum() / batch**2
+    all_pairs.backward()
+    assert_close(loss, all_pairs.detach())
+    if symmetric:
+        assert_close(a.grad, a_ref.grad / 2, atol=1e-6, rtol=1e-5)
+        assert_close(b.grad, b_ref.grad / 2, atol=1e-6, rtol=1e-5)
+    else:
+        assert_close(a.grad, a_ref.grad, atol=1e-6, rtol=1e-5)
+        assert b.grad is None
+
+
+@pytest.mark.parametrize(
+    ("symmetric", "bad_view", "bad_value"),
+    [
+        (True, "a", float("nan")),
+        (True, "b", float("inf")),
+        (False, "a", float("-inf")),
+        (False, "b", float("nan")),
+        (True, "b", 1e30),  # finite, but its square overflows Lambda_b only
+    ],
+)
+def test_asymmetric_minc_non_finite_batch_leaves_both_lambdas_alone(
+    symmetric: bool, bad_view: str, bad_value: float
+) -> None:
+    loss_fn = MINCLoss(5, ema=0.2, symmetric=symmetric, normalize=False, asymmetric=True)
+    loss_fn(*asymmetric_pair(seed=0))
+    ema_sum, ema_sum_b, steps = loss_fn.ema_sum.clone(), loss_fn.ema_sum_b.clone(), loss_fn.steps.clone()
+    a, b = asymmetric_pair(seed=1)
+    with torch.no_grad():
+        (a if bad_view == "a" else b)[3, 2] = bad_value
+    loss = loss_fn(a, b)
+    assert torch.isnan(loss)
+    assert torch.equal(loss_fn.ema_sum, ema_sum) and torch.equal(loss_fn.ema_sum_b, ema_sum_b)  # bit-identical
+    assert torch.equal(loss_fn.steps, steps)
+    assert int(loss_fn.skipped) == 1
+    loss_fn(*asymmetric_pair(seed=2))  # training goes on
+    assert int(loss_fn.steps) == 2 and torch.isfinite(loss_fn.cov).all() and torch.isfinite(loss_fn.cov_b).all()
+
+
+def test_asymmetric_minc_eval_mode() -> None:
+    """Eval before training uses each view's batch moment; after training the stored Lambdas, which stay put."""
+    a, b = asymmetric_pair(seed=3)
+    fresh = MINCLoss(5, normalize=False, asymmetric=True).eval()
+    first_step = MINCLoss(5, ema=1.0, normalize=False, asymmetric=True)  # Lambdas = this batch's moments
+    assert_close(fresh(a, b), first_step(a, b))
+    assert int(fresh.steps) == 0 and not fresh.ema_sum.any() and not fresh.ema_sum_b.any()
+    first_step.eval()
+    ema_sum, ema_sum_b = first_step.ema_sum.clone(), first_step.ema_sum_b.clone()
+    a2, b2 = asymmetric_pair(seed=4)
+    loss = first_step(a2, b2)
+    assert torch.equal(first_step.ema_sum, ema_sum) and torch.equal(first_step.ema_sum_b, ema_sum_b)
+    a2, b2 = a2.detach(), b2.detach()
+    value_a = -(2 / 16) * (a2 * b2).sum() + ((a2 @ first_step.cov_b) * a2).sum() / 16
+    value_b = -(2 / 16) * (a2 * b2).sum() + ((b2 @ first_step.cov) * b2).sum() / 16
+    assert_close(loss, (value_a + value_b) / 2)
+
+
+def test_asymmetric_minc_state_dict_round_trip() -> None:
+    loss_fn = MINCLoss(5, ema=0.2, normalize=False, asymmetric=True)
+    for seed in range(3):
+        loss_fn(*asymmetric_pair(seed=seed))
+    loss_fn(torch.zeros(16, 5), torch.full((16, 5), float("nan")))
+    buffer = io.BytesIO()
+    torch.save(loss_fn.state_dict(), buffer)
+    buffer.seek(0)
+    restored = MINCLoss(5, ema=0.2, normalize=False, asymmetric=True)
+    restored.load_state_dict(torch.load(buffer))
+    assert set(loss_fn.state_dict()) == {"ema_sum", "ema_sum_b", "steps", "skipped"}
+    assert set(MINCLoss(5).state_dict()) == {"ema_sum", "steps", "skipped"}  # the default's keys do not change
+    assert torch.equal(restored.cov, loss_fn.cov) and torch.equal(restored.cov_b, loss_fn.cov_b)
+    assert int(restored.steps) == 3 and int(restored.skipped) == 1
+    a, b = asymmetric_pair(seed=9)
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    loss_fn(a, b).backward()
+    restored(a2, b2).backward()
+    assert torch.equal(a.grad, a2.grad) and torch.equal(b.grad, b2.grad)
+    assert torch.equal(restored.cov_b, loss_fn.cov_b)
+    assert "asymmetric=True" in repr(restored)
+
+
+def train_linear_asymmetric_minc(
+    lower_triangular: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train phi = W_a x and mu = W_b x' (3 x 8 each) with asymmetric MINC on x' = A x + noise, A = U diag(s) V^T.
+
+    With x ~ N(0, I) and Cov(x') = I the expected update is W_a += W_b A - M_b W_a, W_b += W_a A^T - M_a W_b:
+    with M = tril(W W^T), coordinate k solves the rank-1 problem on A minus the pairs j < k (nested deflation),
+    so w_a,k -> v_k, w_b,k -> u_k, in order, with |w_a,k| |w_b,k| = s_k. Returns W_a, W_b, V_k^T, U_k^T.
+    """
+    g = torch.Generator().manual_seed(0)
+    n, k, batch = 8, 3, 256
+    left, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    right, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    singular_values = torch.tensor([0.9, 0.75, 0.6, 0.4, 0.3, 0.2, 0.1, 0.0])
+    operator = left @ torch.diag(singular_values) @ right.T  # not symmetric: U != V
+    noise = left @ torch.diag((1 - singular_values**2).sqrt()) @ left.T  # A A^T + noise^2 = I
+    weight_a = torch.nn.Parameter(0.1 * torch.randn(k, n, generator=g))
+    weight_b = torch.nn.Parameter(0.1 * torch.randn(k, n, generator=g))
+    loss_fn = MINCLoss(k, ema=0.1, lower_triangular=lower_triangular, normalize=False, asymmetric=True)
+    optimizer = torch.optim.SGD([weight_a, weight_b], lr=0.15)
+    for _ in range(600):
+        x = torch.randn(batch, n, generator=g)
+        x_next = x @ operator.T + torch.randn(batch, n, generator=g) @ noise
+        loss = loss_fn(x @ weight_a.T, x_next @ weight_b.T)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return weight_a.detach(), weight_b.detach(), right[:, :k].T, left[:, :k].T
+
+
+def test_asymmetric_gha_recovers_top_singular_pairs_in_order() -> None:
+    weight_a, weight_b, right, left = train_linear_asymmetric_minc(lower_triangular=True)
+    assert (F.cosine_similarity(weight_a, right, dim=1).abs() > 0.95).all()  # phi_k -> v_k (right singular vector)
+    assert (F.cosine_similarity(weight_b, left, dim=1).abs() > 0.95).all()  # mu_k -> u_k (left singular vector)
+    scales = weight_a.norm(dim=1) * weight_b.norm(dim=1)
+    assert_close(scales, torch.tensor([0.9, 0.75, 0.6]), atol=0.1, rtol=0)
+
+
+def test_asymmetric_full_lambda_recovers_the_subspaces_but_not_the_order() -> None:
+    weight_a, weight_b, right, left = train_linear_asymmetric_minc(lower_triangular=False)
+    assert (subspace_alignment(weight_a, right) > 0.95).all() and (subspace_alignment(weight_b, left) > 0.95).all()
+    cosines = F.cosine_similarity(weight_a, right, dim=1).abs()
+    assert cosines.min() < 0.9, cosines  # rows are a mix of the singular vectors, not the vectors themselves
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -424,6 +641,12 @@ def test_bad_dim_raises(dim) -> None:
         MINCLoss(dim)
 
 
+@pytest.mark.parametrize("asymmetric", [1, "yes", None])
+def test_bad_asymmetric_raises(asymmetric) -> None:
+    with pytest.raises(ValueError, match=rf"asymmetric must be a bool \(True or False\); got {asymmetric!r}"):
+        MINCLoss(4, asymmetric=asymmetric)
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
@@ -452,6 +675,7 @@ def test_build_aux_loss_unknown_option_lists_valid_options() -> None:
     ("name", "kwargs", "expected_type", "attribute", "value"),
     [
         ("minc", {"ema": 0.2, "lower_triangular": False}, MINCLoss, "lower_triangular", False),
+        ("minc", {"asymmetric": True}, MINCLoss, "asymmetric", True),
         ("spectral", {"mu": 2.0}, SpectralContrastiveLoss, "mu", 2.0),
         ("infonce", {"temperature": 0.5}, InfoNCELoss, "temperature", 0.5),
     ],

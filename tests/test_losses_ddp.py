@@ -21,6 +21,7 @@ IN_FEATURES, DIM, GLOBAL_BATCH, STEPS = 10, 6, 16, 2
 CASES = {
     "minc": ("minc", {"ema": 0.3}),
     "minc_one_sided_full": ("minc", {"ema": 0.3, "symmetric": False, "lower_triangular": False}),
+    "minc_asymmetric": ("minc", {"ema": 0.3, "asymmetric": True}),
     "spectral": ("spectral", {"mu": 1.0}),
     "infonce": ("infonce", {"temperature": 0.2}),
 }
@@ -75,18 +76,20 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             losses, weight_grads, bias_grads, loss_fn = train(case, inputs, rows, DistributedDataParallel)
             results[case] = {"losses": losses, "weight_grads": weight_grads, "bias_grads": bias_grads}
             if isinstance(loss_fn, MINCLoss):
-                results[case]["cov"] = loss_fn.cov
-        nan_probe = MINCLoss(DIM, gather_distributed=True)
-        nan_probe(torch.randn(local, DIM), torch.randn(local, DIM))
-        before = nan_probe.ema_sum.clone()
-        bad = torch.full((local, DIM), float("nan")) if rank == 1 else torch.randn(local, DIM)
-        probe_loss = nan_probe(bad, torch.randn(local, DIM))
-        results["nan_probe"] = {
-            "finite": bool(torch.isfinite(probe_loss)),
-            "unchanged": bool(torch.equal(before, nan_probe.ema_sum)),
-            "skipped": int(nan_probe.skipped),
-            "steps": int(nan_probe.steps),
-        }
+                results[case]["cov"], results[case]["cov_b"] = loss_fn.cov, loss_fn.cov_b
+        for asymmetric in (False, True):  # a bad a (shared Lambda), a bad b (both Lambdas of the asymmetric loss)
+            nan_probe = MINCLoss(DIM, gather_distributed=True, asymmetric=asymmetric)
+            nan_probe(torch.randn(local, DIM), torch.randn(local, DIM))
+            before = (nan_probe.cov, nan_probe.cov_b)
+            bad = torch.full((local, DIM), float("nan")) if rank == 1 else torch.randn(local, DIM)
+            good = torch.randn(local, DIM)
+            probe_loss = nan_probe(good, bad) if asymmetric else nan_probe(bad, good)
+            results[f"nan_probe_asymmetric={asymmetric}"] = {
+                "finite": bool(torch.isfinite(probe_loss)),
+                "unchanged": all(map(torch.equal, before, (nan_probe.cov, nan_probe.cov_b))),
+                "skipped": int(nan_probe.skipped),
+                "steps": int(nan_probe.steps),
+            }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -121,12 +124,15 @@ def test_ddp_matches_single_process_on_global_batch(ranks: list[dict], case: str
             assert_close(got["bias_grads"][step], bias_grads[step], rtol=1e-5, atol=1e-6)
         if isinstance(loss_fn, MINCLoss):
             assert_close(got["cov"], loss_fn.cov, rtol=1e-5, atol=1e-7)
+            assert_close(got["cov_b"], loss_fn.cov_b, rtol=1e-5, atol=1e-7)
     for step in range(STEPS):  # the ranks' losses average to the global-batch loss
         mean_loss = torch.stack([rank[case]["losses"][step] for rank in ranks]).mean()
         assert_close(mean_loss, losses[step], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.timeout(120)
-def test_ddp_non_finite_batch_on_one_rank_is_skipped_on_every_rank(ranks: list[dict]) -> None:
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_ddp_non_finite_batch_on_one_rank_is_skipped_on_every_rank(ranks: list[dict], asymmetric: bool) -> None:
     for rank in ranks:
-        assert rank["nan_probe"] == {"finite": False, "unchanged": True, "skipped": 1, "steps": 1}
+        expected = {"finite": False, "unchanged": True, "skipped": 1, "steps": 1}
+        assert rank[f"nan_probe_asymmetric={asymmetric}"] == expected

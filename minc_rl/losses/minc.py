@@ -48,6 +48,16 @@ class MINCLoss(nn.Module):
     `gather_distributed=True`. The current batch is folded in before the loss; Lambda only moves in
     training mode. A batch with a non-finite value leaves Lambda untouched, increments `skipped`
     and returns a NaN loss that the caller must drop (check `torch.isfinite`).
+
+    `asymmetric=True` is for views from different functions, a = phi(s, a_t) and b = mu(s') (SPEDER's
+    P(s'|s,a) = <phi(s,a), mu(s')>). Two Lambdas follow the rule above: `cov` = Lambda_a from a's second moment
+    only and `cov_b` = Lambda_b from b's only (buffers `ema_sum`, `ema_sum_b`; one skip decides both). Each view
+    is pulled with the OTHER view's Lambda: direction a is l(a, b) with Lambda_b, dl/da_i = -(2/B)(b_i - M_b a_i),
+    direction b is l(b, a) with Lambda_a; no gradient into the other view or into either Lambda. Each value is
+    the SCL plug-in estimate -(2/B) sum_i a_i.b_i + tr(C_a Lambda_b). `symmetric=True` averages the directions,
+    `symmetric=False` keeps direction a only (b gets no gradient). With tril (GHA) the pull on coordinate k of phi
+    (or of mu) involves only coordinates j <= k of both views (nested deflation), so (phi_k, mu_k) tend to the
+    k-th left/right singular pair of the operator, in decreasing singular value; shared views give its eigenpairs.
     """
 
     def __init__(
@@ -58,12 +68,15 @@ class MINCLoss(nn.Module):
         symmetric: bool = True,
         gather_distributed: bool = False,
         normalize: bool = True,
+        asymmetric: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"MINCLoss dim must be a positive integer; got {dim!r}")
         if not 0.0 < float(ema) <= 1.0:
             raise ValueError(f"MINCLoss ema must be in (0, 1]; got {ema!r}")
+        if not isinstance(asymmetric, bool):
+            raise ValueError(f"MINCLoss asymmetric must be a bool (True or False); got {asymmetric!r}")
         if gather_distributed and not dist.is_available():
             raise ValueError("gather_distributed=True needs torch.distributed, which this torch build lacks")
         self.dim = dim
@@ -72,36 +85,58 @@ class MINCLoss(nn.Module):
         self.symmetric = symmetric
         self.gather_distributed = gather_distributed
         self.normalize = normalize
+        self.asymmetric = asymmetric
         self.register_buffer("ema_sum", torch.zeros(dim, dim, dtype=torch.float32))
+        if asymmetric:
+            self.register_buffer("ema_sum_b", torch.zeros(dim, dim, dtype=torch.float32))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, ema={self.ema}, lower_triangular={self.lower_triangular}, "
-            f"symmetric={self.symmetric}, gather_distributed={self.gather_distributed}, normalize={self.normalize}"
+            f"symmetric={self.symmetric}, gather_distributed={self.gather_distributed}, normalize={self.normalize}, "
+            f"asymmetric={self.asymmetric}"
         )
+
+    def _bias_corrected(self, ema_sum: torch.Tensor) -> torch.Tensor:
+        """S_t / (1 - (1 - ema)^t); zeros before the first training step."""
+        if int(self.steps) == 0:
+            return torch.zeros_like(ema_sum)
+        return ema_sum / (1.0 - (1.0 - self.ema) ** int(self.steps))
 
     @property
     def cov(self) -> torch.Tensor:
-        """The bias-corrected Lambda (d x d, float32); zeros before the first training step."""
-        if int(self.steps) == 0:
-            return torch.zeros_like(self.ema_sum)
-        return self.ema_sum / (1.0 - (1.0 - self.ema) ** int(self.steps))
+        """The bias-corrected Lambda (of view a when asymmetric; d x d, float32); zeros before the first step."""
+        return self._bias_corrected(self.ema_sum)
 
-    def _batch_moment(self, a: torch.Tensor, b: torch.Tensor, all_reduce: bool) -> torch.Tensor:
-        """C_batch (mean over ranks when `all_reduce`); all NaN when a or b holds a non-finite value."""
-        moment = (second_moment(a) + second_moment(b)) / 2 if self.symmetric else second_moment(a)
-        if not self.symmetric and not torch.isfinite(b).all():
-            moment.fill_(float("nan"))  # b is not in the moment, but a batch with a bad b must be skipped too
+    @property
+    def cov_b(self) -> torch.Tensor:
+        """The Lambda that pulls view a: Lambda_b of view b when asymmetric, else the shared `cov`."""
+        return self._bias_corrected(self.ema_sum_b) if self.asymmetric else self.cov
+
+    def _ema_sums(self) -> tuple[torch.Tensor, ...]:
+        """The EMA buffers in the order of `_batch_moments`: (ema_sum, ema_sum_b) when asymmetric, else (ema_sum,)."""
+        return (self.ema_sum, self.ema_sum_b) if self.asymmetric else (self.ema_sum,)
+
+    def _batch_moments(self, a: torch.Tensor, b: torch.Tensor, all_reduce: bool) -> torch.Tensor:
+        """C_batch per EMA buffer, stacked (mean over ranks when `all_reduce`); all NaN when a or b is non-finite."""
+        if self.asymmetric:
+            moments = torch.stack([second_moment(a), second_moment(b)])
+        elif self.symmetric:
+            moments = ((second_moment(a) + second_moment(b)) / 2)[None]
+        else:
+            moments = second_moment(a)[None]
+            if not torch.isfinite(b).all():
+                moments.fill_(float("nan"))  # b is not in the moment, but a batch with a bad b must be skipped too
         _, world = distributed_world()
         if all_reduce and self.gather_distributed and world > 1:
-            dist.all_reduce(moment, op=dist.ReduceOp.SUM)  # a NaN on one rank makes every rank skip
-            moment /= world
-        return moment
+            dist.all_reduce(moments, op=dist.ReduceOp.SUM)  # a NaN on one rank makes every rank skip
+            moments /= world
+        return moments
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The MINC loss of embeddings a = phi(x), b = phi(x') (to minimise)."""
+        """The MINC loss of embeddings a = phi(x), b = phi(x') (or b = mu(x') when asymmetric; to minimise)."""
         check_pair(a, b, "MINCLoss")
         if a.shape[1] != self.dim:
             raise ValueError(
@@ -111,17 +146,19 @@ class MINCLoss(nn.Module):
             if self.normalize:
                 a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
             if self.training:
-                moment = self._batch_moment(a, b, all_reduce=True)  # every rank joins, finite or not
-                if not torch.isfinite(moment).all():
+                moments = self._batch_moments(a, b, all_reduce=True)  # every rank joins, finite or not
+                if not torch.isfinite(moments).all():
                     self.skipped += 1
                     return torch.full((), float("nan"), device=a.device)
-                self.ema_sum.mul_(1.0 - self.ema).add_(moment, alpha=self.ema)
+                for ema_sum, moment in zip(self._ema_sums(), moments):
+                    ema_sum.mul_(1.0 - self.ema).add_(moment, alpha=self.ema)
                 self.steps += 1
-                cov = self.cov
-            else:
-                # no collective in eval mode: ranks may evaluate alone
-                cov = self.cov if int(self.steps) > 0 else self._batch_moment(a, b, all_reduce=False)
-            loss = minc_loss_given_cov(a, b, cov, self.lower_triangular)
+            if self.training or int(self.steps) > 0:
+                covs = (self.cov, self.cov_b)
+            else:  # eval before any training step: this batch's moments, no collective (ranks may evaluate alone)
+                covs = tuple(self._batch_moments(a, b, all_reduce=False))
+            cov_a, cov_b = covs[0], covs[-1]
+            loss = minc_loss_given_cov(a, b, cov_b, self.lower_triangular)
             if self.symmetric:
-                loss = (loss + minc_loss_given_cov(b, a, cov, self.lower_triangular)) / 2
+                loss = (loss + minc_loss_given_cov(b, a, cov_a, self.lower_triangular)) / 2
         return loss
