@@ -21,7 +21,7 @@ _LOSS_CLASSES: dict[str, type[nn.Module]] = {
 def build_aux_loss(name: str, dim: int, **kwargs) -> nn.Module:
     """Build the loss called `name` ("minc", "spectral" or "infonce") for embeddings of size `dim`.
 
-    kwargs go to the loss's constructor: ema, lower_triangular, symmetric (minc), mu (spectral),
+    kwargs go to the loss's constructor: ema, lower_triangular, symmetric, normalize, asymmetric (minc), mu (spectral),
     temperature (infonce), gather_distributed (all); an option the loss does not take is a ValueError.
     """
     if name not in _LOSS_CLASSES:
