@@ -67,6 +67,7 @@ class AuxConfig:
     target_tau: float | None = None  # None: o_t+1 through the online encoder under stop-gradient; else EMA target
     head_hidden: int = 256  # hidden width of the projection head
     pairs: str = "state"  # state: phi(o_t) against phi(o_t+1); state_action: phi(o_t, a_t) against mu(o_t+1)
+    linear_critic: bool = False  # MincDQN, state_action pairs: Q(s, a) = phi(s, a)^T w + c, phi learned by the aux loss
     loss_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. spectral: mu; infonce: temperature
 
     def __post_init__(self) -> None:
@@ -74,6 +75,14 @@ class AuxConfig:
         check_choice("aux.mode", self.mode, AUX_MODES)
         check_choice("aux.augment", self.augment, AUGMENT_CHOICES)
         check_choice("aux.pairs", self.pairs, PAIR_CHOICES)
+        if not isinstance(self.linear_critic, bool):
+            raise ValueError(f"aux.linear_critic must be true or false; got {self.linear_critic!r}")
+        if self.linear_critic and (self.pairs != "state_action" or self.mode == "joint" or self.name == "none"):
+            raise ValueError(
+                "aux.linear_critic=True puts Q on the aux loss's phi(s, a), which the aux loss alone trains: it needs "
+                f"an aux loss, aux.pairs='state_action' and aux.mode 'separate' or 'decoupled'; got aux={self.name!r}, "
+                f"aux.pairs={self.pairs!r}, aux.mode={self.mode!r}"
+            )
         if not isinstance(self.share, (int, float)) or isinstance(self.share, bool) or not 0.0 <= self.share < 1.0:
             raise ValueError(f"aux.share must be in [0, 1); got {self.share!r}")
         check_positive("aux.lr", self.lr)
@@ -145,8 +154,28 @@ class StateActionHead(nn.Module):
         """Embeddings phi(s_i, a_i) of features (B, features_dim) and actions (B,) or (B, 1) indices, or (B, ...) Box."""
         if self.actions is None:
             return self.net(th.cat([features, actions.float().reshape(len(features), -1)], dim=1))
-        per_action = self.net(features).view(len(features), self.actions, self.dim)
-        return per_action[th.arange(len(features), device=features.device), actions.long().reshape(-1)]
+        rows = th.arange(len(features), device=features.device)
+        return self.every_action(features)[rows, actions.long().reshape(-1)]
+
+    def every_action(self, features: th.Tensor) -> th.Tensor:
+        """phi(s_i, a) for every discrete action a: (B, |A|, d)."""
+        return self.net(features).view(len(features), self.actions, self.dim)
+
+
+class LinearCritic(nn.Module):
+    """Q(s, a) = phi(s, a)^T w + c over a StateActionHead's phi (aux.linear_critic): Q is linear in phi, as in the
+    spectral RL papers, and the TD loss trains w and c only (phi is held fixed for it; the aux loss trains phi)."""
+
+    def __init__(self, phi: StateActionHead) -> None:
+        super().__init__()
+        if phi.actions is None:
+            raise ValueError("aux.linear_critic needs Discrete actions (Q over every action); the action space is a Box")
+        self.phi = phi
+        self.weight = nn.Linear(phi.dim, 1)
+
+    def forward(self, features: th.Tensor) -> th.Tensor:
+        """Q-values (B, |A|) of encoder features."""
+        return self.weight(self.phi.every_action(features).detach()).squeeze(-1)
 
 
 class AuxLearner(nn.Module):
@@ -357,6 +386,8 @@ class MincAuxMixin:
     the aux statistics when SB3 writes its logs. Subclasses define `aux_extractor` and `_aux_network` (the network
     whose observation space and image normalisation the extractor sees)."""
 
+    has_linear_critic = False  # whether aux.linear_critic is built for this agent (MincDQN)
+
     def _init_aux(
         self, policy: str | type[BasePolicy], aux: str | AuxConfig | Mapping[str, Any], encoder: str,
         sb3_kwargs: dict[str, Any],
@@ -364,6 +395,9 @@ class MincAuxMixin:
         """Check and store the aux settings; return sb3_kwargs with MincExtractor(encoder) as the default extractor
         of single-observation policies (MlpPolicy, CnnPolicy). MultiInputPolicy keeps SB3's CombinedExtractor."""
         self.aux = AuxConfig.of(aux)
+        if self.aux.linear_critic and not self.has_linear_critic:
+            raise ValueError(f"aux.linear_critic is built for MincDQN (Q(s, a) = phi(s, a)^T w); {type(self).__name__} "
+                             "has no Q-function to put on phi")
         self.should_stop: Callable[[], bool] | None = None  # checked after every gradient step (a prompt Ctrl-C)
         check_choice("encoder", encoder, ENCODER_CHOICES)
         kwargs = dict(sb3_kwargs.get("policy_kwargs") or {})
@@ -425,8 +459,9 @@ class MincAuxMixin:
             th.nn.utils.clip_grad_norm_(policy.parameters(), self.max_grad_norm)  # type: ignore[attr-defined]
             policy.optimizer.step()
         else:
-            self.aux_learner.update(loss, features, rl_features, batch(), policy.optimizer,
-                                    list(policy.parameters()), self.max_grad_norm)  # type: ignore[attr-defined]
+            parameters = [p for group in policy.optimizer.param_groups for p in group["params"]]
+            self.aux_learner.update(loss, features, rl_features, batch(), policy.optimizer, parameters,
+                                    self.max_grad_norm)  # type: ignore[attr-defined]
         return self.should_stop is not None and self.should_stop()
 
     def learn(self, *args: Any, **kwargs: Any) -> Any:

@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import copy
+
 import numpy as np
 import torch as th
 from stable_baselines3 import DQN
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.utils import get_parameters_by_name
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch.nn import functional as F
 
-from minc_rl.agents.auxiliary import AuxBatch, AuxConfig, MincAuxMixin
+from minc_rl.agents.auxiliary import AuxBatch, AuxConfig, LinearCritic, MincAuxMixin
 
 
 def concat_observations(first: Any, second: Any) -> Any:
@@ -30,7 +33,12 @@ class MincDQN(MincAuxMixin, DQN):
     would cap the aux batch); their next_observations are the true successors. Both batches go through the
     online encoder in one forward. The aux loss attaches to the online Q-network's features extractor; the target
     Q-network is SB3's copy, untouched by it. With aux="none" this is SB3's DQN, update for update.
+
+    With aux.linear_critic, Q(s, a) = phi(s, a)^T w + c on the aux loss's state-action embedding (before its unit
+    normalisation): the TD loss trains w and c, the aux loss trains phi and the encoder.
     """
+
+    has_linear_critic = True
 
     def __init__(
         self,
@@ -41,6 +49,25 @@ class MincDQN(MincAuxMixin, DQN):
         **sb3_kwargs: Any,
     ) -> None:
         super().__init__(policy, env, **self._init_aux(policy, aux, encoder, sb3_kwargs))
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        if self.aux.linear_critic:
+            self._use_linear_critic()
+
+    def _use_linear_critic(self) -> None:
+        """Replace the Q-networks' last layer by LinearCritic over the aux head's phi (the target network gets a
+        copy, updated as SB3 updates the rest of it); the RL optimizer holds w and c, not phi."""
+        self.q_net.q_net = LinearCritic(self.aux_learner.head)
+        self.q_net_target.q_net = copy.deepcopy(self.q_net.q_net)
+        self.q_net_target.set_training_mode(False)
+        self.batch_norm_stats = get_parameters_by_name(self.q_net, ["running_"])  # the head's BatchNorm, too
+        self.batch_norm_stats_target = get_parameters_by_name(self.q_net_target, ["running_"])
+        phi = {id(p) for p in self.aux_learner.head.parameters()}
+        policy = self.policy
+        policy.optimizer = policy.optimizer_class(
+            [p for p in self.q_net.parameters() if id(p) not in phi], lr=self.lr_schedule(1), **policy.optimizer_kwargs
+        )
 
     @property
     def aux_extractor(self) -> BaseFeaturesExtractor:

@@ -27,6 +27,8 @@ def separate_config(aux: str | AuxConfig | Mapping[str, Any]) -> AuxConfig:
         )
     if config.name == "none":
         raise ValueError("MincAuxCallback needs an aux loss; aux='none' leaves it nothing to train")
+    if config.linear_critic:
+        raise ValueError("aux.linear_critic replaces the Q-network's last layer: use MincDQN, not the callback")
     return config
 
 

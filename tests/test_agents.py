@@ -12,6 +12,7 @@ import pytest
 import torch
 from minc_rl import MincAuxCallback, MincExtractor
 from minc_rl.agents import AUGMENT_CHOICES, AUX_CHOICES, AUX_MODES, AuxConfig, MincDQN, MincPPO, StateActionHead
+from minc_rl.agents.auxiliary import LinearCritic
 from minc_rl.agents.pairs import (PairDictRolloutBuffer, gather_successors, rollout_successors,
                                   sample_rollout_pairs)
 from minc_rl.encoders import build_encoder, save_encoder
@@ -312,6 +313,63 @@ def test_state_action_pairs_refuse_other_action_spaces():
         MincPPO("MlpPolicy", env, aux=dict(pairs="state_action"), n_steps=8, batch_size=8)
     with pytest.raises(ValueError, match=r"aux.pairs='action' is not valid; choose one of 'state', 'state_action'"):
         AuxConfig(pairs="action")
+
+
+def linear_critic_dqn(mode: str = "decoupled", **kwargs):
+    aux = dict(batch=32, mode=mode, pairs="state_action", linear_critic=True, **SMALL_AUX)
+    return small_model(MincDQN, "CnnPolicy", make_vec_env("minatar:breakout", 2), aux=aux,
+                       policy_kwargs=dict(features_extractor_kwargs=SMALL), **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["separate", "decoupled"])
+def test_linear_critic_is_linear_in_phi_and_the_td_loss_trains_only_w(mode, tmp_path):
+    """Q(s, a) = phi(s, a)^T w + c with the aux head's phi; the RL optimizer holds w and c, the aux loss trains phi
+    and the encoder; the target network's critic is a copy that SB3's target update keeps in step."""
+    model = linear_critic_dqn(mode, target_update_interval=100)
+    critic, head = model.q_net.q_net, model.aux_learner.head
+    assert isinstance(critic, LinearCritic) and critic.phi is head and model.q_net_target.q_net.phi is not head
+    rl_held = {id(p) for group in model.policy.optimizer.param_groups for p in group["params"]}
+    assert rl_held == {id(p) for p in model.q_net.parameters()} - {id(p) for p in head.parameters()}
+    observations = torch.as_tensor(np.stack([model.env.observation_space.sample() for _ in range(5)]))
+    model.q_net.set_training_mode(False)
+    features = model.q_net.extract_features(observations, model.q_net.features_extractor)
+    phi = head.every_action(features)  # (5, |A|, d)
+    expected = phi @ critic.weight.weight[0] + critic.weight.bias[0]
+    torch.testing.assert_close(model.q_net(observations), expected)
+    q = model.q_net(observations)
+    q[:, 0].sum().backward()  # the TD loss's path: gradient into w and c only
+    assert critic.weight.weight.grad is not None
+    assert all(p.grad is None for p in [*head.parameters(), *model.aux_extractor.parameters()])
+    model.policy.zero_grad()
+
+    before = {name: p.detach().clone() for name, p in model.q_net.named_parameters()}
+    target_phi = model.q_net_target.q_net.phi.net.net[0].weight.detach().clone()
+    model.learn(300)
+    assert all(not torch.equal(before[name], p) for name, p in model.q_net.named_parameters())  # w, phi, encoder
+    online_names = [name for name, _ in model.q_net.named_parameters()]
+    assert [name for name, _ in model.q_net_target.named_parameters()] == online_names  # SB3's zip-wise update
+    assert not torch.equal(model.q_net_target.q_net.phi.net.net[0].weight, target_phi)  # it reached the copy
+    model.save(tmp_path / "model.zip")
+    loaded = MincDQN.load(tmp_path / "model.zip", env=model.env)
+    assert loaded.q_net.q_net.phi is loaded.aux_learner.head
+    torch.testing.assert_close(loaded.q_net(observations), model.q_net(observations))
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: AuxConfig(pairs="state_action", linear_critic=True), r"aux.mode 'separate' or 'decoupled'; got "
+         r"aux='minc', aux.pairs='state_action', aux.mode='joint'"),
+        (lambda: AuxConfig(mode="decoupled", linear_critic=True), r"aux.pairs='state'"),
+        (lambda: AuxConfig(linear_critic=1), r"aux.linear_critic must be true or false; got 1"),
+        (lambda: cartpole_ppo(aux=dict(mode="separate", pairs="state_action", linear_critic=True)),
+         r"aux.linear_critic is built for MincDQN .* MincPPO has no Q-function"),
+        (lambda: MincAuxCallback(dict(pairs="state_action", linear_critic=True)), r"use MincDQN, not the callback"),
+    ],
+)
+def test_linear_critic_settings_raise_clear_errors(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
 
 
 # ------------------------------------------------------------------------------------ stock SB3 + callback
