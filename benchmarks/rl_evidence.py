@@ -291,6 +291,38 @@ def aggregate_suite(runs: Runs, suite: str, last: int) -> dict[str, Any]:
     return {"suite": suite, "splits": splits, "last_evaluations": last, "games": games}
 
 
+# the issues' bars (README_rl_evidence.md): (variant, baseline) -> the variant must be >= the baseline within one SE
+BARS = (("minc", "none"), ("minc", "spectral"), ("minc-state-action", "none"), ("minc-state-action", "minc"))
+
+
+def bar_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each BARS comparison present with >= 2 seeds on both sides, per game and split: the difference of the final
+    returns' means, its standard error sqrt(SE_a^2 + SE_b^2), and whether the variant is >= the baseline within
+    one standard error and above it."""
+    checks = []
+    for game, rows in result["games"].items():
+        for variant, baseline in BARS:
+            for split in result["splits"]:
+                a, b = (rows.get(name, {}).get(split) for name in (variant, baseline))
+                if a is None or b is None or math.isnan(a["se"]) or math.isnan(b["se"]):
+                    continue
+                difference, se = a["mean"] - b["mean"], math.hypot(a["se"], b["se"])
+                checks.append({"game": game, "split": split, "variant": variant, "baseline": baseline,
+                               "difference": difference, "se": se, "within_one_se": difference >= -se,
+                               "above": difference > 0})
+    return checks
+
+
+def bar_table(checks: list[dict[str, Any]]) -> str:
+    """The bar checks as markdown."""
+    lines = ["| game | split | comparison | difference ± SE | >= within one SE | above |", "|---|---|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['game']} | {c['split']} | {c['variant']} vs {c['baseline']} | "
+                     f"{fmt(c['difference'], c['se'])} | {'yes' if c['within_one_se'] else 'no'} | "
+                     f"{'yes' if c['above'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def area_under_curve(run: dict[str, Any]) -> float:
     """A run's area under the learning curve: the mean of all its evaluation returns (splits averaged)."""
     return float(np.mean([np.mean([r for _, r in curve]) for curve in run["curves"].values()]))
@@ -456,7 +488,10 @@ def aggregate(args: argparse.Namespace) -> None:
             continue
         found = True
         result = aggregate_suite(runs, suite, args.last)
+        result["bars"] = bar_checks(result)
         table = markdown_table(result)
+        if result["bars"]:
+            table += f"\n### The issues' bars\n\n{bar_table(result['bars'])}"
         print(f"## {suite}\n\n{table}")
         atomic_write(args.results / f"{suite}_table.md", lambda tmp: Path(tmp).write_text(f"## {suite}\n\n{table}"))
         text = json.dumps(run_io.finite_or_none(result), indent=2, allow_nan=False) + "\n"

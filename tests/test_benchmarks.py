@@ -74,3 +74,21 @@ def test_pairs_calibration_grid_tunes_state_action_minc_with_the_same_settings()
     assert grid["none"] == ["aux=none"] and len(grid) == 1 + len(rl_evidence.CALIBRATION_SETTINGS)
     assert grid["minc-state-action-separate-lr1e-4"] == [
         "aux=minc", "aux.pairs=state_action", "aux.mode=separate", "aux.lr=1e-4"]
+
+
+def test_bar_checks_compare_final_returns_within_one_standard_error():
+    """Hand-built final returns: minc 4.0 ± 0.3 against none 4.5 ± 0.4 is within one SE (0.5) but not above; against
+    spectral 3.0 ± 0.0 it is above. A single-seed row (NaN SE) enters no check."""
+    rows = {"none": {"test": {"mean": 4.5, "se": 0.4}}, "minc": {"test": {"mean": 4.0, "se": 0.3}},
+            "spectral": {"test": {"mean": 3.0, "se": 0.0}},
+            "minc-state-action": {"test": {"mean": 9.0, "se": float("nan")}}}
+    checks = rl_evidence.bar_checks({"games": {"breakout": rows}, "splits": ["test"]})
+    assert [(c["variant"], c["baseline"]) for c in checks] == [("minc", "none"), ("minc", "spectral")]
+    versus_none, versus_spectral = checks
+    assert versus_none["difference"] == pytest.approx(-0.5) and versus_none["se"] == pytest.approx(0.5)
+    assert versus_none["within_one_se"] and not versus_none["above"]
+    assert versus_spectral["within_one_se"] and versus_spectral["above"]
+    rows["minc"]["test"]["mean"] = 3.9  # -0.6 < -0.5
+    assert not rl_evidence.bar_checks({"games": {"breakout": rows}, "splits": ["test"]})[0]["within_one_se"]
+    assert "| breakout | test | minc vs none | -0.60 ± 0.50 | no | no |" in rl_evidence.bar_table(
+        rl_evidence.bar_checks({"games": {"breakout": rows}, "splits": ["test"]}))
