@@ -48,6 +48,7 @@ from minc_rl.io import atomic_write  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "rl_evidence"
 RUNS = ROOT / "outputs" / "rl_evidence"
+CALIBRATION_RESULTS = ROOT / "benchmarks" / "results" / "rl_calibration"
 COPIED = ("summary.json", "evaluations.csv", "progress.csv")
 # suite -> the entry point's settings shared by every run, the games and the compared aux losses
 SUITES: dict[str, dict[str, Any]] = {
@@ -90,14 +91,26 @@ CALIBRATED = {
     "spectral": ["aux=spectral"],
     "minc-state-action": ["aux=minc", "aux.pairs=state_action"],  # issue 16: phi(o_t, a_t) against mu(o_t+1)
 }
-GRIDS = {"aux": (), "calibration": ("minc", "spectral"), "calibration-pairs": ("minc-state-action",)}
+GRIDS = {"aux": (), "pairs": (), "calibration": ("minc", "spectral"), "calibration-pairs": ("minc-state-action",)}
+
+
+def calibrated_choice(suite: str, loss: str, results: Path = CALIBRATION_RESULTS) -> list[str]:
+    """The overrides of `loss` at the setting its calibration chose (aggregate's <suite>_calibration.json)."""
+    path = results / f"{suite}_calibration.json"
+    choices = json.loads(path.read_text())["choices"] if path.exists() else {}
+    if loss not in choices:
+        raise ValueError(f"{path} has no choice for {loss} yet: run its calibration grid and aggregate first")
+    return [*CALIBRATED[loss], *choices[loss]["overrides"]]
 
 
 def variants(suite: str, grid: str) -> dict[str, list[str]]:
-    """Variant name -> its overrides: the suite's aux losses at their defaults ("aux"), or a calibration grid
-    (aux=none and CALIBRATION_SETTINGS for each of the grid's losses)."""
+    """Variant name -> its overrides: the suite's aux losses at their defaults ("aux"), state-action MINC at its
+    calibrated setting ("pairs", issue 16's final runs), or a calibration grid (aux=none and CALIBRATION_SETTINGS
+    for each of the grid's losses)."""
     if grid == "aux":
         return {aux: [f"aux={aux}"] for aux in SUITES[suite]["aux"]}
+    if grid == "pairs":
+        return {"minc-state-action": calibrated_choice(suite, "minc-state-action")}
     grid_variants = {"none": ["aux=none"]}
     for loss in GRIDS[grid]:
         for name, overrides in CALIBRATION_SETTINGS.items():
@@ -540,7 +553,8 @@ def main() -> None:
     run_parser.add_argument("--out", type=Path, default=RESULTS, help="where the small files of each run go")
     run_parser.add_argument("--grid", choices=list(GRIDS), default="aux",
                             help="aux: the suite's aux losses at their defaults; calibration: issue 12's grid (minc, "
-                            "spectral); calibration-pairs: issue 16's (minc with aux.pairs=state_action)")
+                            "spectral); calibration-pairs: issue 16's (minc with aux.pairs=state_action); pairs: "
+                            "state-action MINC at the setting its calibration chose (issue 16's final runs)")
     run_parser.add_argument("--variants", nargs="+", metavar="NAME",
                             help="run only these variants of the grid (default: all), e.g. --variants none")
     run_parser.add_argument("--shard", type=shard_spec, default=(0, 1), metavar="I/N",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -92,3 +93,14 @@ def test_bar_checks_compare_final_returns_within_one_standard_error():
     assert not rl_evidence.bar_checks({"games": {"breakout": rows}, "splits": ["test"]})[0]["within_one_se"]
     assert "| breakout | test | minc vs none | -0.60 ± 0.50 | no | no |" in rl_evidence.bar_table(
         rl_evidence.bar_checks({"games": {"breakout": rows}, "splits": ["test"]}))
+
+
+def test_final_pairs_variant_takes_the_calibrated_choice(tmp_path):
+    with pytest.raises(ValueError, match="no choice for minc-state-action yet: run its calibration grid"):
+        rl_evidence.calibrated_choice("minatar", "minc-state-action", tmp_path)
+    chosen = rl_evidence.calibration(grid_runs(full_grid("minc-state-action", {
+        "joint-s0.1": (0.95, 0.92), "joint-s0.3": (0.8, 0.8), "separate-lr1e-4": (0.97, 0.96),
+        "decoupled-lr1e-3": (0.2, 0.2)})))
+    (tmp_path / "minatar_calibration.json").write_text(json.dumps(chosen))
+    assert rl_evidence.calibrated_choice("minatar", "minc-state-action", tmp_path) == [
+        "aux=minc", "aux.pairs=state_action", "aux.mode=separate", "aux.lr=1e-4"]
