@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import gymnasium as gym
-from gymnasium import spaces
 import numpy as np
 import torch as th
 from stable_baselines3.common.logger import Logger
@@ -138,12 +137,12 @@ class StateActionHead(nn.Module):
 
     def __init__(self, features_dim: int, action_space: gym.Space | None, dim: int, hidden: int) -> None:
         super().__init__()
-        if isinstance(action_space, spaces.Discrete):
+        if isinstance(action_space, gym.spaces.Discrete):
             self.actions: int | None = int(action_space.n)
             self.net = ProjectionHead(features_dim, self.actions * dim, hidden)
-        elif isinstance(action_space, spaces.Box):
+        elif isinstance(action_space, gym.spaces.Box):
             self.actions = None
-            self.net = ProjectionHead(features_dim + spaces.flatdim(action_space), dim, hidden)
+            self.net = ProjectionHead(features_dim + gym.spaces.flatdim(action_space), dim, hidden)
         else:
             raise ValueError(
                 f"aux.pairs='state_action' takes Discrete or Box actions; the action space is {action_space}"
