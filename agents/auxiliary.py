@@ -358,7 +358,8 @@ class AuxLearner(nn.Module):
         if self.last_pair is not None:
             a, b = (F.normalize(z.float(), dim=1) for z in self.last_pair)
             logger.record("train/aux_scl_estimate", float(spectral_contrastive_loss(a, b)))
-            for key, value in embedding_health(th.cat([a, b]), self.loss).items():
+            views = th.cat([a, b]) if self.next_head is None else a  # state-action pairs: phi's health, not mu's
+            for key, value in embedding_health(views, self.loss).items():
                 logger.record(f"train/aux_{key}", value)
         self._reset_statistics()
 

@@ -299,6 +299,7 @@ def test_state_action_pairs_train_phi_mu_and_the_encoder_in_every_agent(algo, sp
     model.learn(256, callback=callback)
     model.logger.dump(model.num_timesteps)
     assert np.all(np.isfinite(logged(recorder, "train/aux_loss"))) and logged(recorder, "train/aux_loss")
+    assert 1.0 < min(logged(recorder, "train/aux_rankme")) <= SMALL_AUX["dim"]  # phi's alone: at most d
     after = dict([*learner.named_parameters(), *extractor.named_parameters()])
     assert all(not torch.equal(before[name], after[name]) for name in before if "target" not in name)
     for cov in (learner.loss.cov, learner.loss.cov_b):
