@@ -37,8 +37,8 @@ def test_area_under_curve_is_the_mean_evaluation_return():
 
 
 def test_calibration_picks_the_best_mean_among_settings_that_keep_090_everywhere():
-    scores = {"joint-s0.1": (1.00, 0.95), "joint-s0.3": (1.30, 0.85), "separate-lr1e-4": (1.10, 1.05),
-              "decoupled-lr1e-3": (1.12, 1.04)}
+    scores = {"joint-s0.01": (0.95, 0.92), "joint-s0.03": (0.97, 0.93), "joint-s0.1": (1.00, 0.95),
+              "joint-s0.3": (1.30, 0.85), "separate-lr1e-4": (1.10, 1.05), "decoupled-lr1e-3": (1.12, 1.04)}
     result = rl_evidence.calibration(grid_runs(full_grid("minc", scores)))
     assert result["normalised_auc"]["minc-joint-s0.3"] == pytest.approx({"breakout": 1.3, "space_invaders": 0.85})
     # joint-s0.3 has the best mean (1.075) but 0.85 < 0.9 on space_invaders; separate (1.075) and decoupled (1.08)
@@ -50,19 +50,35 @@ def test_calibration_picks_the_best_mean_among_settings_that_keep_090_everywhere
 
 
 def test_calibration_falls_back_to_the_least_harmful_setting():
-    scores = {"joint-s0.1": (0.80, 0.70), "joint-s0.3": (1.20, 0.20), "separate-lr1e-4": (0.85, 0.60),
-              "decoupled-lr1e-3": (0.10, 0.10)}
+    scores = {"joint-s0.01": (0.90, 0.65), "joint-s0.03": (0.75, 0.60), "joint-s0.1": (0.80, 0.70),
+              "joint-s0.3": (1.20, 0.20), "separate-lr1e-4": (0.85, 0.60), "decoupled-lr1e-3": (0.10, 0.10)}
     choice = rl_evidence.calibration(grid_runs(full_grid("spectral", scores)))["choices"]["spectral"]
     assert (choice["setting"], choice["met_bar"]) == ("joint-s0.1", False)  # the highest minimum score, 0.70
     table = rl_evidence.calibration_table(rl_evidence.calibration(grid_runs(full_grid("spectral", scores))))
     assert "no setting kept >= 0.9 of aux=none's AUC on every game" in table and "| spectral-joint-s0.3 | 1.20 | 0.20 | 0.70 |" in table
 
 
+def test_calibration_waits_for_every_setting_and_breaks_ties_toward_the_smaller_share():
+    first = {"joint-s0.1": (0.90, 0.90), "joint-s0.3": (0.60, 0.50), "separate-lr1e-4": (0.70, 0.70),
+             "decoupled-lr1e-3": (0.10, 0.10)}
+    areas = full_grid("minc", first)
+    waiting = rl_evidence.calibration(grid_runs(areas))
+    assert "minc" not in waiting["choices"] and waiting["missing"] == {"minc": ["joint-s0.01", "joint-s0.03"]}
+    assert "- minc: no choice yet; still to run on every game: joint-s0.01, joint-s0.03" in \
+        rl_evidence.calibration_table(waiting)
+    # both smaller shares keep >= 0.9 everywhere; 0.03 has the best mean (1.00), 0.01 (0.99) ties within 0.02
+    smaller = {"joint-s0.01": (1.00, 0.98), "joint-s0.03": (1.01, 0.99)}
+    areas = {game: {**by_variant, **full_grid("minc", smaller)[game]} for game, by_variant in areas.items()}
+    choice = rl_evidence.calibration(grid_runs(areas))["choices"]["minc"]
+    assert (choice["setting"], choice["met_bar"]) == ("joint-s0.01", True)
+    assert choice["overrides"] == ["aux.mode=joint", "aux.share=0.01"]
+
+
 def test_shards_split_the_jobs_disjointly_and_variants_filter_them():
     shards = [rl_evidence.select_jobs("minatar", "calibration", [100], None, (k, 3)) for k in range(3)]
     every_job = rl_evidence.select_jobs("minatar", "calibration", [100], None, (0, 1))
     assert sorted(job for shard in shards for job in shard) == sorted(every_job)
-    assert len(every_job) == len(set(every_job)) == 2 * 9
+    assert len(every_job) == len(set(every_job)) == 2 * 13  # none and 6 settings of 2 losses
     only_none = rl_evidence.select_jobs("minatar", "aux", [0, 1], ["none"], (0, 1))
     assert only_none == [("breakout", "none", 0), ("space_invaders", "none", 0),
                          ("breakout", "none", 1), ("space_invaders", "none", 1)]
@@ -70,9 +86,11 @@ def test_shards_split_the_jobs_disjointly_and_variants_filter_them():
         rl_evidence.select_jobs("minatar", "aux", [0], ["nonee"], (0, 1))
 
 
-def test_pairs_calibration_grid_tunes_state_action_minc_with_the_same_settings():
+def test_pairs_calibration_grid_tunes_state_action_minc_with_its_rules_four_settings():
     grid = rl_evidence.variants("minatar", "calibration-pairs")
-    assert grid["none"] == ["aux=none"] and len(grid) == 1 + len(rl_evidence.CALIBRATION_SETTINGS)
+    assert list(grid) == ["none", "minc-state-action-joint-s0.1", "minc-state-action-joint-s0.3",
+                          "minc-state-action-separate-lr1e-4", "minc-state-action-decoupled-lr1e-3"]
+    assert grid["none"] == ["aux=none"]
     assert grid["minc-state-action-separate-lr1e-4"] == [
         "aux=minc", "aux.pairs=state_action", "aux.mode=separate", "aux.lr=1e-4"]
 
