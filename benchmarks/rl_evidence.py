@@ -181,10 +181,10 @@ def commit_copies(paths: list[Path], message: str) -> None:
 
 
 def select_jobs(
-    suite: str, grid_name: str, seeds: list[int], only: list[str] | None, shard: tuple[int, int]
+    suite: str, grid_name: str, grid: dict[str, list[str]], seeds: list[int], only: list[str] | None,
+    shard: tuple[int, int],
 ) -> list[tuple[str, str, int]]:
     """This shard's (game, variant, seed) jobs, seed by seed, of the grid's variants (all, or only those named)."""
-    grid = variants(suite, grid_name)
     unknown = sorted(set(only or []) - set(grid))
     if unknown:
         raise ValueError(f"--variants {' '.join(unknown)}: not in the {grid_name} grid; choose from {', '.join(grid)}")
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> None:
     if args.steps < 1 or args.evaluations < 1:
         raise ValueError(f"--steps and --evaluations must be >= 1; got {args.steps} and {args.evaluations}")
     grid = variants(args.suite, args.grid)
-    jobs = select_jobs(args.suite, args.grid, args.seeds, args.variants, args.shard)
+    jobs = select_jobs(args.suite, args.grid, grid, args.seeds, args.variants, args.shard)
     for number, (game, aux, seed) in enumerate(jobs, 1):
         name = f"[{number}/{len(jobs)}] {args.suite}:{game} aux={aux} seed={seed}"
         run_dir = (args.runs / args.suite / game / aux / f"seed{seed}").resolve()

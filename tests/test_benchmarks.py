@@ -75,15 +75,17 @@ def test_calibration_waits_for_every_setting_and_breaks_ties_toward_the_smaller_
 
 
 def test_shards_split_the_jobs_disjointly_and_variants_filter_them():
-    shards = [rl_evidence.select_jobs("minatar", "calibration", [100], None, (k, 3)) for k in range(3)]
-    every_job = rl_evidence.select_jobs("minatar", "calibration", [100], None, (0, 1))
+    calibration = rl_evidence.variants("minatar", "calibration")
+    shards = [rl_evidence.select_jobs("minatar", "calibration", calibration, [100], None, (k, 3)) for k in range(3)]
+    every_job = rl_evidence.select_jobs("minatar", "calibration", calibration, [100], None, (0, 1))
     assert sorted(job for shard in shards for job in shard) == sorted(every_job)
     assert len(every_job) == len(set(every_job)) == 2 * 13  # none and 6 settings of 2 losses
-    only_none = rl_evidence.select_jobs("minatar", "aux", [0, 1], ["none"], (0, 1))
+    aux = rl_evidence.variants("minatar", "aux")
+    only_none = rl_evidence.select_jobs("minatar", "aux", aux, [0, 1], ["none"], (0, 1))
     assert only_none == [("breakout", "none", 0), ("space_invaders", "none", 0),
                          ("breakout", "none", 1), ("space_invaders", "none", 1)]
     with pytest.raises(ValueError, match="nonee.*choose from none, minc, spectral"):
-        rl_evidence.select_jobs("minatar", "aux", [0], ["nonee"], (0, 1))
+        rl_evidence.select_jobs("minatar", "aux", aux, [0], ["nonee"], (0, 1))
 
 
 def test_pairs_calibration_grid_tunes_state_action_minc_with_its_rules_four_settings():
