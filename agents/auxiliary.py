@@ -67,6 +67,7 @@ class AuxConfig:
     head_hidden: int = 256  # hidden width of the projection head
     pairs: str = "state"  # state: phi(o_t) against phi(o_t+1); state_action: phi(o_t, a_t) against mu(o_t+1)
     linear_critic: bool = False  # MincDQN, state_action pairs: Q(s, a) = phi(s, a)^T w + c, phi learned by the aux loss
+    log_update_share: bool = False  # log the aux share of the encoder's parameter update (UpdateShareMeter)
     loss_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. spectral: mu; infonce: temperature
 
     def __post_init__(self) -> None:
@@ -74,8 +75,9 @@ class AuxConfig:
         check_choice("aux.mode", self.mode, AUX_MODES)
         check_choice("aux.augment", self.augment, AUGMENT_CHOICES)
         check_choice("aux.pairs", self.pairs, PAIR_CHOICES)
-        if not isinstance(self.linear_critic, bool):
-            raise ValueError(f"aux.linear_critic must be true or false; got {self.linear_critic!r}")
+        for key in ("linear_critic", "log_update_share"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"aux.{key} must be true or false; got {getattr(self, key)!r}")
         if self.linear_critic and (self.pairs != "state_action" or self.mode == "joint" or self.name == "none"):
             raise ValueError(
                 "aux.linear_critic=True puts Q on the aux loss's phi(s, a), which the aux loss alone trains: it needs "
@@ -177,6 +179,73 @@ class LinearCritic(nn.Module):
         return self.weight(self.phi.every_action(features).detach()).squeeze(-1)
 
 
+class UpdateShareMeter:
+    """The aux share of the encoder's parameter update in one gradient step, ||u_aux|| / (||u_aux|| + ||u_rl||), and
+    the cosine of the two parts (aux.log_update_share). In joint mode one Adam step moves the encoder; given Adam's
+    second moment the step is linear in its first moment, so the meter keeps the aux part of that moment (the EMA
+    of the aux gradients, clipped as SB3 clipped the step) and splits the step with it. Adam's momentum sums the
+    aux gradient, which keeps its direction from step to step, faster than the noisy RL gradient, so this share
+    can be far above the gradient share at the encoder's output. In separate and decoupled mode the RL step's and
+    the aux step's parameter changes are the two parts."""
+
+    def __init__(self, parameters: list[nn.Parameter]) -> None:
+        self.parameters = parameters
+        self.aux_moment = [th.zeros_like(p) for p in parameters]
+
+    def gradients(self) -> list[th.Tensor]:
+        """The parameters' gradients now (zeros where there are none)."""
+        return [th.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.parameters]
+
+    def snapshot(self) -> list[th.Tensor]:
+        """The parameters' values now."""
+        return [p.detach().clone() for p in self.parameters]
+
+    def changes(self, start: list[th.Tensor], middle: list[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
+        """Share and cosine of two consecutive steps: the RL step from `start` to `middle`, the aux step from
+        `middle` to now."""
+        now = self.snapshot()
+        return _part_share([b - a for a, b in zip(middle, now)], [b - a for a, b in zip(start, middle)])
+
+    def joint(
+        self, optimizer: th.optim.Optimizer, aux_gradients: list[th.Tensor], kept: float | th.Tensor
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """Share and cosine of the aux and RL parts of the Adam step just taken, whose gradient held
+        `aux_gradients` (before the clip kept `kept` of it)."""
+        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        aux_parts, rl_parts = [], []
+        for parameter, moment, gradient in zip(self.parameters, self.aux_moment, aux_gradients):
+            state = optimizer.state.get(parameter, {})
+            if parameter.grad is None or "exp_avg" not in state:
+                continue  # Adam did not move it
+            group = groups[id(parameter)]
+            beta1, beta2 = group["betas"]
+            moment.lerp_(gradient * kept, 1 - beta1)
+            bias_correction2 = 1 - beta2 ** float(state["step"])
+            denominator = (state["exp_avg_sq"] / bias_correction2).sqrt() + group["eps"]
+            aux_parts.append(moment / denominator)
+            rl_parts.append((state["exp_avg"] - moment) / denominator)
+        return _part_share(aux_parts, rl_parts)
+
+
+def check_update_share_optimizer(optimizer: th.optim.Optimizer) -> None:
+    """aux.log_update_share in joint mode splits Adam's first moment: the RL optimizer must be Adam (or AdamW)."""
+    if not isinstance(optimizer, (th.optim.Adam, th.optim.AdamW)) or any(
+        group.get("amsgrad") or group.get("maximize") for group in optimizer.param_groups
+    ):
+        raise ValueError(
+            "aux.log_update_share in joint mode reads the RL optimizer's Adam moments; it needs torch.optim.Adam or "
+            f"AdamW without amsgrad or maximize, got {type(optimizer).__name__}"
+        )
+
+
+def _part_share(aux: list[th.Tensor], rl: list[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
+    """||aux|| / (||aux|| + ||rl||) and the cosine of the two, each list flattened into one vector."""
+    aux_vector, rl_vector = th.cat([t.flatten() for t in aux]), th.cat([t.flatten() for t in rl])
+    aux_norm, rl_norm = aux_vector.norm(), rl_vector.norm()
+    cosine = aux_vector @ rl_vector / (aux_norm * rl_norm).clamp_min(1e-30)
+    return aux_norm / (aux_norm + rl_norm).clamp_min(1e-30), cosine
+
+
 class AuxLearner(nn.Module):
     """Projection head, loss and (optional) EMA target encoder over one SB3 features extractor, and the aux
     optimizer. Statistics accumulate between `record` calls; the embedding-health metrics are computed only there."""
@@ -215,6 +284,8 @@ class AuxLearner(nn.Module):
         heads = [*self.head.parameters(), *(self.next_head.parameters() if self.next_head is not None else [])]
         trained = [*heads, *(extractor.parameters() if config.mode != "joint" else [])]
         self.optimizer = th.optim.Adam(trained, lr=config.lr)
+        encoder = [p for p in extractor.parameters() if p.requires_grad]
+        self.update_meter = UpdateShareMeter(encoder) if config.log_update_share and encoder else None
         self._reset_statistics()
 
     def _reset_statistics(self) -> None:
@@ -223,6 +294,8 @@ class AuxLearner(nn.Module):
         self.shares: list[th.Tensor] = []
         self.raw_shares: list[th.Tensor] = []
         self.rl_step_kept: list[th.Tensor] = []
+        self.update_shares: list[th.Tensor] = []
+        self.update_cosines: list[th.Tensor] = []
         self.dropped = 0
         self.last_pair: tuple[th.Tensor, th.Tensor] | None = None
 
@@ -276,13 +349,18 @@ class AuxLearner(nn.Module):
         what `rl_view` gave the RL heads."""
         optimizer.zero_grad()
         self.optimizer.zero_grad()
+        meter = self.update_meter
         if self.config.mode == "separate":
             rl_norm = _output_grad_norm(features)
             rl_loss.backward()
+            start = meter.snapshot() if meter is not None else []
             self._rl_step(optimizer, parameters, max_grad_norm)
+            middle = meter.snapshot() if meter is not None else []
             aux_norm = self.aux_step(batch.observations, batch.next_observations, batch.actions)
             if aux_norm is not None:
                 self._log_share(rl_norm[0], aux_norm, rl_norm[0], aux_norm)
+            if meter is not None:
+                self.log_update(*meter.changes(start, middle))
             return
         rl_loss.backward()  # into the RL heads; rl_features.grad is g_rl at the encoder's output
         g_rl = rl_features.grad if rl_features.grad is not None else th.zeros_like(features)
@@ -294,14 +372,26 @@ class AuxLearner(nn.Module):
         g_aux = aux_input.grad if aux_input.grad is not None else th.zeros_like(aux_input)
         if self.config.mode == "joint":
             scale = self._joint_scale(g_rl, g_aux)
-            _backward_into_encoder([features, aux_features], [g_rl, scale * g_aux])
+            if meter is None:
+                _backward_into_encoder([features, aux_features], [g_rl, scale * g_aux])
+            else:  # the aux part first, for the meter to keep apart; the graph stays for the RL part
+                start = meter.gradients()
+                _backward_into_encoder([aux_features], [scale * g_aux], retain_graph=True)
+                aux_gradients = [after - before for after, before in zip(meter.gradients(), start)]
+                _backward_into_encoder([features], [g_rl])
             self._rl_step(optimizer, parameters, max_grad_norm)
+            if meter is not None:
+                self.log_update(*meter.joint(optimizer, aux_gradients, self.rl_step_kept[-1] if max_grad_norm else 1.0))
         else:  # decoupled: the RL step leaves the encoder alone (its gradient is None), then the aux step moves it
+            start = meter.snapshot() if meter is not None else []
             self._rl_step(optimizer, parameters, max_grad_norm)
+            middle = meter.snapshot() if meter is not None else []
             _backward_into_encoder([aux_features], [g_aux])
             self._log_share(th.zeros(()), g_aux.norm(), g_rl.norm(), g_aux.norm())
         if aux_loss is not None:
             self._aux_step()
+        if meter is not None and self.config.mode == "decoupled":
+            self.log_update(*meter.changes(start, middle))
 
     def aux_step(self, observations: Any, next_observations: Any, actions: th.Tensor) -> th.Tensor | None:
         """One step of the aux optimizer on fresh features of these pairs; the norm of the aux gradient at the
@@ -330,6 +420,11 @@ class AuxLearner(nn.Module):
         self.shares.append(aux_applied / (aux_applied + rl_applied).clamp_min(1e-12))
         self.raw_shares.append(aux_norm / (aux_norm + rl_norm).clamp_min(1e-12))
 
+    def log_update(self, share: th.Tensor, cosine: th.Tensor) -> None:
+        """Keep one step's aux share of the encoder's update and the cosine of its two parts (UpdateShareMeter)."""
+        self.update_shares.append(share)
+        self.update_cosines.append(cosine)
+
     def _rl_step(self, optimizer: th.optim.Optimizer, parameters: list[nn.Parameter], max_grad_norm: float | None) -> None:
         if max_grad_norm is not None:
             total = th.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
@@ -352,7 +447,8 @@ class AuxLearner(nn.Module):
         logger.record("train/aux_pairs", float(np.mean(self.pairs)))
         logger.record("train/aux_dropped", self.dropped)
         for key, values in (("aux_loss", self.losses), ("aux_grad_share", self.shares),
-                            ("aux_grad_share_raw", self.raw_shares), ("rl_step_kept", self.rl_step_kept)):
+                            ("aux_grad_share_raw", self.raw_shares), ("rl_step_kept", self.rl_step_kept),
+                            ("aux_update_share", self.update_shares), ("aux_update_cos", self.update_cosines)):
             if values:
                 logger.record(f"train/{key}", float(th.stack(values).mean()))
         if self.last_pair is not None:
@@ -364,12 +460,12 @@ class AuxLearner(nn.Module):
         self._reset_statistics()
 
 
-def _backward_into_encoder(outputs: list[th.Tensor], grads: list[th.Tensor]) -> None:
+def _backward_into_encoder(outputs: list[th.Tensor], grads: list[th.Tensor], retain_graph: bool = False) -> None:
     """Backpropagate these gradients at the encoder's outputs into the encoder; an encoder without trainable
     parameters (SB3's FlattenExtractor, a CombinedExtractor of vectors) has no graph to take them."""
     taken = [(output, grad) for output, grad in zip(outputs, grads) if output.requires_grad]
     if taken:
-        th.autograd.backward([output for output, _ in taken], [grad for _, grad in taken])
+        th.autograd.backward([output for output, _ in taken], [grad for _, grad in taken], retain_graph=retain_graph)
 
 
 def _output_grad_norm(tensor: th.Tensor) -> list[th.Tensor]:
@@ -429,6 +525,8 @@ class MincAuxMixin:
             learner = AuxLearner(self.aux, self.aux_extractor, network.observation_space, network.normalize_images,
                                  self.action_space)  # type: ignore[attr-defined]
             self.aux_learner = learner.to(self.device)  # type: ignore[attr-defined]
+            if self.aux.log_update_share and self.aux.mode == "joint":
+                check_update_share_optimizer(self.policy.optimizer)  # type: ignore[attr-defined]
 
     @property
     def aux_extractor(self) -> BaseFeaturesExtractor:

@@ -49,6 +49,7 @@ class MincAuxCallback(BaseCallback):
         self.config = separate_config(aux)
         self.gradient_steps = gradient_steps
         self.learner: AuxLearner | None = None
+        self._after_aux: list[th.Tensor] | None = None  # aux.log_update_share: the encoder after the last aux steps
 
     def _init_callback(self) -> None:
         network = getattr(self.model, "q_net", None)  # DQN's online Q-network holds its extractor
@@ -81,10 +82,16 @@ class MincAuxCallback(BaseCallback):
     def _on_rollout_end(self) -> None:
         policy = self.model.policy
         policy.set_training_mode(True)
+        meter = self.learner.update_meter
+        before_aux = meter.snapshot() if meter is not None else None
         for _ in range(self.gradient_steps):
             pairs = self._sample_pairs()
             if pairs is None:
                 break
             self.learner.aux_step(*pairs)
         policy.set_training_mode(False)  # rollouts are collected in evaluation mode
+        if meter is not None:  # the RL part: the algorithm's updates since the last aux steps
+            if self._after_aux is not None:
+                self.learner.log_update(*meter.changes(self._after_aux, before_aux))
+            self._after_aux = meter.snapshot()
         self.learner.record(self.logger)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from minc_rl import MincAuxCallback, MincExtractor
 from minc_rl.agents import AUGMENT_CHOICES, AUX_CHOICES, AUX_MODES, AuxConfig, MincDQN, MincPPO, StateActionHead
-from minc_rl.agents.auxiliary import LinearCritic
+from minc_rl.agents.auxiliary import LinearCritic, UpdateShareMeter
 from minc_rl.agents.pairs import (PairDictRolloutBuffer, gather_successors, rollout_successors,
                                   sample_rollout_pairs)
 from minc_rl.encoders import build_encoder, save_encoder
@@ -199,7 +199,7 @@ def make_agent(agent: str, spec: str, aux: dict, **kwargs):
         ("ppo", "procgen:coinrun", dict(name="minc", augment="shift", target_tau=0.05)),
         ("ppo", "gym:CartPole-v1", dict(name="spectral", mode="separate", target_tau=0.5)),
         ("ppo", "gym:CartPole-v1", dict(name="infonce", mode="decoupled", loss_kwargs=dict(temperature=0.2))),
-        ("dqn", "minatar:breakout", dict(name="minc", share=0.3)),
+        ("dqn", "minatar:breakout", dict(name="minc", share=0.3, log_update_share=True)),
         ("dqn", "minatar:breakout", dict(name="spectral", augment="shift", mode="separate")),
         ("dqn", "minatar:breakout", dict(name="minc", mode="decoupled")),
     ],
@@ -223,6 +223,8 @@ def test_short_learn_trains_the_encoder_and_logs(agent, spec, aux):
     elif aux["mode"] == "decoupled":
         np.testing.assert_allclose(shares, 1.0)
     assert all(0 < kept <= 1 for kept in logged(recorder, "train/rl_step_kept"))
+    if aux.get("log_update_share"):
+        assert all(0 < share < 1 for share in logged(recorder, "train/aux_update_share"))
     changed = [not torch.equal(before[k], v) for k, v in extractor.state_dict().items()]
     assert all(changed)
     if aux["name"] == "minc":
@@ -250,6 +252,86 @@ def test_optimizers_follow_the_mode():
         assert head <= held and (encoder.isdisjoint(held) if mode == "joint" else encoder <= held), mode
         assert model.aux_learner.optimizer.param_groups[0]["lr"] == 1e-3
         assert encoder <= {id(p) for p in model.policy.optimizer.param_groups[0]["params"]}
+
+
+# ------------------------------------------------------------------------------- the aux share of the update
+
+
+def test_update_share_meter_splits_adams_step_by_gradient_source():
+    """Hand-computed: Adam(lr 0.1, betas (0.9, 0.999)) on one parameter with g_rl = [1, 0], g_aux = [0, 1], then
+    g_rl = [-1, 0], g_aux = [0, 1]. Step 1: m = 0.1 [1, 1], v_hat = [1, 1], parts [0, 0.1] and [0.1, 0], share 0.5.
+    Step 2: m_aux = [0, 0.19], m_rl = [-0.01, 0], v_hat = [1, 1]: share 0.95 although each gradient was half aux."""
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    adam = torch.optim.Adam([parameter], lr=0.1, eps=1e-8)
+    meter = UpdateShareMeter([parameter])
+    expected = [(0.5, 0.0, [0.0, 0.1]), (0.95, 0.0, [0.0, 0.19])]
+    for (g_rl, g_aux), (share, cosine, aux_moment) in zip(
+        [([1.0, 0.0], [0.0, 1.0]), ([-1.0, 0.0], [0.0, 1.0])], expected
+    ):
+        before = parameter.detach().clone()
+        parameter.grad = torch.tensor(g_rl) + torch.tensor(g_aux)
+        adam.step()
+        measured = meter.joint(adam, [torch.tensor(g_aux)], 1.0)
+        torch.testing.assert_close(torch.stack(measured), torch.tensor([share, cosine]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(meter.aux_moment[0], torch.tensor(aux_moment))
+        # the split holds for Adam's actual step: -lr / (1 - beta1^t) * (u_aux + u_rl), u = m / (sqrt(v_hat) + eps)
+        state = adam.state[parameter]
+        steps = float(state["step"])
+        u = state["exp_avg"] / ((state["exp_avg_sq"] / (1 - 0.999**steps)).sqrt() + 1e-8)
+        torch.testing.assert_close(parameter.detach() - before, -0.1 / (1 - 0.9**steps) * u)
+
+
+def test_update_share_meter_counts_the_clipped_aux_gradient():
+    """A clip that keeps half the step halves the aux gradient that enters Adam's first moment."""
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    adam = torch.optim.Adam([parameter], lr=0.1)
+    meter = UpdateShareMeter([parameter])
+    parameter.grad = 0.5 * (torch.tensor([2.0, 0.0]) + torch.tensor([0.0, 2.0]))
+    adam.step()
+    meter.joint(adam, [torch.tensor([0.0, 2.0])], 0.5)
+    torch.testing.assert_close(meter.aux_moment[0], torch.tensor([0.0, 0.1]))
+    torch.testing.assert_close(adam.state[parameter]["exp_avg"] - meter.aux_moment[0], torch.tensor([0.1, 0.0]))
+
+
+@pytest.mark.parametrize("mode, share", [("joint", 0.3), ("joint", 0.0), ("separate", 0.1), ("decoupled", 0.1)])
+def test_update_share_is_logged_and_leaves_training_as_it_is(mode, share):
+    """aux.log_update_share logs the aux share of the encoder's update (0 at share 0, 1 in decoupled mode, where the
+    RL gradient never reaches the encoder) and the cosine of the two parts, and trains the same parameters."""
+    aux = dict(mode=mode, share=share, **SMALL_AUX)
+    plain = cartpole_ppo(aux=aux)  # each model is built right before it learns: the seed sets the global RNG
+    plain_recorder = recorded(plain)
+    plain.learn(192)
+    measured = cartpole_ppo(aux=dict(log_update_share=True, **aux))
+    recorder = recorded(measured)
+    measured.learn(192)
+    shares, cosines = logged(recorder, "train/aux_update_share"), logged(recorder, "train/aux_update_cos")
+    assert shares and cosines and not logged(plain_recorder, "train/aux_update_share")
+    assert all(0.0 <= value <= 1.0 for value in shares) and all(-1.0 <= value <= 1.0 for value in cosines)
+    if mode == "decoupled":
+        np.testing.assert_allclose(shares, 1.0)
+    elif share == 0.0:
+        np.testing.assert_allclose(shares, 0.0)
+    else:
+        assert 0.0 < min(shares) and max(shares) < 1.0
+    for (name, mine), theirs in zip(measured.policy.state_dict().items(), plain.policy.state_dict().values()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_callback_logs_the_update_share_between_the_algorithms_steps_and_its_own():
+    model = cartpole_ppo(PPO, policy_kwargs=dict(features_extractor_class=MincExtractor, net_arch=[]))
+    recorder = recorded(model)
+    model.learn(256, callback=MincAuxCallback(dict(log_update_share=True, **SMALL_AUX), gradient_steps=2))
+    shares = logged(recorder, "train/aux_update_share")
+    assert len(shares) == 256 // 64 - 1 and all(0.0 < value < 1.0 for value in shares)  # from the second rollout
+
+
+def test_update_share_needs_adam_in_joint_mode():
+    with pytest.raises(ValueError, match="aux.log_update_share in joint mode reads the RL optimizer's Adam moments; "
+                                         "it needs torch.optim.Adam or AdamW without amsgrad or maximize, got RMSprop"):
+        cartpole_ppo(aux=dict(log_update_share=True), policy_kwargs=dict(optimizer_class=torch.optim.RMSprop))
+    cartpole_ppo(aux=dict(log_update_share=True, mode="separate"), policy_kwargs=dict(optimizer_class=torch.optim.RMSprop))
+    with pytest.raises(ValueError, match="aux.log_update_share must be true or false; got 'yes'"):
+        AuxConfig(log_update_share="yes")
 
 
 # ------------------------------------------------------------------------------------ state-action pairs
