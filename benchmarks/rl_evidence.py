@@ -363,7 +363,7 @@ def calibration(runs: Runs) -> dict[str, Any]:
         candidates = [(name, scores[f"{loss}-{name}"]) for name in settings
                       if set(scores.get(f"{loss}-{name}", {})) == set(runs)]
         if len(candidates) < len(settings):
-            if candidates:
+            if any(f"{loss}-{name}" in scores for name in settings):
                 missing[loss] = [name for name in settings if name not in dict(candidates)]
             continue
         qualified = [(name, score) for name, score in candidates if min(score.values()) >= 0.9]
@@ -386,7 +386,7 @@ def calibration_table(result: dict[str, Any]) -> str:
     notes = [f"chosen for {loss}: {c['setting']} ({' '.join(c['overrides'])}), mean normalised AUC "
              f"{c['mean_score']:.2f}" + ("" if c["met_bar"] else "; no setting kept >= 0.9 of aux=none's AUC on every game")
              for loss, c in result["choices"].items()]
-    notes += [f"{loss}: no choice yet; still to run on every game: {', '.join(names)}"
+    notes += [f"{loss}: no choice yet; not yet run on every game: {', '.join(names)}"
               for loss, names in result.get("missing", {}).items()]
     return "\n".join(lines) + "\n\nNormalised AUC: mean evaluation return over the run / aux=none's, same seed.\n" + \
         "".join(f"- {note}\n" for note in notes)

@@ -64,7 +64,7 @@ def test_calibration_waits_for_every_setting_and_breaks_ties_toward_the_smaller_
     areas = full_grid("minc", first)
     waiting = rl_evidence.calibration(grid_runs(areas))
     assert "minc" not in waiting["choices"] and waiting["missing"] == {"minc": ["joint-s0.01", "joint-s0.03"]}
-    assert "- minc: no choice yet; still to run on every game: joint-s0.01, joint-s0.03" in \
+    assert "- minc: no choice yet; not yet run on every game: joint-s0.01, joint-s0.03" in \
         rl_evidence.calibration_table(waiting)
     # both smaller shares keep >= 0.9 everywhere; 0.03 has the best mean (1.00), 0.01 (0.99) ties within 0.02
     smaller = {"joint-s0.01": (1.00, 0.98), "joint-s0.03": (1.01, 0.99)}
