@@ -12,6 +12,8 @@ second half of training:
 Prints a table, writes results/aux_update_share.json and .png. Finished runs (summary.json) are read, not rerun.
 
     python benchmarks/aux_update_share.py                                   # minc and spectral, 4 shares, 10k steps
+    python benchmarks/aux_update_share.py --losses minc --shares 0.1 0.3 --pairs state_action \
+        --out benchmarks/results/aux_update_share_state_action.json      # phi(o_t, a_t) against mu(o_t+1)
     python benchmarks/aux_update_share.py --losses minc --shares 0.1 --steps 6000   # a quick look
 """
 
@@ -42,7 +44,8 @@ def train(loss: str, share: float, run_dir: Path, args: argparse.Namespace) -> N
     if run_finished(run_dir, args.steps):
         return
     command = [sys.executable, "-m", "minc_rl.train", f"env=minatar:{args.game}", "agent=dqn", f"aux={loss}",
-               "aux.mode=joint", f"aux.share={share}", "aux.log_update_share=true", f"seed={args.seed}",
+               "aux.mode=joint", f"aux.share={share}", f"aux.pairs={args.pairs}", "aux.log_update_share=true",
+               f"seed={args.seed}",
                f"total_steps={args.steps}", f"eval.every={args.steps}", f"checkpoint.every={args.steps}",
                f"torch_threads={args.threads}", "progress_bar=false", f"hydra.run.dir={run_dir}"]
     print(" ".join(command[2:]), flush=True)
@@ -82,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--losses", nargs="+", default=["minc", "spectral"], choices=["minc", "spectral", "infonce"])
     parser.add_argument("--shares", nargs="+", type=float, default=[0.01, 0.03, 0.1, 0.3])
+    parser.add_argument("--pairs", default="state", choices=["state", "state_action"], help="aux.pairs")
     parser.add_argument("--game", default="breakout", help="MinAtar game")
     parser.add_argument("--steps", type=int, default=10_000, help="env steps per run (DQN learns after 5,000)")
     parser.add_argument("--seed", type=int, default=0)
@@ -96,10 +100,12 @@ def main() -> None:
     results: dict[str, dict[str, dict[str, float]]] = {}
     for loss in args.losses:
         for share in args.shares:
-            run_dir = (args.runs / args.game / f"{loss}-s{share}" / f"seed{args.seed}").resolve()
+            variant = f"{loss}{'-state-action' if args.pairs == 'state_action' else ''}-s{share}"
+            run_dir = (args.runs / args.game / variant / f"seed{args.seed}").resolve()
             train(loss, share, run_dir, args)
             results.setdefault(loss, {})[str(share)] = second_half_means(run_dir / "progress.csv")
-    print(f"\nMinAtar {args.game} DQN, joint mode, seed {args.seed}, {args.steps:,} steps; means over the second half")
+    print(f"\nMinAtar {args.game} DQN, joint mode, {args.pairs} pairs, seed {args.seed}, {args.steps:,} steps; "
+          "means over the second half")
     print("| loss | set share | gradient share at the output | update share (Adam's step) | update / set | "
           "cosine of the parts |\n|---|---|---|---|---|---|")
     for loss, by_share in results.items():
