@@ -56,7 +56,7 @@ class AuxConfig:
 
     name: str = "minc"  # none | minc | spectral | infonce
     mode: str = "joint"  # joint | separate | decoupled (see the module docstring)
-    share: float = 0.1  # joint: the aux share of the encoder's update, in [0, 1)
+    share: float = 0.01  # joint: the aux share of the encoder's update, in [0, 1) (calibrated: README_rl_evidence)
     lr: float = 3e-4  # the aux optimizer's Adam learning rate (the head; the encoder too in separate / decoupled)
     max_grad_norm: float = 10.0  # the aux optimizer's gradient clip
     dim: int = 64  # embedding size d (Lambda is d x d)
