@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import ale_py
 import gymnasium
 import numpy as np
 import pytest
 import torch
-from minc_rl import MincAuxCallback, MincExtractor
+from minc_rl import MincAuxCallback, MincExtractor, configs
 from minc_rl.agents import AUGMENT_CHOICES, AUX_CHOICES, AUX_MODES, AuxConfig, MincDQN, MincPPO, StateActionHead
 from minc_rl.agents.auxiliary import LinearCritic, UpdateShareMeter
 from minc_rl.agents.pairs import (PairDictRolloutBuffer, gather_successors, rollout_successors,
                                   sample_rollout_pairs)
 from minc_rl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
+from omegaconf import OmegaConf
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.env_util import make_atari_env
 from stable_baselines3.common.envs import BitFlippingEnv, FakeImageEnv, IdentityEnv
@@ -219,7 +222,7 @@ def test_short_learn_trains_the_encoder_and_logs(agent, spec, aux):
     assert min(logged(recorder, "train/aux_rankme")) > 1.0  # no collapse to a constant embedding
     shares = logged(recorder, "train/aux_grad_share")
     if aux.get("mode", "joint") == "joint":  # the aux share of the encoder's update is the setting, every step
-        np.testing.assert_allclose(shares, aux.get("share", 0.1), rtol=1e-4)
+        np.testing.assert_allclose(shares, aux.get("share", AuxConfig.share), rtol=1e-4)
     elif aux["mode"] == "decoupled":
         np.testing.assert_allclose(shares, 1.0)
     assert all(0 < kept <= 1 for kept in logged(recorder, "train/rl_step_kept"))
@@ -650,7 +653,10 @@ def test_constants_and_defaults():
     extractor = MincExtractor(make_vec_env("procgen:coinrun", 1).observation_space)  # every argument has a default
     assert (extractor.encoder_name, extractor.input_shape, extractor.features_dim) == ("nature", (3, 64, 64), 512)
     config = AuxConfig()
-    assert (config.name, config.mode, config.dim, config.batch, config.ema) == ("minc", "joint", 64, 256, 0.2)
+    assert (config.name, config.mode, config.share, config.dim, config.batch, config.ema) == (
+        "minc", "joint", 0.01, 64, 256, 0.2)  # share: the calibration's choice (benchmarks/README_rl_evidence.md)
+    entry_point = OmegaConf.to_container(OmegaConf.load(Path(configs.__file__).parent / "train" / "config.yaml").aux)
+    assert entry_point == {k: v for k, v in dataclasses.asdict(config).items() if k != "name"}  # one set of defaults
     assert AuxConfig.of("spectral") == AuxConfig(name="spectral") and AuxConfig.of(config) is config
     assert MincExtractor(gymnasium.spaces.Box(-1, 1, (5,))).encoder_name == "mlp"
     channels_last = MincExtractor(gymnasium.spaces.Box(0, 255, (10, 10, 4), np.uint8), encoder="impala", features_dim=8)
@@ -764,7 +770,7 @@ def test_aux_loss_on_a_users_extractor_with_batchnorm_and_dropout(cls):
     assert int(learner.loss.steps) > 0 and torch.isfinite(learner.loss.cov).all()
     assert not torch.equal(extractor.net[1].weight, weights)
     shares = logged(recorder, "train/aux_grad_share")
-    assert shares and all(share == pytest.approx(0.1, abs=1e-4) for share in shares)  # joint: aux.share of the step
+    assert shares and all(share == pytest.approx(AuxConfig.share, abs=1e-4) for share in shares)  # joint: aux.share
     # predict runs in eval mode: Dropout off (deterministic actions) and BatchNorm statistics left alone
     statistics = batch_norm.running_mean.clone(), int(batch_norm.num_batches_tracked)
     observations = model.env.reset()
