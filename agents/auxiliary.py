@@ -353,9 +353,7 @@ class AuxLearner(nn.Module):
         if self.config.mode == "separate":
             rl_norm = _output_grad_norm(features)
             rl_loss.backward()
-            start = meter.snapshot() if meter is not None else []
-            self._rl_step(optimizer, parameters, max_grad_norm)
-            middle = meter.snapshot() if meter is not None else []
+            start, middle = self._measured_rl_step(optimizer, parameters, max_grad_norm)
             aux_norm = self.aux_step(batch.observations, batch.next_observations, batch.actions)
             if aux_norm is not None:
                 self._log_share(rl_norm[0], aux_norm, rl_norm[0], aux_norm)
@@ -383,9 +381,7 @@ class AuxLearner(nn.Module):
             if meter is not None:
                 self.log_update(*meter.joint(optimizer, aux_gradients, self.rl_step_kept[-1] if max_grad_norm else 1.0))
         else:  # decoupled: the RL step leaves the encoder alone (its gradient is None), then the aux step moves it
-            start = meter.snapshot() if meter is not None else []
-            self._rl_step(optimizer, parameters, max_grad_norm)
-            middle = meter.snapshot() if meter is not None else []
+            start, middle = self._measured_rl_step(optimizer, parameters, max_grad_norm)
             _backward_into_encoder([aux_features], [g_aux])
             self._log_share(th.zeros(()), g_aux.norm(), g_rl.norm(), g_aux.norm())
         if aux_loss is not None:
@@ -424,6 +420,15 @@ class AuxLearner(nn.Module):
         """Keep one step's aux share of the encoder's update and the cosine of its two parts (UpdateShareMeter)."""
         self.update_shares.append(share)
         self.update_cosines.append(cosine)
+
+    def _measured_rl_step(
+        self, optimizer: th.optim.Optimizer, parameters: list[nn.Parameter], max_grad_norm: float | None
+    ) -> tuple[list[th.Tensor], list[th.Tensor]]:
+        """The RL step, and the encoder's values before and after it for the update meter (empty without one)."""
+        meter = self.update_meter
+        start = meter.snapshot() if meter is not None else []
+        self._rl_step(optimizer, parameters, max_grad_norm)
+        return start, meter.snapshot() if meter is not None else []
 
     def _rl_step(self, optimizer: th.optim.Optimizer, parameters: list[nn.Parameter], max_grad_norm: float | None) -> None:
         if max_grad_norm is not None:
