@@ -61,6 +61,7 @@ class AuxConfig:
     max_grad_norm: float = 10.0  # the aux optimizer's gradient clip
     dim: int = 64  # embedding size d (Lambda is d x d)
     batch: int = 256  # pairs per gradient step
+    every: int = 1  # MincDQN: the aux loss joins every k-th TD step (the others are the RL step alone)
     ema: float = 0.2  # MINC's EMA rate of Lambda
     augment: str = "none"  # none | shift (DrQ random shift of both views; image observations)
     target_tau: float | None = None  # None: o_t+1 through the online encoder under stop-gradient; else EMA target
@@ -90,6 +91,9 @@ class AuxConfig:
         check_positive("aux.max_grad_norm", self.max_grad_norm)
         check_int("aux.dim", self.dim, 1)
         check_int("aux.batch", self.batch, 2)
+        check_int("aux.every", self.every, 1)
+        if self.every > 1 and self.log_update_share:
+            raise ValueError(f"aux.log_update_share splits every step's update; it needs aux.every=1, got {self.every}")
         check_int("aux.head_hidden", self.head_hidden, 1)
         check_fraction("aux.ema", self.ema)
         if self.target_tau is not None:
@@ -341,14 +345,21 @@ class AuxLearner(nn.Module):
         return features if self.config.mode == "separate" else features.detach().requires_grad_(True)
 
     def update(
-        self, rl_loss: th.Tensor, features: th.Tensor, rl_features: th.Tensor, batch: AuxBatch,
+        self, rl_loss: th.Tensor, features: th.Tensor, rl_features: th.Tensor, batch: AuxBatch | None,
         optimizer: th.optim.Optimizer, parameters: list[nn.Parameter], max_grad_norm: float | None,
     ) -> None:
         """One gradient step of the RL loss (RL optimizer over `parameters`, clipped at max_grad_norm as SB3 does)
         and of the aux loss, as the mode says. `features` are the encoder's output with their graph, `rl_features`
-        what `rl_view` gave the RL heads."""
+        what `rl_view` gave the RL heads. Without a `batch` (aux.every) it is the RL step alone, the encoder moved
+        by the RL gradient as the mode says (in decoupled mode not at all)."""
         optimizer.zero_grad()
         self.optimizer.zero_grad()
+        if batch is None:
+            rl_loss.backward()
+            if self.config.mode == "joint" and rl_features.grad is not None:
+                _backward_into_encoder([features], [rl_features.grad])
+            self._rl_step(optimizer, parameters, max_grad_norm)
+            return
         meter = self.update_meter
         if self.config.mode == "separate":
             rl_norm = _output_grad_norm(features)
@@ -488,6 +499,7 @@ class MincAuxMixin:
     whose observation space and image normalisation the extractor sees)."""
 
     has_linear_critic = False  # whether aux.linear_critic is built for this agent (MincDQN)
+    takes_aux_every = False  # whether aux.every can thin this agent's aux steps (MincDQN)
 
     def _init_aux(
         self, policy: str | type[BasePolicy], aux: str | AuxConfig | Mapping[str, Any], encoder: str,
@@ -499,6 +511,9 @@ class MincAuxMixin:
         if self.aux.linear_critic and not self.has_linear_critic:
             raise ValueError(f"aux.linear_critic is built for MincDQN (Q(s, a) = phi(s, a)^T w); {type(self).__name__} "
                              "has no Q-function to put on phi")
+        if self.aux.every != 1 and not self.takes_aux_every:
+            raise ValueError(f"aux.every={self.aux.every} thins MincDQN's aux steps; {type(self).__name__} takes one on "
+                             "every gradient step (aux.every=1)")
         self.should_stop: Callable[[], bool] | None = None  # checked after every gradient step (a prompt Ctrl-C)
         check_choice("encoder", encoder, ENCODER_CHOICES)
         kwargs = dict(sb3_kwargs.get("policy_kwargs") or {})
@@ -552,7 +567,8 @@ class MincAuxMixin:
 
     def _gradient_step(self, loss: th.Tensor, features: th.Tensor, rl_features: th.Tensor, batch: Any) -> bool:
         """One optimizer step: SB3's own on the RL loss when there is no aux loss, else the AuxLearner's step of
-        both losses as aux.mode says. `batch` is a callable giving the step's AuxBatch (built only when needed).
+        both losses as aux.mode says. `batch` is a callable giving the step's AuxBatch (built only when needed), or
+        None on a step without the aux loss (aux.every).
         Returns whether `should_stop` asks the update to end here."""
         policy = self.policy  # type: ignore[attr-defined]
         if self.aux_learner is None:

@@ -25,7 +25,8 @@ def concat_observations(first: Any, second: Any) -> Any:
 
 
 class MincDQN(MincAuxMixin, DQN):
-    """DQN with the auxiliary loss of replay pairs on every gradient step, joined to the TD step as `aux.mode` says.
+    """DQN with the auxiliary loss of replay pairs on every gradient step (every aux.every-th), joined to the TD step
+    as `aux.mode` says.
 
     `aux` is a loss name ("minc", "spectral", "infonce", "none") or an AuxConfig / a mapping of its settings. Each
     step draws its own aux.batch pairs from the replay buffer, apart from the TD batch (whose 32 transitions
@@ -38,6 +39,7 @@ class MincDQN(MincAuxMixin, DQN):
     """
 
     has_linear_critic = True
+    takes_aux_every = True
 
     def __init__(
         self,
@@ -86,8 +88,11 @@ class MincDQN(MincAuxMixin, DQN):
         """The online encoder's features of raw observations (QNetwork.extract_features)."""
         return self.q_net.extract_features(observations, self.q_net.features_extractor)
 
-    def _aux_batch(self, pairs: Any, batch_size: int) -> AuxBatch:
-        """The step's aux pairs; their o_t features follow the TD batch's in the shared forward."""
+    def _aux_batch(self, pairs: Any, batch_size: int) -> AuxBatch | None:
+        """The step's aux pairs, their o_t features after the TD batch's in the shared forward; None on a TD step
+        without the aux loss (aux.every)."""
+        if pairs is None:
+            return None
         rows = th.arange(batch_size, batch_size + len(pairs.rewards), device=self.device)
         return AuxBatch(pairs.observations, pairs.next_observations, rows, pairs.actions)
 
@@ -112,8 +117,11 @@ class MincDQN(MincAuxMixin, DQN):
                 features = rl_features = pairs = None
                 current_q_values = self.q_net(replay_data.observations)
             else:
-                pairs = self.replay_buffer.sample(self.aux.batch, env=self._vec_normalize_env)  # type: ignore[union-attr]
-                features = self._features(concat_observations(replay_data.observations, pairs.observations))
+                observations, pairs = replay_data.observations, None
+                if (self._n_updates + done_steps + 1) % self.aux.every == 0:
+                    pairs = self.replay_buffer.sample(self.aux.batch, env=self._vec_normalize_env)  # type: ignore[union-attr]
+                    observations = concat_observations(observations, pairs.observations)
+                features = self._features(observations)
                 rl_features = learner.rl_view(features)
                 current_q_values = self.q_net.q_net(rl_features[:batch_size])
             current_q_values = th.gather(current_q_values, dim=1, index=replay_data.actions.long())

@@ -7,6 +7,8 @@ interleaved.
     python benchmarks/aux_overhead.py --agent dqn --rounds 5 --threads 1   # DQN on MinAtar breakout
     python benchmarks/aux_overhead.py --agent dqn --variants none minc minc-state-action --rounds 6 --threads 1 \
         --out benchmarks/results/aux_overhead_pairs_dqn.json                 # state against state-action pairs
+    python benchmarks/aux_overhead.py --agent dqn --variants none minc minc-every4 minc-every16 --rounds 6 --threads 1 \
+        --out benchmarks/results/aux_overhead_every_dqn.json                  # aux.every: the aux loss on every k-th TD step
     python benchmarks/aux_overhead.py --quick                # smoke run, a few seconds
 
 DQN (--agent dqn): MinAtar breakout with the MinAtar CNN, Young and Tian's batch 32 and one update per step;
@@ -56,6 +58,8 @@ VARIANTS = {
     "minc-decoupled": dict(name="minc", mode="decoupled"),
     "spectral": dict(name="spectral"),
     "minc-state-action": dict(name="minc", pairs="state_action"),  # phi(o_t, a_t) against mu(o_t+1)
+    "minc-every4": dict(name="minc", every=4),  # DQN only: the aux loss on every 4th TD step
+    "minc-every16": dict(name="minc", every=16),
     "minc@2048": dict(name="minc", batch=2048),
     "spectral@2048": dict(name="spectral", batch=2048),
 }
@@ -149,7 +153,8 @@ def main() -> None:
     parser.add_argument("--encoders", nargs="+", default=None, choices=["nature", "impala", "minatar"],
                         help="default: nature and impala (PPO), minatar (DQN)")
     parser.add_argument("--dqn-steps", type=int, default=1000, help="DQN: env steps per variant per timed round")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                        help="default: all (PPO: all but the DQN-only minc-every*)")
     parser.add_argument("--rounds", type=int, default=3, help="timed iterations per variant (median reported)")
     parser.add_argument("--impala-rounds", type=int, default=None, help="rounds for IMPALA (default: --rounds)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed PPO iterations per variant first")
@@ -171,6 +176,11 @@ def main() -> None:
     suffix = "_dqn" if args.agent == "dqn" else "_train_only" if args.train_only else ""
     args.out = args.out or RESULTS / f"aux_overhead{suffix}.json"
     args.encoders = args.encoders or (["minatar"] if args.agent == "dqn" else ["nature", "impala"])
+    dqn_only = [v for v, aux in VARIANTS.items() if aux is not None and aux.get("every", 1) > 1]
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if args.agent == "dqn" or v not in dqn_only]
+    elif args.agent == "ppo" and set(args.variants) & set(dqn_only):
+        parser.error(f"{sorted(set(args.variants) & set(dqn_only))} thin MincDQN's aux steps (aux.every); use --agent dqn")
     if args.agent == "dqn" and args.train_only:
         parser.error("--train-only times PPO's update; DQN's rounds are one gradient step per env step already")
     if args.quick:

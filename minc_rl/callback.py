@@ -29,6 +29,8 @@ def separate_config(aux: str | AuxConfig | Mapping[str, Any]) -> AuxConfig:
         raise ValueError("MincAuxCallback needs an aux loss; aux='none' leaves it nothing to train")
     if config.linear_critic:
         raise ValueError("aux.linear_critic replaces the Q-network's last layer: use MincDQN, not the callback")
+    if config.every != 1:
+        raise ValueError(f"aux.every={config.every} thins MincDQN's aux steps; the callback's rate is gradient_steps")
     return config
 
 

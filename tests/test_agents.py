@@ -183,6 +183,35 @@ def test_aux_none_dqn_matches_stock_dqn():
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("mode", ["joint", "separate", "decoupled"])
+def test_dqn_aux_every_takes_the_aux_loss_on_every_kth_td_step_and_the_rest_are_sb3s(mode):
+    """aux.every=3 puts the aux loss on TD steps 3, 6, ...; with no step due, MincDQN's update is SB3's (joint and
+    separate: the TD gradient reaches the encoder as without an aux loss; decoupled: it never does)."""
+    def run(aux, spy=False):
+        env = make_vec_env("gym:CartPole-v1", 1)
+        model = MincDQN("MlpPolicy", env, aux=aux, learning_starts=50, batch_size=32, train_freq=2,
+                        target_update_interval=50, seed=0)
+        before = {k: v.clone() for k, v in model.policy.state_dict().items()}
+        batches = spy_on_aux_batches(model) if spy else []
+        return model.learn(250), before, batches
+
+    thinned, _, batches = run(dict(mode=mode, every=3, **SMALL_AUX), spy=True)
+    assert len(batches) == thinned._n_updates > 50
+    taken = [i + 1 for i, batch in enumerate(batches) if batch is not None]
+    assert taken == list(range(3, thinned._n_updates + 1, 3))
+    assert int(thinned.aux_learner.loss.steps) == len(taken)  # Lambda updated once per aux step
+
+    plain, _, _ = run("none")
+    never, before, _ = run(dict(mode=mode, every=10**9, **SMALL_AUX))
+    assert int(never.aux_learner.loss.steps) == 0
+    for (name, theirs), mine in zip(plain.policy.state_dict().items(), never.policy.state_dict().values()):
+        if mode == "decoupled":  # the Q-heads learn on other features than plain DQN's
+            if "features_extractor" in name:
+                torch.testing.assert_close(mine, before[name], rtol=0, atol=0, msg=name)
+        else:
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ---------------------------------------------------------------------------------------- short learn() runs
 
 
@@ -528,6 +557,8 @@ def test_callback_settings_raise_clear_errors():
         MincAuxCallback("none")
     with pytest.raises(ValueError, match=r"gradient_steps must be an integer >= 1; got 0"):
         MincAuxCallback(gradient_steps=0)
+    with pytest.raises(ValueError, match=r"aux.every=4 thins MincDQN's aux steps; the callback's rate is gradient_steps"):
+        MincAuxCallback(dict(every=4))
 
 
 # ----------------------------------------------------------------------------------------- save / load
@@ -604,6 +635,8 @@ def test_load_pretrained_encoder_syncs_targets(cls, tmp_path):
         (dict(aux=dict(dim=0)), r"aux.dim must be an integer >= 1; got 0"),
         (dict(aux=dict(batch=1)), r"aux.batch must be an integer >= 2; got 1"),
         (dict(aux=dict(batch=64.0)), r"aux.batch must be an integer >= 2; got 64.0"),
+        (dict(aux=dict(every=0)), r"aux.every must be an integer >= 1; got 0"),
+        (dict(aux=dict(every=2, log_update_share=True)), r"aux.log_update_share .* needs aux.every=1, got 2"),
         (dict(aux=dict(ema=0.0)), r"aux.ema must be in \(0, 1\]; got 0.0"),
         (dict(aux=dict(ema=1.5)), r"aux.ema must be in \(0, 1\]; got 1.5"),
         (dict(aux=dict(head_hidden=0)), r"aux.head_hidden must be an integer >= 1; got 0"),
@@ -619,6 +652,11 @@ def test_load_pretrained_encoder_syncs_targets(cls, tmp_path):
 def test_bad_aux_arguments_raise_clear_errors(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
         cls("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), **kwargs)
+
+
+def test_aux_every_is_refused_where_it_does_not_apply():
+    with pytest.raises(ValueError, match=r"aux.every=2 thins MincDQN's aux steps; MincPPO takes one on every gradient"):
+        MincPPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), aux=dict(every=2))
 
 
 def test_minatar_encoder_is_young_and_tians_network():
