@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 
 from minc_rl import run_io  # noqa: E402
 from minc_rl.io import atomic_write  # noqa: E402
+from minc_rl.run_dir import RunDirError, RunLock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "rl_evidence"
@@ -212,8 +213,13 @@ def run(args: argparse.Namespace) -> None:
             print(f"{name}: finished in {run_dir}", flush=True)
         else:
             if run_dir.exists() and run_io.latest_checkpoint(run_dir) is None:
-                print(f"{name}: {run_dir} has no checkpoint; starting afresh", flush=True)
-                shutil.rmtree(run_dir)
+                try:
+                    with RunLock(run_dir):  # never delete a run another process is writing
+                        shutil.rmtree(run_dir)
+                except RunDirError as error:
+                    print(f"{name}: skipped; {error}", flush=True)
+                    continue
+                print(f"{name}: {run_dir} had no checkpoint; starting afresh", flush=True)
             command = train_command(args.suite, game, grid[aux], seed, run_dir, args)
             print(f"{name}: {' '.join(command[1:])}", flush=True)
             returncode = run_training(command)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import rl_evidence  # noqa: E402
+from minc_rl.run_dir import RunLock  # noqa: E402
 
 
 def fake_run(seed: int, returns: list[float]) -> dict:
@@ -124,3 +127,18 @@ def test_final_pairs_variant_takes_the_calibrated_choice(tmp_path):
     (tmp_path / "minatar_calibration.json").write_text(json.dumps(chosen))
     assert rl_evidence.calibrated_choice("minatar", "minc-state-action", tmp_path) == [
         "aux=minc", "aux.pairs=state_action", "aux.mode=separate", "aux.lr=1e-4"]
+
+
+def test_run_skips_a_run_dir_another_process_is_writing(tmp_path, capsys):
+    """A run dir without a checkpoint is started afresh, unless another process holds its lock: then it is left
+    as it is (two parallel sweeps never delete each other's runs)."""
+    run_dir = tmp_path / "runs" / "minatar" / "breakout" / "none" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "progress.csv").write_text("written by the other run\n")
+    args = argparse.Namespace(suite="minatar", grid="aux", seeds=[0], variants=["none"], shard=(0, 2), steps=1000,
+                              evaluations=1, override=[], runs=tmp_path / "runs", out=tmp_path / "out", commit=False)
+    with RunLock(run_dir):
+        rl_evidence.run(args)  # shard 0 of 2: breakout's none only
+    assert (run_dir / "progress.csv").read_text() == "written by the other run\n"
+    assert not (tmp_path / "out").exists()
+    assert f"skipped; {run_dir} is in use by another run (pid {os.getpid()})" in capsys.readouterr().out
