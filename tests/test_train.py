@@ -78,7 +78,8 @@ def config_dir():
         ("procgen:coinrun", "ppo", {"n_envs": 64, "total_steps": 25_000_000, "encoder.name": "impala",
          "env_options.num_levels": 200, "env_options.distribution_mode": "easy", "normalize_reward": True,
          "agent.n_steps": 256, "agent.n_epochs": 3, "agent.n_minibatches": 8, "agent.learning_rate": 5e-4,
-         "agent.gamma": 0.999, "agent.gae_lambda": 0.95, "agent.ent_coef": 0.01, "agent.clip_range": 0.2}),
+         "agent.gamma": 0.999, "agent.gae_lambda": 0.95, "agent.ent_coef": 0.01, "agent.clip_range": 0.2,
+         "aux.share": 0.1}),  # README_rl_evidence: procgen starpilot PPO's calibration
         # rl-zoo3 hyperparams/ppo.yml and dqn.yml, "atari"
         ("atari:Pong", "ppo", {"n_envs": 8, "total_steps": 10_000_000, "encoder.name": "nature", "agent.n_steps": 128,
          "agent.n_epochs": 4, "agent.n_minibatches": 4, "agent.learning_rate": "lin_2.5e-4",
@@ -87,7 +88,8 @@ def config_dir():
          "agent.learning_rate": 1e-4, "agent.batch_size": 32, "agent.learning_starts": 100_000,
          "agent.target_update_interval": 1000, "agent.train_freq": 4, "agent.exploration_final_eps": 0.01,
          "agent.optimize_memory_usage": True}),
-        ("minatar:breakout", "dqn", {"encoder.name": "minatar", "total_steps": 5_000_000, "agent.learning_starts": 5000}),
+        ("minatar:breakout", "dqn", {"encoder.name": "minatar", "total_steps": 5_000_000, "agent.learning_starts": 5000,
+                                     "aux.share": 0.01}),
         ("minatar:breakout", "ppo", {"encoder.name": "minatar", "n_envs": 8}),
         ("gym:CartPole-v1", "ppo", {"encoder.name": "mlp", "n_envs": 4, "total_steps": 200_000}),
         ("gym:CartPole-v1", "dqn", {"encoder.name": "mlp", "agent.buffer_size": 50_000}),
