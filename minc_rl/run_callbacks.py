@@ -136,6 +136,14 @@ class Evaluation(EverySteps):
         super().__init__(every)
         self.envs, self.episodes, self.deterministic, self.path, self.stop = envs, episodes, deterministic, path, stop
 
+    def _on_training_start(self) -> None:
+        super()._on_training_start()
+        due = self.model.num_timesteps // self.every * self.every
+        done = {row["split"] for row in run_io.read_evaluations(self.path) if int(row["step"]) >= due}
+        if due > 0 and done != set(self.envs):  # a stop abandoned the evaluation due then: a resumed run makes it up
+            run_io.truncate_evaluations(self.path, due - 1)
+            self.run()
+
     def run(self) -> None:
         """One evaluation of every split at the model's current step; abandoned (no row) on Ctrl-C or SIGTERM."""
         for split, env in self.envs.items():

@@ -20,13 +20,14 @@ import psutil
 import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecNormalize
 
 from minc_rl import run_io, train
 from minc_rl.agents import MincPPO
 from minc_rl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
-from minc_rl.run_callbacks import CheckpointError, Checkpoints, StopOnSignal
+from minc_rl.run_callbacks import CheckpointError, Checkpoints, Evaluation, StopOnSignal
 from minc_rl.run_dir import RunLock
 from train_cli import ENV, run_in_process
 
@@ -353,3 +354,28 @@ def test_a_submitit_sweep_runs_and_a_job_stopped_by_sigterm_or_sigusr2_resumes(t
     summary = json.loads((jobs[2] / "summary.json").read_text())
     assert (summary["steps"], summary["interrupted"]) == (step + 64, False)
     assert MincPPO.load(run_io.latest_checkpoint(jobs[2]), device="cpu").num_timesteps == step + 64
+
+
+@pytest.mark.parametrize("written", ["none", "train_levels"])
+def test_a_resumed_run_makes_up_the_evaluation_a_stop_abandoned(tmp_path, written):
+    """A stop during the evaluation due at step 200 leaves no row (or only the first split's); the run resumed from
+    the stop's checkpoint (step 232) evaluates every split at its start, so no run lacks an evaluation point."""
+    path = tmp_path / "evaluations.csv"
+    row = dict(return_mean=1.0, return_std=0.0, length_mean=9.0, episodes=1)
+    for split in ("train_levels", "unseen_levels"):
+        run_io.append_evaluation(path, dict(step=100, split=split, **row))
+    if written != "none":
+        run_io.append_evaluation(path, dict(step=200, split=written, **row))
+    model = MincPPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), aux="none", n_steps=32, seed=0)
+    model.num_timesteps = 232
+    model.set_logger(configure(None, []))
+    envs = {split: make_vec_env("gym:CartPole-v1", 1, seed=5) for split in ("train_levels", "unseen_levels")}
+    evaluation = Evaluation(envs, 100, 2, True, path, StopOnSignal())
+    evaluation.init_callback(model)
+    evaluation.on_training_start({}, {})
+    rows = [(int(r["step"]), r["split"]) for r in run_io.read_evaluations(path)]
+    assert rows == [(100, "train_levels"), (100, "unseen_levels"), (232, "train_levels"), (232, "unseen_levels")]
+    assert evaluation.next_step == 300
+
+    evaluation.on_training_start({}, {})  # evaluated: a second start adds nothing
+    assert len(run_io.read_evaluations(path)) == 4
