@@ -5,9 +5,11 @@ MincPPO, MincDQN and MincAuxCallback.
 Lambda), an optional EMA target encoder and the aux optimizer, attached to the features of any SB3 features
 extractor. Its `update` takes one gradient step of the RL loss and the aux loss together, in one of three modes:
 
-- joint: one step of the RL optimizer; at the encoder's output the aux gradient is rescaled to `share` of the
-  update: g = g_rl + s g_aux with ||s g_aux|| / (||g_rl|| + ||s g_aux||) = share, so neither loss's scale nor Adam's
-  normalisation decides the balance. The projection head learns with the aux optimizer.
+- joint: one step of the RL optimizer; at the encoder's output the aux gradient is rescaled to `share` of the sum
+  of the two gradients' norms there: g = g_rl + s g_aux with ||s g_aux|| / (||g_rl|| + ||s g_aux||) = share, so
+  neither loss's scale decides the balance. This is a gradient-norm share at the encoder's output, not a share of
+  the encoder's parameter update: backpropagation through the encoder and Adam's momentum change it (measure the
+  update share with aux.log_update_share). The projection head learns with the aux optimizer.
 - separate: the RL step as SB3 takes it, then an aux step of encoder and head with the aux optimizer and its own
   clip, on the encoder as the RL step left it (CURL, CTRL).
 - decoupled: the RL heads see detached features; the encoder learns from the aux loss alone (ATC).
@@ -48,6 +50,7 @@ AUX_CHOICES = ("none", *AUX_LOSSES)
 AUX_MODES = ("joint", "separate", "decoupled")
 AUGMENT_CHOICES = ("none", "shift")
 PAIR_CHOICES = ("state", "state_action")
+SOURCE_CHOICES = ("replay", "td")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +59,13 @@ class AuxConfig:
 
     name: str = "minc"  # none | minc | spectral | infonce
     mode: str = "joint"  # joint | separate | decoupled (see the module docstring)
-    share: float = 0.01  # joint: the aux share of the encoder's update, in [0, 1) (calibrated: README_rl_evidence)
+    share: float = 0.01  # joint: the aux share of the gradient norm at the encoder's output, in [0, 1) (calibrated)
     lr: float = 3e-4  # the aux optimizer's Adam learning rate (the head; the encoder too in separate / decoupled)
     max_grad_norm: float = 10.0  # the aux optimizer's gradient clip
     dim: int = 64  # embedding size d (Lambda is d x d)
-    batch: int = 256  # pairs per gradient step
+    batch: int = 256  # pairs per gradient step (MincDQN with source="td": the TD batch's batch_size instead)
     every: int = 1  # MincDQN: the aux loss joins every k-th TD step (the others are the RL step alone)
+    source: str = "replay"  # MincDQN: replay (aux.batch pairs drawn apart from the TD batch) | td (the TD batch's own)
     ema: float = 0.2  # MINC's EMA rate of Lambda
     augment: str = "none"  # none | shift (DrQ random shift of both views; image observations)
     target_tau: float | None = None  # None: o_t+1 through the online encoder under stop-gradient; else EMA target
@@ -76,6 +80,7 @@ class AuxConfig:
         check_choice("aux.mode", self.mode, AUX_MODES)
         check_choice("aux.augment", self.augment, AUGMENT_CHOICES)
         check_choice("aux.pairs", self.pairs, PAIR_CHOICES)
+        check_choice("aux.source", self.source, SOURCE_CHOICES)
         for key in ("linear_critic", "log_update_share"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"aux.{key} must be true or false; got {getattr(self, key)!r}")
@@ -92,6 +97,9 @@ class AuxConfig:
         check_int("aux.dim", self.dim, 1)
         check_int("aux.batch", self.batch, 2)
         check_int("aux.every", self.every, 1)
+        if self.source == "td" and self.batch != AuxConfig.batch:
+            raise ValueError(f"aux.batch={self.batch} sets the count of replay pairs; with aux.source='td' the pairs "
+                             "are the TD batch's own (the agent's batch_size): leave aux.batch at its default")
         if self.every > 1 and self.log_update_share:
             raise ValueError(f"aux.log_update_share splits every step's update; it needs aux.every=1, got {self.every}")
         check_int("aux.head_hidden", self.head_hidden, 1)
@@ -301,6 +309,7 @@ class AuxLearner(nn.Module):
         self.update_shares: list[th.Tensor] = []
         self.update_cosines: list[th.Tensor] = []
         self.dropped = 0
+        self.masked = 0  # pairs left out because the buffer does not hold their successor (agents.pairs.successor_rows)
         self.last_pair: tuple[th.Tensor, th.Tensor] | None = None
 
     def features(self, observations: th.Tensor | dict[str, th.Tensor], encoder: nn.Module | None = None) -> th.Tensor:
@@ -462,6 +471,7 @@ class AuxLearner(nn.Module):
             return
         logger.record("train/aux_pairs", float(np.mean(self.pairs)))
         logger.record("train/aux_dropped", self.dropped)
+        logger.record("train/aux_masked", self.masked)
         for key, values in (("aux_loss", self.losses), ("aux_grad_share", self.shares),
                             ("aux_grad_share_raw", self.raw_shares), ("rl_step_kept", self.rl_step_kept),
                             ("aux_update_share", self.update_shares), ("aux_update_cos", self.update_cosines)):
@@ -499,7 +509,7 @@ class MincAuxMixin:
     whose observation space and image normalisation the extractor sees)."""
 
     has_linear_critic = False  # whether aux.linear_critic is built for this agent (MincDQN)
-    takes_aux_every = False  # whether aux.every can thin this agent's aux steps (MincDQN)
+    takes_td_settings = False  # whether aux.every and aux.source apply to this agent's TD steps (MincDQN)
 
     def _init_aux(
         self, policy: str | type[BasePolicy], aux: str | AuxConfig | Mapping[str, Any], encoder: str,
@@ -511,9 +521,12 @@ class MincAuxMixin:
         if self.aux.linear_critic and not self.has_linear_critic:
             raise ValueError(f"aux.linear_critic is built for MincDQN (Q(s, a) = phi(s, a)^T w); {type(self).__name__} "
                              "has no Q-function to put on phi")
-        if self.aux.every != 1 and not self.takes_aux_every:
+        if self.aux.every != 1 and not self.takes_td_settings:
             raise ValueError(f"aux.every={self.aux.every} thins MincDQN's aux steps; {type(self).__name__} takes one on "
                              "every gradient step (aux.every=1)")
+        if self.aux.source != "replay" and not self.takes_td_settings:
+            raise ValueError(f"aux.source={self.aux.source!r} takes MincDQN's pairs from its TD batch; "
+                             f"{type(self).__name__} takes them from its own minibatch already (leave aux.source='replay')")
         self.should_stop: Callable[[], bool] | None = None  # checked after every gradient step (a prompt Ctrl-C)
         check_choice("encoder", encoder, ENCODER_CHOICES)
         kwargs = dict(sb3_kwargs.get("policy_kwargs") or {})

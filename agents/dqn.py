@@ -9,12 +9,14 @@ from typing import Any
 import numpy as np
 import torch as th
 from stable_baselines3 import DQN
+from stable_baselines3.common.buffers import NStepReplayBuffer, ReplayBuffer
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.utils import get_parameters_by_name
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch.nn import functional as F
 
 from minc_rl.agents.auxiliary import AuxBatch, AuxConfig, LinearCritic, MincAuxMixin
+from minc_rl.agents.pairs import ends_without_successor, select_rows, successor_rows
 
 
 def concat_observations(first: Any, second: Any) -> Any:
@@ -28,18 +30,21 @@ class MincDQN(MincAuxMixin, DQN):
     """DQN with the auxiliary loss of replay pairs on every gradient step (every aux.every-th), joined to the TD step
     as `aux.mode` says.
 
-    `aux` is a loss name ("minc", "spectral", "infonce", "none") or an AuxConfig / a mapping of its settings. Each
-    step draws its own aux.batch pairs from the replay buffer, apart from the TD batch (whose 32 transitions
-    would cap the aux batch); their next_observations are the true successors. Both batches go through the
-    online encoder in one forward. The aux loss attaches to the online Q-network's features extractor; the target
-    Q-network is SB3's copy, untouched by it. With aux="none" this is SB3's DQN, update for update.
+    `aux` is a loss name ("minc", "spectral", "infonce", "none") or an AuxConfig / a mapping of its settings. Where
+    the pairs come from is `aux.source`: "replay" draws aux.batch pairs of their own from the replay buffer, apart
+    from the TD batch, and both batches go through the online encoder in one forward; "td" takes the TD batch's own
+    transitions (o_t, a_t, o_t+1), so o_t's features are the Q forward's and only o_t+1 is encoded again, without
+    gradient. Either way a pair whose successor the buffer does not hold (an episode's end under
+    optimize_memory_usage, or from an env without terminal_observation) is left out (train/aux_masked). The aux loss
+    attaches to the online Q-network's features extractor; the target Q-network is SB3's copy, untouched by it.
+    With aux="none", or source="td" at share 0, this is SB3's DQN, update for update.
 
     With aux.linear_critic, Q(s, a) = phi(s, a)^T w + c on the aux loss's state-action embedding (before its unit
     normalisation): the TD loss trains w and c, the aux loss trains phi and the encoder.
     """
 
     has_linear_critic = True
-    takes_aux_every = True
+    takes_td_settings = True
 
     def __init__(
         self,
@@ -49,12 +54,22 @@ class MincDQN(MincAuxMixin, DQN):
         encoder: str = "auto",
         **sb3_kwargs: Any,
     ) -> None:
+        self.successors_missing = False  # whether an episode ended without its terminal_observation (successor_rows)
         super().__init__(policy, env, **self._init_aux(policy, aux, encoder, sb3_kwargs))
 
     def _setup_model(self) -> None:
         super()._setup_model()
+        if self.aux.name != "none" and isinstance(self.replay_buffer, NStepReplayBuffer):
+            raise ValueError(f"n_steps={self.n_steps}: the n-step buffer's next_observations are o_t+n, not o_t+1; the "
+                             f"aux loss needs one-step pairs (n_steps=1), or aux='none'")
         if self.aux.linear_critic:
             self._use_linear_critic()
+
+    def _store_transition(self, replay_buffer: ReplayBuffer, buffer_action: np.ndarray, new_obs: Any,
+                          reward: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]]) -> None:
+        if self.aux_learner is not None and not self.successors_missing:
+            self.successors_missing = ends_without_successor(dones, infos, replay_buffer.handle_timeout_termination)
+        super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
 
     def _use_linear_critic(self) -> None:
         """Replace the Q-networks' last layer by LinearCritic over the aux head's phi (the target network gets a
@@ -88,13 +103,19 @@ class MincDQN(MincAuxMixin, DQN):
         """The online encoder's features of raw observations (QNetwork.extract_features)."""
         return self.q_net.extract_features(observations, self.q_net.features_extractor)
 
-    def _aux_batch(self, pairs: Any, batch_size: int) -> AuxBatch | None:
-        """The step's aux pairs, their o_t features after the TD batch's in the shared forward; None on a TD step
-        without the aux loss (aux.every)."""
+    def _aux_batch(self, pairs: Any, first_row: int) -> AuxBatch | None:
+        """The step's aux pairs whose successor is true, their o_t features from row `first_row` of the step's
+        forward (0: the TD batch's own; batch_size: replay pairs after it); None on a TD step without the aux loss
+        (aux.every)."""
         if pairs is None:
             return None
-        rows = th.arange(batch_size, batch_size + len(pairs.rewards), device=self.device)
-        return AuxBatch(pairs.observations, pairs.next_observations, rows, pairs.actions)
+        rows = th.arange(first_row, first_row + len(pairs.rewards), device=self.device)
+        keep = successor_rows(pairs, self.replay_buffer, self.successors_missing)
+        if keep is None:
+            return AuxBatch(pairs.observations, pairs.next_observations, rows, pairs.actions)
+        self.aux_learner.masked += int((~keep).sum())
+        return AuxBatch(select_rows(pairs.observations, keep), select_rows(pairs.next_observations, keep), rows[keep],
+                        pairs.actions[keep])
 
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
         """SB3 2.9's DQN.train, with the aux loss joined to each TD step."""
@@ -118,7 +139,10 @@ class MincDQN(MincAuxMixin, DQN):
                 current_q_values = self.q_net(replay_data.observations)
             else:
                 observations, pairs = replay_data.observations, None
-                if (self._n_updates + done_steps + 1) % self.aux.every == 0:
+                aux_step = (self._n_updates + done_steps + 1) % self.aux.every == 0
+                if aux_step and self.aux.source == "td":
+                    pairs = replay_data
+                elif aux_step:
                     pairs = self.replay_buffer.sample(self.aux.batch, env=self._vec_normalize_env)  # type: ignore[union-attr]
                     observations = concat_observations(observations, pairs.observations)
                 features = self._features(observations)
@@ -129,7 +153,8 @@ class MincDQN(MincAuxMixin, DQN):
             losses.append(loss.item())
 
             done_steps += 1
-            if self._gradient_step(loss, features, rl_features, lambda: self._aux_batch(pairs, batch_size)):
+            first_row = 0 if self.aux.source == "td" else batch_size
+            if self._gradient_step(loss, features, rl_features, lambda: self._aux_batch(pairs, first_row)):
                 break  # should_stop
 
         self._n_updates += done_steps

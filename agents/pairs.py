@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch as th
-from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
+from stable_baselines3.common.buffers import DictRolloutBuffer, ReplayBuffer, RolloutBuffer
+from stable_baselines3.common.type_aliases import DictReplayBufferSamples, ReplayBufferSamples
 
 Observations = np.ndarray | dict[str, np.ndarray]
 
@@ -34,6 +36,40 @@ def rollout_successors(episode_starts: np.ndarray, last_episode_starts: np.ndarr
     next_starts = np.concatenate([episode_starts[1:], np.reshape(last_episode_starts, (1, n_envs))])
     valid = next_starts.T == 0
     return successor.ravel(), valid.ravel()
+
+
+def select_rows(observations: th.Tensor | dict[str, th.Tensor], keep: th.Tensor) -> th.Tensor | dict[str, th.Tensor]:
+    """The rows `keep` (a boolean mask) of an observation batch, a tensor or a dict of them."""
+    if isinstance(observations, dict):
+        return {key: value[keep] for key, value in observations.items()}
+    return observations[keep]
+
+
+def ends_without_successor(dones: np.ndarray, infos: list[dict[str, Any]], handles_timeouts: bool) -> bool:
+    """Whether a VecEnv step ended an episode without its `terminal_observation` (procgen keeps none): SB3's replay
+    buffer then stores the next episode's first observation as that transition's successor."""
+    missing = [info for done, info in zip(dones, infos) if done and info.get("terminal_observation") is None]
+    if handles_timeouts and any(info.get("TimeLimit.truncated") for info in missing):
+        warnings.warn(
+            "an episode was truncated without a terminal_observation: its replay sample reads as not done, so the aux "
+            "loss cannot leave out that pair (o_T-1, first observation of the next episode); give the env "
+            "terminal_observation, or replay_buffer_kwargs=dict(handle_timeout_termination=False)",
+            stacklevel=2,
+        )
+    return bool(missing)
+
+
+def successor_rows(
+    samples: ReplayBufferSamples | DictReplayBufferSamples, buffer: ReplayBuffer, successors_missing: bool
+) -> th.Tensor | None:
+    """Which rows of a replay sample hold o_t's true successor as next_observations: None when all do, else a
+    boolean mask of the rows that did not end an episode. SB3's buffer holds an episode's last successor only as the
+    env's terminal_observation (`successors_missing`: some episode ended without one), and not at all with
+    optimize_memory_usage, where the next episode's first observation takes its slot (SB3 then needs
+    handle_timeout_termination=False, so `dones` marks truncations too)."""
+    if not (buffer.optimize_memory_usage or successors_missing):
+        return None
+    return samples.dones.reshape(-1) == 0
 
 
 def _as_stored(observations: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -10,7 +10,9 @@ from stable_baselines3.common.buffers import DictRolloutBuffer, ReplayBuffer, Ro
 from stable_baselines3.common.callbacks import BaseCallback
 
 from minc_rl.agents.auxiliary import AuxConfig, AuxLearner
-from minc_rl.agents.pairs import observations_to_torch, sample_rollout_pairs
+from minc_rl.agents.pairs import (
+    ends_without_successor, observations_to_torch, sample_rollout_pairs, select_rows, successor_rows,
+)
 from minc_rl.checks import check_int
 
 
@@ -31,6 +33,9 @@ def separate_config(aux: str | AuxConfig | Mapping[str, Any]) -> AuxConfig:
         raise ValueError("aux.linear_critic replaces the Q-network's last layer: use MincDQN, not the callback")
     if config.every != 1:
         raise ValueError(f"aux.every={config.every} thins MincDQN's aux steps; the callback's rate is gradient_steps")
+    if config.source != "replay":
+        raise ValueError(f"aux.source={config.source!r} needs MincDQN's TD batch; the callback sees no TD batch and "
+                         "draws aux.batch pairs of its own (aux.source='replay')")
     return config
 
 
@@ -52,6 +57,7 @@ class MincAuxCallback(BaseCallback):
         self.gradient_steps = gradient_steps
         self.learner: AuxLearner | None = None
         self._after_aux: list[th.Tensor] | None = None  # aux.log_update_share: the encoder after the last aux steps
+        self.successors_missing = False  # an episode ended without terminal_observation (agents.pairs.successor_rows)
 
     def _init_callback(self) -> None:
         network = getattr(self.model, "q_net", None)  # DQN's online Q-network holds its extractor
@@ -63,6 +69,11 @@ class MincAuxCallback(BaseCallback):
             self.learner = learner.to(self.model.device)
 
     def _on_step(self) -> bool:
+        buffer = getattr(self.model, "replay_buffer", None)
+        if isinstance(buffer, ReplayBuffer) and not self.successors_missing:
+            self.successors_missing = ends_without_successor(
+                self.locals["dones"], self.locals["infos"], buffer.handle_timeout_termination
+            )
         return True
 
     def _sample_pairs(self) -> tuple[Any, Any, th.Tensor] | None:
@@ -78,7 +89,11 @@ class MincAuxCallback(BaseCallback):
             if model.num_timesteps <= getattr(model, "learning_starts", 0) or buffer.size() == 0:
                 return None
             sample = buffer.sample(self.config.batch, env=model._vec_normalize_env)
-            return sample.observations, sample.next_observations, sample.actions
+            keep = successor_rows(sample, buffer, self.successors_missing)
+            if keep is None:
+                return sample.observations, sample.next_observations, sample.actions
+            self.learner.masked += int((~keep).sum())
+            return select_rows(sample.observations, keep), select_rows(sample.next_observations, keep), sample.actions[keep]
         raise ValueError(f"MincAuxCallback supports SB3's rollout and replay buffers; got {type(buffer).__name__}")
 
     def _on_rollout_end(self) -> None:
