@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH)
 	$(PY) -c "import torchvision" 2>/dev/null || $(PIP) uninstall -y -q torchvision  # one left that does not import
-	$(PIP) install -e '.[dev,cluster]'
+	$(PIP) install -e '.[dev,cluster,joblib]'
 	$(PY) -c "import torch, minc_rl.train; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
