@@ -97,7 +97,11 @@ CALIBRATED = {
     # issue 16: phi(o_t, a_t) against mu(o_t+1); its rule was written before the smaller shares
     "minc-state-action": (["aux=minc", "aux.pairs=state_action"], FIRST_SETTINGS),
 }
-GRIDS = {"aux": (), "pairs": (), "calibration": ("minc", "spectral"), "calibration-pairs": ("minc-state-action",)}
+GRIDS = {"aux": (), "pairs": (), "td-pairs": (), "calibration": ("minc", "spectral"),
+         "calibration-pairs": ("minc-state-action",)}
+# issue 24: DQN's aux pairs from the TD batch (aux.source=td) against today's replay pairs, at the calibrated shares
+TD_PAIRS = {"none": ["aux=none"], "minc": ["aux=minc"], "minc-td": ["aux=minc", "aux.source=td"],
+            "spectral-td": ["aux=spectral", "aux.source=td"]}
 
 
 def calibrated_choice(suite: str, loss: str, results: Path = CALIBRATION_RESULTS) -> list[str]:
@@ -117,6 +121,8 @@ def variants(suite: str, grid: str) -> dict[str, list[str]]:
         return {aux: [f"aux={aux}"] for aux in SUITES[suite]["aux"]}
     if grid == "pairs":
         return {"minc-state-action": calibrated_choice(suite, "minc-state-action")}
+    if grid == "td-pairs":
+        return TD_PAIRS
     grid_variants = {"none": ["aux=none"]}
     for loss in GRIDS[grid]:
         loss_overrides, settings = CALIBRATED[loss]
@@ -136,7 +142,8 @@ def train_command(
 ) -> list[str]:
     """The minc_rl.train command line of one run: fresh, or resume=run_dir when it has a checkpoint."""
     every = max(args.steps // args.evaluations, 1)
-    command = [sys.executable, "-m", "minc_rl.train", f"env={suite}:{game}", *SUITES[suite]["overrides"], *overrides]
+    python = [args.python, "-P"] if args.python else [sys.executable]  # -P: the checkout's minc_rl stays off sys.path
+    command = [*python, "-m", "minc_rl.train", f"env={suite}:{game}", *SUITES[suite]["overrides"], *overrides]
     command += [f"seed={seed}", f"total_steps={args.steps}", f"eval.every={every}", f"checkpoint.every={every}"]
     command += [*args.override, f"hydra.run.dir={run_dir}"]
     if run_io.latest_checkpoint(run_dir) is not None:
@@ -575,6 +582,9 @@ def main() -> None:
     run_parser.add_argument("--shard", type=shard_spec, default=(0, 1), metavar="I/N",
                             help="run only every N-th job starting at I (parallel processes on disjoint jobs)")
     run_parser.add_argument("--commit", action="store_true", help="git commit each run's copied files as it finishes")
+    run_parser.add_argument("--python", default=None, metavar="PATH",
+                            help="the interpreter that runs each training (default: this one); a venv with a fixed "
+                            "commit installed (not editable) keeps one code version for every run of a comparison")
     aggregate_parser = commands.add_parser("aggregate", help="tables, JSON and learning curves from `run`'s copies")
     aggregate_parser.add_argument("--results", type=Path, default=RESULTS)
     aggregate_parser.add_argument(
