@@ -23,6 +23,38 @@ def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
 
 
 @torch.no_grad()
+def srank(z: torch.Tensor, delta: float = 0.01) -> float:
+    """Kumar et al. 2021's srank: the smallest k whose top-k singular values hold 1 - delta of their sum.
+
+    0 for all-zero features (no direction at all); NaN for features with a non-finite value, as rankme.
+    """
+    z = z.detach().double()
+    if not torch.isfinite(z).all():
+        return float("nan")
+    singular = torch.linalg.svdvals(z)
+    total = singular.sum()
+    if total == 0:
+        return 0.0
+    return float(int((singular.cumsum(0) < (1.0 - delta) * total).sum()) + 1)
+
+
+@torch.no_grad()
+def dormant_fraction(activations: torch.Tensor, tau: float = 0.025) -> float:
+    """ReDo's dormant-unit fraction (Sokar et al. 2023) of one layer's output (N, units, ...): a unit (a channel of a
+    convolution) is dormant when its mean |activation| over the batch (and positions) is <= tau times the layer's
+    mean over units. A layer whose every unit is silent is all dormant."""
+    units = activations.detach().double().abs().transpose(0, 1).reshape(activations.shape[1], -1)
+    score = units.mean(dim=1)
+    return float((score <= tau * score.mean()).double().mean())
+
+
+@torch.no_grad()
+def feature_norm(z: torch.Tensor) -> float:
+    """Mean L2 norm of the rows of z."""
+    return float(torch.linalg.vector_norm(z.detach().double(), dim=1).mean())
+
+
+@torch.no_grad()
 def normalized_embedding_std(z: torch.Tensor) -> float:
     """Mean over dimensions of the batch std of L2-normalised embeddings; ~1/sqrt(d) healthy, 0 collapsed."""
     return float(F.normalize(z.detach().float(), dim=1).std(dim=0).mean())

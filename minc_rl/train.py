@@ -18,6 +18,7 @@ import os
 import secrets
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -45,6 +46,7 @@ from minc_rl.run_dir import RunDirError, RunLock, check_fresh, check_writable, r
 from minc_rl.agents import MincDQN, MincPPO
 from minc_rl.agents.auxiliary import AuxConfig
 from minc_rl.extractor import ENCODER_CHOICES
+from minc_rl.health import EncoderHealth
 from minc_rl.envs import make_eval_env, make_vec_env, parse_spec, validate_spec
 from minc_rl.run_callbacks import CheckpointError, Checkpoints, Evaluation, LatestValues, ProgressBar, StopOnSignal
 
@@ -53,7 +55,9 @@ AGENTS = {"ppo": MincPPO, "dqn": MincDQN}
 GROUPS = ("agent", "aux", "encoder")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("learning_rate", "clip_range", "clip_range_vf")  # agent keys that take rl-zoo3's "lin_<x>"
-NOT_SB3_KEYS = ("name", "n_minibatches", "log_interval", "exploration_steps")  # agent keys minc_rl.train uses itself
+# agent keys minc_rl.train uses itself
+NOT_SB3_KEYS = ("name", "n_minibatches", "log_interval", "exploration_steps", "replay_ratio")
+MAX_TRAIN_FREQ = 1000  # agent.replay_ratio must be g / (f x n_envs) with whole g and f <= this
 EVAL_SEED_OFFSET = 1_000_000  # the evaluation envs' seed is seed + EVAL_SEED_OFFSET: other episodes than training's
 # The command line may add keys inside these dicts: the API they are passed to checks them. env_options.<option>=
 # and aux.loss_kwargs.<option>= need no + (they go to ++); an SB3 keyword the agent config lacks needs +agent.<key>=
@@ -221,6 +225,39 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def apply_replay_ratio(cfg: DictConfig, overrides: list[str]) -> None:
+    """Set DQN's train_freq and gradient_steps from agent.replay_ratio when it is given; exit 2 when the command line
+    also gives either of them, or the ratio is not valid."""
+    ratio = cfg.agent.get("replay_ratio")
+    if ratio is None:
+        return
+    keys = {override.key_or_group for override in OverridesParser.create().parse_overrides(overrides)}
+    explicit = sorted(keys & {"agent.train_freq", "agent.gradient_steps"})
+    if explicit:
+        fail(f"agent.replay_ratio={ratio} sets agent.train_freq and agent.gradient_steps; drop "
+             f"{' and '.join(explicit)}, or set agent.replay_ratio=null to give them yourself")
+    check(check_int, "n_envs", cfg.n_envs, 1)
+    try:
+        cfg.agent.train_freq, cfg.agent.gradient_steps = replay_ratio_schedule(ratio, cfg.n_envs)
+    except ValueError as error:
+        fail(str(error))
+
+
+def replay_ratio_schedule(ratio: Any, n_envs: int) -> tuple[int, int]:
+    """SB3's (train_freq, gradient_steps) for `ratio` gradient steps per environment step: gradient_steps updates
+    every train_freq vector steps of n_envs envs, so ratio = gradient_steps / (train_freq x n_envs), in lowest terms
+    (1 -> (1, 1), 4 -> (1, 4), 0.25 -> (4, 1)); ValueError naming the ratio when no such whole numbers exist."""
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < float("inf"):
+        raise ValueError(f"agent.replay_ratio={ratio!r} is not valid; give a number > 0 of gradient steps per "
+                         "environment step (1: the MinAtar paper's protocol; 0.25: SB3's train_freq=4, "
+                         "gradient_steps=1)")
+    per_vector_step = Fraction(ratio * n_envs).limit_denominator(MAX_TRAIN_FREQ)
+    if per_vector_step == 0 or abs(float(per_vector_step) - ratio * n_envs) > 1e-9 * ratio * n_envs:
+        raise ValueError(f"agent.replay_ratio={ratio!r} with n_envs={n_envs} is not g / (f x n_envs) gradient steps "
+                         f"per environment step with whole g >= 1 and 1 <= f <= {MAX_TRAIN_FREQ}")
+    return per_vector_step.denominator, per_vector_step.numerator
+
+
 def schedule(key: str, value: Any) -> Any:
     """rl-zoo3's "lin_<x>" (linear decay from x to 0 over the run) as an SB3 schedule; numbers pass through."""
     if not isinstance(value, str):
@@ -277,6 +314,9 @@ def check_config(cfg: DictConfig) -> None:
         check(check_int, key, OmegaConf.select(cfg, key), 1)
     if cfg.torch_threads is not None:
         check(check_int, "torch_threads", cfg.torch_threads, 1)
+    if cfg.get("health") is not None:  # a run saved before the health settings existed has none
+        check(check_int, "health.every", cfg.health.every, 0)
+        check(check_int, "health.probe", cfg.health.probe, 1)
     check(check_choice, "device", cfg.device, DEVICES)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         fail("device='cuda' but torch finds no CUDA device; use device=auto or device=cpu")
@@ -408,6 +448,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     cfg = run_config(cfg)
+    apply_replay_ratio(cfg, list(HydraConfig.get().overrides.task))
     check_config(cfg)
     try:
         lock = RunLock(run_dir).acquire()
@@ -512,6 +553,8 @@ def learn(
     evaluation = Evaluation(eval_envs, cfg.eval.every, cfg.eval.episodes, deterministic, run_dir / "evaluations.csv", stop)
     checkpoints = Checkpoints(run_dir, cfg.checkpoint.every, cfg.checkpoint.replay_buffer)
     callbacks = [evaluation, checkpoints, stop] + ([ProgressBar(cfg.total_steps)] if cfg.progress_bar else [])
+    if cfg.get("health") is not None and cfg.health.every > 0:
+        callbacks.append(EncoderHealth(cfg.health.every, cfg.health.probe, cfg.seed, run_dir / "health_probe.npz"))
     stop.install()
     learn_started = time.time()
     try:
@@ -546,7 +589,8 @@ def run_summary(
 ) -> dict[str, Any]:
     """What summary.json holds: the run's identity, its wall time (summed over resumed sessions), its speed (this
     session's steps over its learn() time, periodic evaluations and checkpoints included), its final returns
-    (training episodes: the last 100; evaluation: the last one of each split) and its final aux metrics."""
+    (training episodes: the last 100; evaluation: the last one of each split), its final aux metrics and its
+    final encoder health (minc_rl.health)."""
     previous = run_io.read_summary(run_dir / "summary.json") if cfg.resume else {}
     final_eval: dict[str, float] = {}
     for row in run_io.read_evaluations(run_dir / "evaluations.csv"):
@@ -566,9 +610,15 @@ def run_summary(
         "final_train_return": float(np.mean(episodes)) if episodes else None,
         "final_test_return": final_eval.get("unseen_levels", final_eval.get("test")),
         "final_eval": final_eval,
-        "aux_metrics": {k.removeprefix("train/aux_"): float(v) for k, v in logged.items() if k.startswith("train/aux_")},
+        "aux_metrics": logged_under(logged, "train/aux_"),
+        "health": logged_under(logged, "health/"),
         "run_dir": str(run_dir),
     }
+
+
+def logged_under(logged: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The logged values whose key starts with `prefix`, by the rest of their key."""
+    return {key.removeprefix(prefix): float(value) for key, value in logged.items() if key.startswith(prefix)}
 
 
 def main() -> None:
