@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium
@@ -10,6 +11,7 @@ from stable_baselines3.common.env_util import make_atari_env
 from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
 from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecMonitor
 
+from .distractors import Distractors
 from .procgen_vec_env import ProcgenVecEnv
 from .quiet import make_gymnasium_env
 from .spec import (
@@ -80,6 +82,7 @@ def _make(spec: str, n_envs: int, seed: int, options: dict[str, Any], evaluation
         return VecMonitor(ProcgenVecEnv(name, n_envs, seed, **resolved))
 
     options = dict(options)
+    options.pop("distractors", None)
     if family == "atari":
         frame_stack = options.pop("frame_stack", 4)
         if evaluation:
@@ -90,5 +93,18 @@ def _make(spec: str, n_envs: int, seed: int, options: dict[str, Any], evaluation
         from minatar.gym import BaseEnv
 
         env_kwargs = {"game": name, "use_minimal_action_set": options.pop("minimal_action_set", False), **options}
-        return sb3_make_vec_env(BaseEnv, n_envs, seed, wrapper_class=MinAtarImage, env_kwargs=env_kwargs)
-    return sb3_make_vec_env(make_gymnasium_env, n_envs, seed, env_kwargs={"env_id": name, **options})
+        wrapper = with_distractors(MinAtarImage, resolved)
+        return sb3_make_vec_env(BaseEnv, n_envs, seed, wrapper_class=wrapper, env_kwargs=env_kwargs)
+    wrapper = with_distractors(None, resolved)
+    env_kwargs = {"env_id": name, **options}
+    return sb3_make_vec_env(make_gymnasium_env, n_envs, seed, env_kwargs=env_kwargs, wrapper_class=wrapper)
+
+
+def with_distractors(
+    wrapper: Callable[[gymnasium.Env], gymnasium.Env] | None, distractors: tuple[int, float] | None
+) -> Callable[[gymnasium.Env], gymnasium.Env] | None:
+    """`wrapper` followed by Distractors(count, p) when `distractors` asks for them, else `wrapper` alone."""
+    if distractors is None:
+        return wrapper
+    count, p = distractors
+    return lambda env: Distractors(wrapper(env) if wrapper is not None else env, count, p)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 FAMILIES = ("procgen", "atari", "minatar", "gym")
@@ -77,6 +77,14 @@ MINATAR_OPTIONS: dict[str, Check] = {
     "minimal_action_set": BOOL,
 }
 GYM_OPTIONS: dict[str, Check] = {"max_episode_steps": _int_at_least(1)}
+# env option `distractors` (envs/distractors.py): MinAtar {channels: k, p: p}, gym vectors {dims: k}; k = 0 is off.
+# p's default, 0.08, is the mean share of occupied cells per channel of MinAtar breakout (0.082) and space_invaders
+# (0.077) under random actions (20,000 steps each): a distractor channel is as busy as the game's average channel.
+DISTRACTOR_OPTIONS: dict[str, dict[str, Check]] = {
+    "minatar": {"channels": _int_at_least(0), "p": PROBABILITY},
+    "gym": {"dims": _int_at_least(0)},
+}
+DISTRACTOR_DEFAULTS = {"minatar": {"p": 0.08}, "gym": {}}
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -155,15 +163,33 @@ def resolve_atari(game: str, options: dict[str, Any]) -> str:
     return ids[key]
 
 
-def resolve_minatar(game: str, options: dict[str, Any]) -> None:
-    """ValueError for an unknown MinAtar game or option."""
+def resolve_distractors(family: str, options: dict[str, Any]) -> tuple[int, float] | None:
+    """The (count, p) of option `distractors` in `options` (None when absent or count 0); ValueError naming a bad
+    key or value and the valid ones."""
+    if "distractors" not in options:
+        return None
+    value, allowed = options["distractors"], DISTRACTOR_OPTIONS[family]
+    count_key = next(iter(allowed))
+    if not isinstance(value, Mapping) or count_key not in value or not set(value) <= set(allowed):
+        example = "{channels: 4, p: 0.08}" if family == "minatar" else "{dims: 4}"
+        raise ValueError(f"Bad value for {family} option distractors: {value!r}; expected a dict with keys "
+                         f"{', '.join(allowed)} ({count_key} required), e.g. {example}.")  # fmt: skip
+    check_options(f"{family} distractors", dict(value), allowed)
+    settings = {**DISTRACTOR_DEFAULTS[family], **value}
+    return (settings[count_key], settings.get("p", 0.0)) if settings[count_key] > 0 else None
+
+
+def resolve_minatar(game: str, options: dict[str, Any]) -> tuple[int, float] | None:
+    """ValueError for an unknown MinAtar game or option; the distractors' (count, p) or None."""
     if game not in MINATAR_GAMES:
         raise ValueError(f"Unknown MinAtar game {game!r}; valid games: {', '.join(MINATAR_GAMES)}.")
-    check_options("minatar", options, MINATAR_OPTIONS)
+    check_options("minatar", options, MINATAR_OPTIONS, extra=("distractors",))
+    return resolve_distractors("minatar", options)
 
 
-def resolve_gym(env_id: str, options: dict[str, Any]) -> None:
-    """ValueError for an unregistered gymnasium id (with close matches) or an option its constructor does not take."""
+def resolve_gym(env_id: str, options: dict[str, Any]) -> tuple[int, float] | None:
+    """ValueError for an unregistered gymnasium id (with close matches) or an option its constructor does not take;
+    the distractors' (count, p) or None."""
     import gymnasium
 
     from .quiet import register_ale_envs
@@ -187,4 +213,5 @@ def resolve_gym(env_id: str, options: dict[str, Any]) -> None:
         accepted = tuple(options)
     else:
         accepted = tuple(name for name in parameters if name not in ("self", "render_mode"))
-    check_options(f"gym:{env_id}", options, GYM_OPTIONS, extra=accepted)
+    check_options(f"gym:{env_id}", options, GYM_OPTIONS, extra=(*accepted, "distractors"))
+    return resolve_distractors("gym", options)

@@ -1,0 +1,56 @@
+"""Distractor observations (env option `distractors`): extra observation channels of noise that no action or reward
+depends on, for testing whether an encoder learns to ignore what carries no information about the game."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium
+import numpy as np
+
+DISTRACTOR_STREAM = 0xD157  # the noise's seeds are SeedSequence(seed, spawn_key=(DISTRACTOR_STREAM,)): not the env's
+
+
+class Distractors(gymnasium.ObservationWrapper):
+    """`count` extra observation channels of i.i.d. noise, drawn anew at every step and reset, independent of the env.
+
+    On a channel-first uint8 image (C, H, W), as MinAtar is served by MinAtarImage: `count` binary channels appended,
+    each cell 255 with probability `p` and 0 otherwise. On a vector (n,): `count` i.i.d. N(0, 1) dimensions appended.
+    The env's own channels are passed through unchanged. The noise has a numpy Generator of its own, seeded by the
+    seed given to reset() (a stream apart from the env's) and continued by the resets without one, so the same seed
+    gives the same noise.
+    """
+
+    def __init__(self, env: gymnasium.Env, count: int, p: float) -> None:
+        super().__init__(env)
+        space = env.observation_space
+        self.count, self.p = count, p
+        self.rng = np.random.default_rng()  # replaced by the first reset(seed=...)
+        if isinstance(space, gymnasium.spaces.Box) and len(space.shape) == 3 and space.dtype == np.uint8:
+            channels, height, width = space.shape
+            self.observation_space = gymnasium.spaces.Box(0, 255, (channels + count, height, width), np.uint8)
+        elif isinstance(space, gymnasium.spaces.Box) and len(space.shape) == 1:
+            unbounded = np.full(count, np.inf, dtype=space.dtype)
+            self.observation_space = gymnasium.spaces.Box(
+                np.concatenate([space.low, -unbounded]), np.concatenate([space.high, unbounded]), dtype=space.dtype
+            )
+        else:
+            raise ValueError(
+                f"distractors need channel-first uint8 images (MinAtar) or vector observations (gym ids); "
+                f"this env's observation space is {space}"
+            )
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """The env's reset; a seed also restarts the noise's own stream."""
+        if seed is not None:
+            self.rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(DISTRACTOR_STREAM,)))
+        return super().reset(seed=seed, options=options)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        """The observation with the noise channels appended."""
+        if observation.ndim == 3:
+            cells = self.rng.random((self.count, *observation.shape[1:])) < self.p
+            noise = cells.astype(np.uint8) * np.uint8(255)
+        else:
+            noise = self.rng.standard_normal(self.count).astype(observation.dtype)
+        return np.concatenate([observation, noise])
