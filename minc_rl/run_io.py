@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.logger import CSVOutputFormat
@@ -265,22 +266,25 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
 
 
 def plot_learning_curve(run_dir: Path, title: str) -> Path:
-    """learning_curve.png: training episode return (progress.csv) and evaluation returns against steps."""
-    figure = Figure(figsize=(7, 4.5))
-    axes = figure.subplots()
+    """learning_curve.png: training episode return (progress.csv) and evaluation returns against steps; below them,
+    when progress.csv has them, the encoder health of minc_rl.health (srank, RankMe, dormant fraction)."""
     progress = run_dir / "progress.csv"
-    if progress.exists() and progress.stat().st_size > 0:
-        frame = pd.read_csv(progress)
-        if "rollout/ep_rew_mean" in frame and STEP_COLUMN in frame:
-            frame = frame.dropna(subset=["rollout/ep_rew_mean"])
-            axes.plot(frame[STEP_COLUMN], frame["rollout/ep_rew_mean"], label="training episodes (last 100)", alpha=0.7)
+    frame = pd.read_csv(progress) if progress.exists() and progress.stat().st_size > 0 else pd.DataFrame()
+    health = STEP_COLUMN in frame and "health/srank" in frame and frame["health/srank"].notna().any()
+    figure = Figure(figsize=(7, 7.5 if health else 4.5))
+    axes, *below = figure.subplots(2 if health else 1, 1, sharex=True, squeeze=False)[:, 0]
+    if "rollout/ep_rew_mean" in frame and STEP_COLUMN in frame:
+        returns = frame.dropna(subset=["rollout/ep_rew_mean"])
+        axes.plot(returns[STEP_COLUMN], returns["rollout/ep_rew_mean"], label="training episodes (last 100)", alpha=0.7)
+    if health:
+        plot_health(below[0], frame)
     evaluations = pd.DataFrame(read_evaluations(run_dir / "evaluations.csv"))
     if len(evaluations):
         for column in ("step", "return_mean", "return_std"):
             evaluations[column] = evaluations[column].astype(float)
         for split, rows in evaluations.groupby("split", sort=False):
             axes.errorbar(rows["step"], rows["return_mean"], yerr=rows["return_std"], marker="o", capsize=3, label=f"eval: {split}")
-    axes.set_xlabel("environment steps")
+    (below[0] if health else axes).set_xlabel("environment steps")
     axes.set_ylabel("episode return")
     axes.set_title(title)
     axes.grid(alpha=0.3)
@@ -289,3 +293,20 @@ def plot_learning_curve(run_dir: Path, title: str) -> Path:
     path = run_dir / "learning_curve.png"
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     return path
+
+
+def plot_health(axes: Axes, frame: pd.DataFrame) -> None:
+    """srank and RankMe of the agent's features (left axis) and the mean dormant fraction of its ReLU layers (right
+    axis) against steps, from progress.csv's health/ columns."""
+    rows = frame.dropna(subset=["health/srank"])
+    axes.plot(rows[STEP_COLUMN], rows["health/srank"], marker=".", label="srank (delta 0.01)")
+    axes.plot(rows[STEP_COLUMN], rows["health/rankme"], marker=".", label="RankMe")
+    axes.set_ylabel("rank of the features")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left")
+    if "health/dormant" in rows:
+        dormant = axes.twinx()
+        dormant.plot(rows[STEP_COLUMN], rows["health/dormant"], color="tab:red", marker=".", label="dormant fraction")
+        dormant.set_ylim(0, 1)
+        dormant.set_ylabel("dormant fraction (ReLU layers)")
+        dormant.legend(loc="upper right")
