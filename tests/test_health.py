@@ -190,8 +190,8 @@ def test_a_short_training_run_logs_health_and_keeps_its_probe_on_resume(tmp_path
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["health"]) == {key.removeprefix("health/") for key in health}
     assert summary["health"]["srank"] == progress["health/srank"].dropna().iloc[-1]
-    width, height = struct.unpack(">II", (run_dir / "learning_curve.png").read_bytes()[16:24])
-    assert height > width  # the return and, below it, the health panel (7 x 7.5 inches; without health 7 x 4.5)
+    height = struct.unpack(">I", (run_dir / "learning_curve.png").read_bytes()[20:24])[0]
+    assert height > 600  # the return and, below it, the health panel: 7.5 inches at 100 dpi (the return alone: 4.5)
     probe = (run_dir / "health_probe.npz").read_bytes()
 
     run_in_process(monkeypatch, f"resume={run_dir}", "total_steps=400")
