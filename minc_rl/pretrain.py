@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from minc_rl.augment import TwoViewAugment
 from minc_rl.backbones import build_backbone
 from minc_rl.checks import check_choice, check_int
-from minc_rl.run_dir import RunDirError, RunLock, check_fresh, resume_argument
+from minc_rl.run_dir import RunDirError, RunLock, check_fresh, resume_argument, saved_config_with
 from minc_rl.data import SSLData, collate_pairs, load_data, to_float
 from minc_rl.encoders import ProjectionHead, save_encoder
 from minc_rl.io import atomic_torch_save, atomic_write
@@ -635,6 +635,19 @@ def finish(run: Run, seconds: float) -> dict[str, Any]:
     return summary
 
 
+def resumed_pretrain_config(resume: str, out_dir: Path, overrides: list[str]) -> DictConfig:
+    """The settings the checkpoint's run had, with the command line's key=value overrides on top (as training's
+    resume=): a 60-epoch run resumes as one. The run continues in the checkpoint's own directory."""
+    checkpoint_dir = Path(resume).parent if str(resume).endswith(".pt") else Path(resume)
+    saved = OmegaConf.create(read_checkpoint(resume)["config"])
+    if out_dir.resolve() != checkpoint_dir.resolve():
+        raise ValueError(f"resume={resume} continues in {checkpoint_dir}, where its metrics are; drop "
+                         f"hydra.run.dir={out_dir}, or copy the run directory there first")
+    cfg = saved_config_with(saved, checkpoint_dir, overrides, FIXED_ON_RESUME)
+    cfg.resume = resume
+    return cfg
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The pretraining config with Hydra overrides, as the command line builds it (for scripts and tests)."""
     from hydra import compose, initialize_config_dir
@@ -643,6 +656,8 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
+# what resume= cannot change (the checkpoint holds these networks) -> where config.yaml keeps it
+FIXED_ON_RESUME = {"data": "data.name", "loss": "loss.name", "backbone": "backbone"}
 # hydra.run.dir in config.yaml: resume= continues in the run directory of the checkpoint it names.
 OmegaConf.register_new_resolver(
     "minc_rl.pretrain_dir", lambda resume, fresh: (str(Path(resume).parent) if str(resume).endswith(".pt") else resume) if resume else fresh,
@@ -664,8 +679,10 @@ def main(cfg: DictConfig) -> None:
             Path(out_dir).rmdir()
         out_dir = shared[0]
     try:
+        if cfg.resume:
+            cfg = resumed_pretrain_config(cfg.resume, Path(out_dir), list(HydraConfig.get().overrides.task))
         summary = pretrain(cfg, out_dir)
-    except ValueError as error:  # a bad option, data root, checkpoint or run directory: one line, exit code 2
+    except (ValueError, RunDirError) as error:  # a bad option, data root, checkpoint or run directory: one line, exit code 2
         print(f"minc_rl.pretrain: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     if summary:

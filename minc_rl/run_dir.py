@@ -11,7 +11,10 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
 
 LOCK_FILE = ".lock"
 
@@ -57,6 +60,30 @@ def check_fresh(run_dir: Path, run_files: tuple[str, ...], resume_hint: str) -> 
             f"{run_dir} already holds a run ({', '.join(found)}); continue it with {resume_hint}, "
             "or start a new run in another directory (hydra.run.dir=<new dir>)"
         )
+
+
+def saved_config_with(saved: DictConfig, run_dir: Path, overrides: list[str], fixed: Mapping[str, str]) -> DictConfig:
+    """The config a run in run_dir saved, with the command line's key=value overrides on top (e.g. a larger budget);
+    `fixed` maps each key the checkpoint ties down (a config group or a network setting) to where its saved value
+    is. Raises RunDirError (one line) for a change of a fixed key, an unknown key or a sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # Hydra's grammar, as the command line
+
+    cfg = saved.copy()
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key, value = override.key_or_group, override.value()
+        if key in ("resume", "hydra.run.dir"):
+            continue
+        if key in fixed:
+            saved_value = OmegaConf.select(cfg, fixed[key])
+            if value != saved_value:
+                raise RunDirError(f"resume: the run in {run_dir} has {key}={saved_value}; it cannot continue with "
+                                  f"{key}={value}")
+            continue
+        if override.is_sweep_override() or override.is_delete() or OmegaConf.select(cfg, key, default=KeyError) is KeyError:
+            raise RunDirError(f"resume: {override.input_line!r} is not a key=value override of a key of the run in "
+                              f"{run_dir}")
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
 
 
 class RunLock:

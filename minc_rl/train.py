@@ -42,7 +42,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 import minc_rl.configs
 from minc_rl import run_io
 from minc_rl.checks import check_choice, check_int
-from minc_rl.run_dir import RunDirError, RunLock, check_fresh, check_writable, resume_argument
+from minc_rl.run_dir import RunDirError, RunLock, check_fresh, check_writable, resume_argument, saved_config_with
 from minc_rl.agents import MincDQN, MincPPO
 from minc_rl.agents.auxiliary import AuxConfig
 from minc_rl.extractor import ENCODER_CHOICES
@@ -208,19 +208,14 @@ def with_family_defaults(env: str, overrides: list[str]) -> DictConfig:
 def resumed_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     """The config saved in run_dir with this command line's key=value overrides on top (e.g. a larger total_steps);
     env, agent, aux and encoder cannot change, since the checkpoint holds their networks."""
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    for override in OverridesParser.create().parse_overrides(overrides):
-        key, value = override.key_or_group, override.value()
-        if key == "resume":
-            continue
-        if key in (*GROUPS, "env"):
-            saved = cfg[key].name if key in GROUPS else cfg[key]
-            if value != saved:
-                fail(f"resume: the run in {run_dir} has {key}={saved}; it cannot continue with {key}={value}")
-            continue
-        if override.is_sweep_override() or override.is_delete() or OmegaConf.select(cfg, key, default=KeyError) is KeyError:
-            fail(f"resume: {override.input_line!r} is not a key=value override of a key in {run_dir / 'config.yaml'}")
-        OmegaConf.update(cfg, key, value, merge=False)
+    if not (run_dir / "config.yaml").is_file():
+        fail(f"resume={run_dir}: it holds no config.yaml, so the run's settings are unknown: it is not a run directory "
+             "of minc_rl.train, or its run stopped before it started (start a new run in another directory)")
+    try:
+        cfg = saved_config_with(OmegaConf.load(run_dir / "config.yaml"), run_dir, overrides,
+                                {"env": "env", **{group: f"{group}.name" for group in GROUPS}})
+    except RunDirError as error:
+        fail(str(error))
     cfg.resume = str(run_dir)
     return cfg
 

@@ -23,6 +23,7 @@ from minc_rl.data import DataRootError, load_data
 from minc_rl.encoders import build_encoder, load_encoder_weights
 from minc_rl.linear_eval import knn_accuracy, linear_probe_accuracy
 import minc_rl.pretrain
+from omegaconf import OmegaConf
 from minc_rl.io import atomic_torch_save
 from minc_rl.pretrain import LARS, compose_config, pretrain, scaled_lr
 from test_packaging import installed  # noqa: F401  (the module-scoped wheel fixture)
@@ -134,6 +135,37 @@ def test_resume_after_a_crash_continues_exactly_where_the_run_stopped(tmp_path, 
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # appended after the crash, one header
     with pytest.raises(ValueError, match="checkpoint has .*'minc'.*this run .*'spectral'"):
         run(tmp_path / "bad", "loss=spectral", "batch_size=256", f"resume={tmp_path / 'crashed'}")
+
+
+def test_cli_resume_takes_the_runs_own_settings_not_the_defaults(tmp_path, monkeypatch):
+    """`python -m minc_rl.pretrain resume=<dir>`, as a stop prints it, continues with the run's epochs and batch size
+    (3 and 256 here, not digits' defaults), and refuses a change of loss or another run dir in one line."""
+    common = ["loss=minc", "batch_size=256", "epochs=3", "eval.at_start=false", "checkpoint_every=1"]
+
+    def save_then_crash(state, path):
+        atomic_torch_save(state, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(minc_rl.pretrain, "atomic_torch_save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", *common)
+    monkeypatch.undo()
+
+    def cli(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "minc_rl.pretrain", *overrides, "progress=false", "device=cpu"],
+                              capture_output=True, text=True, env=subprocess_env(), timeout=300)
+
+    refused = cli(f"resume={tmp_path / 'run'}", "loss=spectral")
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"minc_rl.pretrain: error: resume: the run in {tmp_path / 'run'} has loss=minc; it cannot continue with loss=spectral")
+    elsewhere = cli(f"resume={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'other'}")
+    assert elsewhere.returncode == 2 and f"continues in {tmp_path / 'run'}" in elsewhere.stderr
+    done = cli(f"resume={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (3, 3 * 5)  # 1,437 digits / 256 = 5 steps per epoch
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert (saved.epochs, saved.batch_size, saved.resume) == (3, 256, str(tmp_path / "run"))
 
 
 def test_bf16_autocast_keeps_lambda_float32_and_finite_and_wandb_logs_offline(tmp_path):
