@@ -34,6 +34,7 @@ import torch as th
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.preprocessing import is_image_space_channels_first, preprocess_obs
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor
 from stable_baselines3.common.utils import polyak_update
 from torch import nn
@@ -51,6 +52,8 @@ AUX_MODES = ("joint", "separate", "decoupled")
 AUGMENT_CHOICES = ("none", "shift")
 PAIR_CHOICES = ("state", "state_action")
 SOURCE_CHOICES = ("replay", "td")
+# the settings a saved aux state (head, Lambda, target encoder, aux optimizer) is built for
+STATE_SETTINGS = ("name", "mode", "dim", "head_hidden", "pairs", "linear_critic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +128,19 @@ class AuxConfig:
                 raise ValueError(f"unknown aux settings {unknown}; valid: {[f.name for f in dataclasses.fields(cls)]}")
             return cls(**aux)
         return cls(name=aux)
+
+    def check_takes_state_of(self, saved: AuxConfig, where: str) -> None:
+        """Raise ValueError unless an aux state saved under `saved` fits these settings (STATE_SETTINGS and whether
+        there is a target encoder); the others (share, lr, every, source, ...) may change between runs."""
+        differ = [f"aux.{key}={getattr(self, key)!r} (saved: {getattr(saved, key)!r})"
+                  for key in STATE_SETTINGS if getattr(self, key) != getattr(saved, key)]
+        if (self.target_tau is None) != (saved.target_tau is None):
+            differ.append(f"aux.target_tau={self.target_tau!r} (saved: {saved.target_tau!r})")
+        if differ:
+            raise ValueError(
+                f"{where}: the saved aux state (head, Lambda, optimizer) was built for other settings: "
+                f"{', '.join(differ)}; keep those as saved (settings such as share, lr, every or source may change)"
+            )
 
     def build_loss(self) -> nn.Module:
         """The loss module these settings name."""
@@ -550,6 +566,18 @@ class MincAuxMixin:
             kwargs["features_extractor_kwargs"] = {"normalized_image": True, **extractor_kwargs}
         return {**sb3_kwargs, "policy_kwargs": kwargs}
 
+    @classmethod
+    def load(cls, path: Any, env: Any = None, device: Any = "auto", custom_objects: dict[str, Any] | None = None,
+             print_system_info: bool = False, force_reset: bool = True, **kwargs: Any) -> Any:
+        """SB3's load; `aux=` may change the settings that the saved aux state does not depend on (share, lr, every,
+        source, ...), and a change of one it does (the loss, dim, mode, pairs, ...) is a ValueError naming it."""
+        if "aux" in kwargs:
+            data, _, _ = load_from_zip_file(path, device=device, custom_objects=custom_objects)
+            kwargs["aux"] = AuxConfig.of(kwargs["aux"])
+            kwargs["aux"].check_takes_state_of(AuxConfig.of(data["aux"]), f"{cls.__name__}.load({str(path)!r}, aux=...)")
+        return super().load(path, env=env, device=device, custom_objects=custom_objects,  # type: ignore[misc]
+                            print_system_info=print_system_info, force_reset=force_reset, **kwargs)
+
     def _setup_model(self) -> None:
         super()._setup_model()  # type: ignore[misc]
         self.aux_learner: AuxLearner | None = None
@@ -612,10 +640,8 @@ class MincAuxMixin:
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         # The aux state is saved beside the policy's, so that save / load, get_parameters / set_parameters and a
-        # resumed run keep it. It holds integer tensors (MINC's step and skip counts for Lambda's bias correction,
-        # BatchNorm's num_batches_tracked in the head): counters, exact as integers, as in any torch state_dict with
-        # BatchNorm, a stock SB3 policy's included. Code that treats every state_dict entry as float (SB3's
-        # test_save_load draws th.rand_like of each) fails on them as it does on a BatchNorm policy.
+        # resumed run keep it. Its counters (MINC's step and skip counts, the head's BatchNorm num_batches_tracked)
+        # are float64, so every entry is a float tensor, as SB3's test_save_load expects.
         state_dicts, variables = super()._get_torch_save_params()  # type: ignore[misc]
         if self.aux.name != "none":
             state_dicts = [*state_dicts, "aux_learner", "aux_learner.optimizer"]

@@ -39,6 +39,29 @@ def separate_config(aux: str | AuxConfig | Mapping[str, Any]) -> AuxConfig:
     return config
 
 
+class SavedAuxState:
+    """The callback's aux state as an attribute of the model (`model.minc_aux_state`): SB3's model.save pickles the
+    model's attributes into its zip, and pickling this one takes the live state (settings, head, Lambda, target
+    encoder, aux optimizer) at that moment; SB3's load brings it back, and the next MincAuxCallback picks it up."""
+
+    def __init__(self, learner: AuxLearner) -> None:
+        self.learner: AuxLearner | None = learner
+        self.saved: dict[str, Any] | None = None
+
+    def state(self) -> dict[str, Any]:
+        """The settings and state dicts: the live learner's, or those unpickled from a saved model."""
+        if self.learner is None:
+            return self.saved  # type: ignore[return-value]
+        return {"config": self.learner.config, "learner": self.learner.state_dict(),
+                "optimizer": self.learner.optimizer.state_dict()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.state()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.learner, self.saved = None, state
+
+
 class MincAuxCallback(BaseCallback):
     """After each rollout, `gradient_steps` aux steps (aux.mode='separate': the aux optimizer over the policy's
     features extractor and a projection head) on aux.batch pairs (o_t, o_t+1) from the algorithm's buffer.
@@ -46,8 +69,10 @@ class MincAuxCallback(BaseCallback):
     For algorithms without a MINC subclass, and for any features extractor. On-policy algorithms (PPO, A2C) draw
     pairs from the rollout buffer (o_t+1 in the same episode; the last step pairs with the observation after the
     rollout), off-policy ones (DQN) from the replay buffer once learning has started. Logs the train/aux_* keys
-    of MincPPO / MincDQN. The head, Lambda and the aux optimizer live in `self.learner` (an nn.Module): save its
-    state_dict yourself to keep them, since SB3's model.save does not know the callback.
+    of MincPPO / MincDQN. The head, Lambda and the aux optimizer live in `self.learner` (an nn.Module) and travel
+    with the model: `model.save` writes them into the zip (`model.minc_aux_state`, SavedAuxState), and a callback
+    given to `learn` of the loaded model continues from them (its settings must fit them: AuxConfig's
+    check_takes_state_of).
     """
 
     def __init__(self, aux: str | AuxConfig | Mapping[str, Any] = "minc", gradient_steps: int = 4, verbose: int = 0) -> None:
@@ -65,8 +90,15 @@ class MincAuxCallback(BaseCallback):
         extractor = getattr(network, "pi_features_extractor", None) or network.features_extractor
         if self.learner is None:  # a second learn() keeps the head, Lambda and optimizer
             learner = AuxLearner(self.config, extractor, network.observation_space, network.normalize_images,
-                                 self.model.action_space)
-            self.learner = learner.to(self.model.device)
+                                 self.model.action_space).to(self.model.device)
+            saved = getattr(self.model, "minc_aux_state", None)
+            if isinstance(saved, SavedAuxState):  # the model's zip (or an earlier callback) holds an aux state
+                state = saved.state()
+                self.config.check_takes_state_of(state["config"], "MincAuxCallback on a model with a saved aux state")
+                learner.load_state_dict(state["learner"])
+                learner.optimizer.load_state_dict(state["optimizer"])
+            self.learner = learner
+        self.model.minc_aux_state = SavedAuxState(self.learner)
 
     def _on_step(self) -> bool:
         buffer = getattr(self.model, "replay_buffer", None)

@@ -143,6 +143,9 @@ class ProjectionHead(nn.Module):
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
         self.net = nn.Sequential(*layers)
         self.out_dim = out_dim
+        for layer in self.net:  # BatchNorm's step counter as a float, like MINCLoss's: a state_dict of floats only
+            if isinstance(layer, nn.BatchNorm1d):
+                layer.num_batches_tracked = layer.num_batches_tracked.to(torch.float64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embedding of encoder features."""

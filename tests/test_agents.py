@@ -617,6 +617,48 @@ def test_load_pretrained_encoder_syncs_targets(cls, tmp_path):
             torch.testing.assert_close(copy.state_dict()[name], value, rtol=0, atol=0)
 
 
+def test_callback_aux_state_travels_in_the_models_zip(tmp_path):
+    """Stock PPO + MincAuxCallback: model.save writes the head, Lambda and aux optimizer into the zip, and a callback
+    on the loaded model starts from them; settings the state does not fit are refused in one line."""
+    env = make_vec_env("gym:CartPole-v1", 2)
+    extractor = dict(features_extractor_class=MincExtractor, net_arch=[])
+    model = PPO("MlpPolicy", env, n_steps=32, batch_size=32, n_epochs=1, policy_kwargs=extractor, seed=0)
+    aux = dict(batch=16, **SMALL_AUX)
+    callback = MincAuxCallback(aux, gradient_steps=2)
+    model.learn(128, callback=callback)
+    model.save(tmp_path / "ppo.zip")
+    saved = {k: v.clone() for k, v in callback.learner.state_dict().items()}
+    assert float(callback.learner.loss.steps) == 2 * 2  # two rollouts of 32 x 2 steps, two aux steps each
+
+    loaded = PPO.load(tmp_path / "ppo.zip", env=env)
+    resumed = MincAuxCallback(dict(aux, lr=1e-4), gradient_steps=2)  # lr may change; the state's shape may not
+    resumed.init_callback(loaded)
+    for (name, value), restored in zip(saved.items(), resumed.learner.state_dict().values()):
+        torch.testing.assert_close(restored, value, rtol=0, atol=0, msg=name)
+    assert resumed.learner.optimizer.state_dict()["state"]  # Adam's moments came back too
+    loaded.learn(64, callback=resumed, reset_num_timesteps=False)
+    assert float(resumed.learner.loss.steps) == 4 + 2
+    with pytest.raises(ValueError, match=r"aux.dim=8 \(saved: 16\)"):
+        MincAuxCallback(dict(aux, dim=8)).init_callback(PPO.load(tmp_path / "ppo.zip", env=env))
+
+
+def test_aux_state_dicts_hold_float_tensors_only():
+    """MINC's counters and the head's BatchNorm counter are floats: SB3's save/load tests draw rand_like of each."""
+    model = small_model(MincDQN, "MlpPolicy", make_vec_env("gym:CartPole-v1", 1)).learn(64)
+    parameters = model.get_parameters()
+    assert float(model.aux_learner.loss.steps) > 0
+    assert all(value.is_floating_point() for state in parameters.values() if isinstance(state, dict)
+               for value in state.values() if isinstance(value, torch.Tensor))
+
+
+def test_load_takes_aux_settings_the_saved_state_fits(tmp_path):
+    small_model(MincPPO, "MlpPolicy", make_vec_env("gym:CartPole-v1", 1)).learn(64).save(tmp_path / "m.zip")
+    loaded = MincPPO.load(tmp_path / "m.zip", aux=dict(batch=16, share=0.1, **SMALL_AUX))
+    assert loaded.aux == AuxConfig(batch=16, share=0.1, **SMALL_AUX) and loaded.aux_learner is not None
+    with pytest.raises(ValueError, match=r"aux=...\): the saved aux state .* aux.name='spectral' \(saved: 'minc'\)"):
+        MincPPO.load(tmp_path / "m.zip", aux="spectral")
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 

@@ -89,8 +89,10 @@ class MINCLoss(nn.Module):
         self.register_buffer("ema_sum", torch.zeros(dim, dim, dtype=torch.float32))
         if asymmetric:
             self.register_buffer("ema_sum_b", torch.zeros(dim, dim, dtype=torch.float32))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
+        # float counters (exact to 2^53): a state_dict of floats only, which code that treats every entry as a float
+        # tensor (SB3's save/load tests draw torch.rand_like of each) can take
+        self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("skipped", torch.zeros((), dtype=torch.float64))
 
     def extra_repr(self) -> str:
         return (
