@@ -12,7 +12,8 @@ DISTRACTOR_STREAM = 0xD157  # the noise's seeds are SeedSequence(seed, spawn_key
 
 
 class Distractors(gymnasium.ObservationWrapper):
-    """`count` extra observation channels of i.i.d. noise, drawn anew at every step and reset, independent of the env.
+    """`count` extra observation channels of i.i.d. noise, drawn anew at every step and reset, independent of the env
+    ("same": as many as the env's own, the image's channels or the vector's length).
 
     On a channel-first uint8 image (C, H, W), as MinAtar is served by MinAtarImage: `count` binary channels appended,
     each cell 255 with probability `p` and 0 otherwise. On a vector (n,): `count` i.i.d. N(0, 1) dimensions appended.
@@ -21,9 +22,10 @@ class Distractors(gymnasium.ObservationWrapper):
     gives the same noise.
     """
 
-    def __init__(self, env: gymnasium.Env, count: int, p: float) -> None:
+    def __init__(self, env: gymnasium.Env, count: int | str, p: float) -> None:
         super().__init__(env)
         space = env.observation_space
+        count = space.shape[0] if count == "same" and space.shape else count
         self.count, self.p = count, p
         self.rng = np.random.default_rng()  # replaced by the first reset(seed=...)
         if isinstance(space, gymnasium.spaces.Box) and len(space.shape) == 3 and space.dtype == np.uint8:

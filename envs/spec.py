@@ -77,12 +77,17 @@ MINATAR_OPTIONS: dict[str, Check] = {
     "minimal_action_set": BOOL,
 }
 GYM_OPTIONS: dict[str, Check] = {"max_episode_steps": _int_at_least(1)}
-# env option `distractors` (envs/distractors.py): MinAtar {channels: k, p: p}, gym vectors {dims: k}; k = 0 is off.
+# env option `distractors` (envs/distractors.py): MinAtar {channels: k, p: p}, gym vectors {dims: k}; k = 0 is off,
+# k = "same" as many as the env's own (MinAtar: the game's channels; a vector: its length).
 # p's default, 0.08, is the mean share of occupied cells per channel of MinAtar breakout (0.082) and space_invaders
 # (0.077) under random actions (20,000 steps each): a distractor channel is as busy as the game's average channel.
+DISTRACTOR_COUNT: Check = (
+    lambda v: v == "same" or (_is_int(v) and v >= 0),
+    "an int >= 0 or 'same' (as many as the env's own)",
+)
 DISTRACTOR_OPTIONS: dict[str, dict[str, Check]] = {
-    "minatar": {"channels": _int_at_least(0), "p": PROBABILITY},
-    "gym": {"dims": _int_at_least(0)},
+    "minatar": {"channels": DISTRACTOR_COUNT, "p": PROBABILITY},
+    "gym": {"dims": DISTRACTOR_COUNT},
 }
 DISTRACTOR_DEFAULTS = {"minatar": {"p": 0.08}, "gym": {}}
 
@@ -163,9 +168,9 @@ def resolve_atari(game: str, options: dict[str, Any]) -> str:
     return ids[key]
 
 
-def resolve_distractors(family: str, options: dict[str, Any]) -> tuple[int, float] | None:
-    """The (count, p) of option `distractors` in `options` (None when absent or count 0); ValueError naming a bad
-    key or value and the valid ones."""
+def resolve_distractors(family: str, options: dict[str, Any]) -> tuple[int | str, float] | None:
+    """The (count, p) of option `distractors` in `options` (None when absent or count 0; count may be "same");
+    ValueError naming a bad key or value and the valid ones."""
     if "distractors" not in options:
         return None
     value, allowed = options["distractors"], DISTRACTOR_OPTIONS[family]
@@ -176,10 +181,10 @@ def resolve_distractors(family: str, options: dict[str, Any]) -> tuple[int, floa
                          f"{', '.join(allowed)} ({count_key} required), e.g. {example}.")  # fmt: skip
     check_options(f"{family} distractors", dict(value), allowed)
     settings = {**DISTRACTOR_DEFAULTS[family], **value}
-    return (settings[count_key], settings.get("p", 0.0)) if settings[count_key] > 0 else None
+    return (settings[count_key], settings.get("p", 0.0)) if settings[count_key] != 0 else None
 
 
-def resolve_minatar(game: str, options: dict[str, Any]) -> tuple[int, float] | None:
+def resolve_minatar(game: str, options: dict[str, Any]) -> tuple[int | str, float] | None:
     """ValueError for an unknown MinAtar game or option; the distractors' (count, p) or None."""
     if game not in MINATAR_GAMES:
         raise ValueError(f"Unknown MinAtar game {game!r}; valid games: {', '.join(MINATAR_GAMES)}.")
@@ -187,7 +192,7 @@ def resolve_minatar(game: str, options: dict[str, Any]) -> tuple[int, float] | N
     return resolve_distractors("minatar", options)
 
 
-def resolve_gym(env_id: str, options: dict[str, Any]) -> tuple[int, float] | None:
+def resolve_gym(env_id: str, options: dict[str, Any]) -> tuple[int | str, float] | None:
     """ValueError for an unregistered gymnasium id (with close matches) or an option its constructor does not take;
     the distractors' (count, p) or None."""
     import gymnasium

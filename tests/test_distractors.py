@@ -27,10 +27,13 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
 
 
-@pytest.mark.parametrize(("game", "channels", "k"), [("breakout", 4, 4), ("space_invaders", 6, 6), ("breakout", 4, 0)])
-def test_minatar_gets_k_channels_and_keeps_its_own(game: str, channels: int, k: int) -> None:
+@pytest.mark.parametrize(
+    ("game", "channels", "k", "added"),
+    [("breakout", 4, 3, 3), ("space_invaders", 6, "same", 6), ("breakout", 4, "same", 4), ("breakout", 4, 0, 0)],
+)
+def test_minatar_gets_k_channels_and_keeps_its_own(game: str, channels: int, k: int | str, added: int) -> None:
     noisy = make_vec_env(f"minatar:{game}", 2, seed=3, distractors={"channels": k, "p": 0.08})
-    assert noisy.observation_space.shape == (channels + k, 10, 10)
+    assert noisy.observation_space.shape == (channels + added, 10, 10)
     with_noise = rollout(noisy, steps=200)
     clean = rollout(make_vec_env(f"minatar:{game}", 2, seed=3), steps=200)
     assert np.array_equal(with_noise[:, :, :channels], clean)  # same game, same episodes, through resets
@@ -48,6 +51,7 @@ def test_minatar_noise_is_bernoulli_p_and_independent_of_time_and_game() -> None
 
 
 def test_gym_vectors_get_k_gaussian_dimensions() -> None:
+    assert make_vec_env("gym:CartPole-v1", 1, distractors={"dims": "same"}).observation_space.shape == (8,)
     noisy = make_vec_env("gym:CartPole-v1", 2, seed=5, distractors={"dims": 3})
     assert noisy.observation_space.shape == (7,)
     observations = rollout(noisy)
@@ -72,7 +76,8 @@ def test_noise_is_reproducible_from_the_seed_and_the_same_in_evaluation_envs() -
     ("spec", "value", "expected"),
     [
         ("minatar:breakout", {"channels": -1}, ["distractors option channels: -1", "an int >= 0"]),
-        ("minatar:breakout", {"channels": 2.5}, ["distractors option channels: 2.5", "an int >= 0"]),
+        ("minatar:breakout", {"channels": 2.5}, ["distractors option channels: 2.5", "an int >= 0 or 'same'"]),
+        ("minatar:breakout", {"channels": "twice"}, ["channels: 'twice'", "an int >= 0 or 'same' (as many as"]),
         ("minatar:breakout", {"channels": 2, "p": 1.5}, ["distractors option p: 1.5", "a number in [0, 1]"]),
         ("minatar:breakout", {"dims": 2}, ["distractors: {'dims': 2}", "keys channels, p (channels required)"]),
         ("minatar:breakout", 4, ["distractors: 4", "keys channels, p"]),
