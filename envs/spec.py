@@ -80,7 +80,7 @@ GYM_OPTIONS: dict[str, Check] = {"max_episode_steps": _int_at_least(1)}
 # env option `distractors` (envs/distractors.py): MinAtar {channels: k, p: p}, gym vectors {dims: k}; k = 0 is off,
 # k = "same" as many as the env's own (MinAtar: the game's channels; a vector: its length).
 # p's default, 0.08, is the mean share of occupied cells per channel of MinAtar breakout (0.082) and space_invaders
-# (0.077) under random actions (20,000 steps each): a distractor channel is as busy as the game's average channel.
+# (0.077) under random actions (benchmarks/minatar_density.py): a distractor channel is as busy as an average one.
 DISTRACTOR_COUNT: Check = (
     lambda v: v == "same" or (_is_int(v) and v >= 0),
     "an int >= 0 or 'same' (as many as the env's own)",
