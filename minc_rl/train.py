@@ -32,6 +32,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import CallbackList
@@ -125,7 +126,7 @@ def check_keys(overrides: list[Any]) -> None:
     valid = valid_keys(overrides)
     for override in overrides:
         key = override.key_or_group
-        if key.startswith("hydra") or key in (*GROUPS, "family", "family_agent", "resume") or key in valid:
+        if key.startswith("hydra") or key in (*GROUPS, "family", "family_agent", "resume", "study") or key in valid:
             continue
         if any(key.startswith(f"{open_key}.") for open_key in OPEN_KEYS) and (
             override.is_add() or override.is_force_add() or key.startswith(tuple(f"{k}." for k in PASSED_ON))
@@ -447,14 +448,37 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     try:
         lock = RunLock(run_dir).acquire()
-        if cfg.resume is None:
+        cfg = rerun_sweep_job(cfg, run_dir)
+        if cfg is not None and cfg.resume is None:
             check_fresh(run_dir, RUN_FILES, resume_argument(run_dir))
     except RunDirError as error:
         fail(str(error))
     try:
-        return run_training(cfg, run_dir, started)
+        return run_training(cfg, run_dir, started) if cfg is not None else run_io.read_summary(run_dir / "summary.json")
     finally:
         lock.release()
+
+
+def rerun_sweep_job(cfg: DictConfig, run_dir: Path) -> DictConfig | None:
+    """A sweep (-m) rerun into its sweep dir, on any launcher: None for a job whose directory holds a finished run
+    (summary.json: not interrupted, at cfg.total_steps or more), which is skipped; for a job with a checkpoint, the
+    saved config with the job's overrides, which resumes it (up to cfg.total_steps); else cfg (a fresh run)."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN or cfg.resume is not None:
+        return cfg
+    try:
+        summary = run_io.read_summary(run_dir / "summary.json")
+    except ValueError:
+        summary = {}  # damaged: not finished; resume_checkpoint names it
+    if summary and not summary.get("interrupted", True) and summary.get("steps", 0) >= cfg.total_steps:
+        print(f"minc_rl.train: {run_dir} holds a finished run ({summary['steps']} steps); skipped", flush=True)
+        return None
+    if run_io.latest_checkpoint(run_dir) is None:
+        if any((run_dir / name).exists() for name in RUN_FILES):
+            fail(f"{run_dir} holds a sweep job that stopped before its first checkpoint, so nothing to resume; "
+                 "move it away and rerun the sweep to start that job afresh")
+        return cfg
+    overrides = [o for o in HydraConfig.get().overrides.task if o.lstrip("+").split("=")[0] != "study"]
+    return resumed_config(run_dir, [*overrides, f"total_steps={cfg.total_steps}"])
 
 
 def run_training(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, Any]:
