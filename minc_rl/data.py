@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from minc_rl.envs.spec import PROCGEN_GAMES
+
 DATASETS = ("digits", "procgen", "cifar10", "imagefolder")
 PAIRS = ("augment", "temporal")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
@@ -195,6 +197,9 @@ def load_procgen(
     if pairs not in PAIRS:
         raise ValueError(f"unknown procgen pairs {pairs!r}; valid: {', '.join(PAIRS)}")
     games = list(games)
+    unknown = [game for game in games if game not in PROCGEN_GAMES]  # procgen aborts the process on one
+    if unknown:
+        raise ValueError(f"data.games: unknown procgen game(s) {unknown}; valid: {', '.join(PROCGEN_GAMES)}")
     train = _procgen_split(games, pairs, num_envs, steps, 0, num_levels, seed)
     val = _procgen_split(games, "augment", num_envs, val_steps, num_levels, 0, seed + 10_000)
     return SSLData(train, val, (3, 64, 64), len(games), games)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from minc_rl.backbones import build_backbone
+from minc_rl.cli import check_overrides, fail
 from minc_rl.data import collate_pairs, load_data, to_float
 from minc_rl.io import atomic_write
+from minc_rl.run_io import one_line
+
+
+PROGRAM = "minc_rl.linear_eval"
+# what minc_rl.pretrain's save_checkpoint writes
+CHECKPOINT_KEYS = ("config", "input_shape", "epoch", "step", "skipped", "model", "target", "loss", "optimizer", "scheduler")
 
 
 def config_dir() -> str:
@@ -34,10 +43,18 @@ def config_dir() -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available (the LOCAL_RANK-th GPU under torchrun), else cpu; other names as given."""
+    """'auto' -> cuda when available (the LOCAL_RANK-th GPU under torchrun), else cpu; other names as given, and
+    ValueError for a CUDA device this torch cannot reach."""
     if name == "auto":
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not a device; choose auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}, but this torch ({torch.__version__}) sees no CUDA device; use device=cpu "
+                         "or device=auto")
+    return device
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -132,14 +149,44 @@ def linear_probe_accuracy(
         return float((classifier(val_x).argmax(1) == val_labels).float().mean())
 
 
+def all_finite(tensors: Any) -> bool:
+    """Whether every floating-point tensor among `tensors` is finite."""
+    return all(torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point())
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A pretraining checkpoint (a `checkpoint.pt` file or the run folder holding one) on the CPU."""
+    """A pretraining checkpoint (a `checkpoint.pt` file or the run folder holding one) on the CPU, unchecked."""
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"no pretraining checkpoint at {str(path)!r}; pass checkpoint=<run dir>/checkpoint.pt")
+        raise FileNotFoundError(f"no pretraining checkpoint at {str(path)!r}")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
+    """A pretraining checkpoint (or its run dir), checked: a torch file with every key minc_rl.pretrain writes and
+    finite weights; ValueError (one line, `<key>=<path>: ...`, with what to give instead) otherwise."""
+    try:
+        checkpoint = load_checkpoint(path)
+    except FileNotFoundError as error:
+        raise ValueError(f"{key}={path}: {error}; give a checkpoint.pt of minc_rl.pretrain or its run dir") from None
+    except Exception as error:  # noqa: BLE001  a truncated or foreign file raises anything
+        file = Path(path).expanduser()
+        if zipfile.is_zipfile(file) and "policy.pth" in zipfile.ZipFile(file).namelist():
+            raise ValueError(f"{key}={path} is an SB3 agent (a minc_rl.train checkpoint); give a checkpoint.pt of "
+                             "minc_rl.pretrain (or its run dir)") from None
+        raise ValueError(f"{key}={path}: not a readable pretraining checkpoint ({one_line(error)}); "
+                         "give another checkpoint.pt or start a new run") from None  # fmt: skip
+    if isinstance(checkpoint, dict) and {"name", "input_shape", "state_dict"} <= set(checkpoint):
+        raise ValueError(f"{key}={path} is an encoder.pt (the backbone's weights alone); give the checkpoint.pt of "
+                         "its pretraining run (or the run dir)")
+    missing = sorted(set(CHECKPOINT_KEYS) - set(checkpoint)) if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise ValueError(f"{key}={path}: not a pretraining checkpoint of minc_rl.pretrain (it lacks {', '.join(missing)})")
+    if not all_finite([*checkpoint["model"].values(), *checkpoint["loss"].values()]):
+        raise ValueError(f"{key}={path}: the checkpoint's weights or Lambda are not finite")
+    return checkpoint
 
 
 def backbone_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
@@ -156,7 +203,7 @@ def linear_evaluation(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
     With `feature_bn` the classifier sees BatchNorm-standardised features (no affine parameters), as in MAE.
     """
-    checkpoint = load_checkpoint(cfg.checkpoint)
+    checkpoint = read_checkpoint(cfg.checkpoint, "checkpoint")
     data_cfg = dict(checkpoint["config"]["data"])
     data_cfg.update({k: v for k, v in OmegaConf.to_container(cfg.data).items() if v is not None})
     data = load_data(data_cfg.pop("name"), **data_cfg)
@@ -210,11 +257,20 @@ def linear_evaluation(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="linear_eval")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point: `python -m minc_rl.linear_eval checkpoint=<path>`."""
+def hydra_main(cfg: DictConfig) -> None:
+    """Hydra's part: one linear evaluation in its run dir; a bad checkpoint, data root or option is one line, exit 2."""
     from hydra.core.hydra_config import HydraConfig
 
-    linear_evaluation(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        linear_evaluation(cfg, HydraConfig.get().runtime.output_dir)
+    except (ValueError, ImportError) as error:
+        fail(PROGRAM, str(error).strip().splitlines()[0])
+
+
+def main() -> None:
+    """`python -m minc_rl.linear_eval checkpoint=<path>`: the command line checked before Hydra starts."""
+    check_overrides(PROGRAM, sys.argv[1:], Path(config_dir()), "linear_eval", groups=(), required=("checkpoint",))
+    hydra_main()
 
 
 if __name__ == "__main__":

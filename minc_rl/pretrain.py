@@ -33,17 +33,19 @@ from tqdm.auto import tqdm
 from minc_rl.augment import TwoViewAugment
 from minc_rl.backbones import build_backbone
 from minc_rl.checks import check_choice, check_int
+from minc_rl.cli import check_overrides, fail
 from minc_rl.run_dir import RunDirError, RunLock, check_fresh, resume_argument, saved_config_with
 from minc_rl.data import SSLData, collate_pairs, load_data, to_float
 from minc_rl.encoders import ProjectionHead, save_encoder
 from minc_rl.io import atomic_torch_save, atomic_write
 from minc_rl.linear_eval import (
+    all_finite,
     center_crop,
     config_dir,
     extract_features,
     knn_accuracy,
     linear_probe_accuracy,
-    load_checkpoint,
+    read_checkpoint as read_pretraining_checkpoint,
     resolve_device,
     subsample,
 )
@@ -52,13 +54,13 @@ from minc_rl.metrics import embedding_health, rankme
 from minc_rl.run_callbacks import STOP_SIGNALS
 from minc_rl.run_io import one_line
 
+PROGRAM = "minc_rl.pretrain"
 OPTIMIZERS = ("sgd", "lars", "adamw")
 LR_SCALINGS = ("linear", "sqrt", "none")
 PRECISIONS = ("fp32", "bf16")
 EVAL_FIELDS = ("probe_acc", "knn_acc", "feature_rankme", "val_rankme", "val_embedding_std", "collapsed")
 # The files that mark a directory as holding a pretraining run.
 RUN_FILES = ("checkpoint.pt", "metrics.csv", "encoder.pt", "summary.json")
-CHECKPOINT_KEYS = ("config", "input_shape", "epoch", "step", "skipped", "model", "target", "loss", "optimizer", "scheduler")
 CSV_FIELDS = (
     "epoch", "step", "lr", "loss", "skipped_batches", "seconds", "images_per_s",
     "rankme", "embedding_std", "lambda_offdiag_ratio", "lambda_eig_max", "lambda_eig_min", *EVAL_FIELDS,
@@ -149,10 +151,6 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
-
-
-def _all_finite(tensors) -> bool:
-    return all(torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point())
 
 
 @torch.no_grad()
@@ -493,21 +491,8 @@ def restore_checkpoint(run: Run, path: str | Path) -> None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A pretraining checkpoint (or its run dir), checked: a torch file with every key save_checkpoint writes and
-    finite weights; ValueError (one line) otherwise."""
-    try:
-        checkpoint = load_checkpoint(path)
-    except FileNotFoundError as error:
-        raise ValueError(f"resume={path}: {error}") from None
-    except Exception as error:  # noqa: BLE001  a truncated or foreign file raises anything
-        raise ValueError(f"resume={path}: not a readable pretraining checkpoint ({one_line(error)}); "
-                         "give another checkpoint.pt or start a new run") from None  # fmt: skip
-    missing = sorted(set(CHECKPOINT_KEYS) - set(checkpoint)) if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
-    if missing:
-        raise ValueError(f"resume={path}: not a pretraining checkpoint of minc_rl.pretrain (it lacks {', '.join(missing)})")
-    if not _all_finite([*checkpoint["model"].values(), *checkpoint["loss"].values()]):
-        raise ValueError(f"resume={path}: the checkpoint's weights or Lambda are not finite")
-    return checkpoint
+    """A pretraining checkpoint to resume (or its run dir), checked; ValueError (one line) otherwise."""
+    return read_pretraining_checkpoint(path, "resume")
 
 
 def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
@@ -603,9 +588,13 @@ def save_checkpoint(run: Run, epochs_done: int, batches_done: int = 0) -> None:
         "target": None if run.target is None else run.target.state_dict(), "loss": run.loss_fn.state_dict(),
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
     }  # fmt: skip
-    if not _all_finite([*state["model"].values(), *state["loss"].values()]):
+    if not all_finite([*state["model"].values(), *state["loss"].values()]):
         raise FloatingPointError(f"non-finite weights or Lambda at epoch {epochs_done}; checkpoint not written")
-    atomic_torch_save(state, run.out_dir / "checkpoint.pt")
+    try:
+        atomic_torch_save(state, run.out_dir / "checkpoint.pt")
+    except (OSError, RuntimeError) as error:  # a full disk: torch says "unexpected pos ..." (the old file is intact)
+        raise CheckpointWriteError(f"could not write {run.out_dir / 'checkpoint.pt'} ({one_line(error)}); the "
+                                   "previous checkpoint is intact: free disk space, then resume") from None
 
 
 def finish(run: Run, seconds: float) -> dict[str, Any]:
@@ -665,9 +654,13 @@ OmegaConf.register_new_resolver(
 )
 
 
+class CheckpointWriteError(RuntimeError):
+    """The checkpoint could not be written (a full disk); the message is one line for the user."""
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point: `python -m minc_rl.pretrain data=digits loss=minc`, or under torchrun."""
+def hydra_main(cfg: DictConfig) -> None:
+    """Hydra's part: one pretraining run (or one torchrun process of it) in its run dir."""
     from hydra.core.hydra_config import HydraConfig
 
     out_dir = HydraConfig.get().runtime.output_dir
@@ -682,9 +675,11 @@ def main(cfg: DictConfig) -> None:
         if cfg.resume:
             cfg = resumed_pretrain_config(cfg.resume, Path(out_dir), list(HydraConfig.get().overrides.task))
         summary = pretrain(cfg, out_dir)
-    except (ValueError, RunDirError) as error:  # a bad option, data root, checkpoint or run directory: one line, exit code 2
-        print(f"minc_rl.pretrain: error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    except (ValueError, RunDirError, ImportError) as error:  # a bad option, data root, checkpoint, run dir or extra
+        fail(PROGRAM, str(error).strip().splitlines()[0])
+    except CheckpointWriteError as error:
+        print(f"{PROGRAM}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if summary:
         print(json.dumps({"out_dir": str(out_dir), "final": summary["final"]}, indent=2))
     if dist.is_initialized():
@@ -693,6 +688,12 @@ def main(cfg: DictConfig) -> None:
         print(f"minc_rl.pretrain: interrupted ({summary['interrupted']}) at step {summary['steps']}; checkpoint.pt and "
               f"encoder.pt written; continue with: python -m minc_rl.pretrain {resume_argument(out_dir)}", flush=True)  # fmt: skip
         raise SystemExit(128 + signal.Signals[summary["interrupted"]])
+
+
+def main() -> None:
+    """`python -m minc_rl.pretrain data=digits loss=minc`, or under torchrun: the command line checked before Hydra."""
+    check_overrides(PROGRAM, sys.argv[1:], Path(config_dir()), "config", groups=("data", "loss"))
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from minc_rl.linear_eval import knn_accuracy, linear_probe_accuracy
 import minc_rl.pretrain
 from omegaconf import OmegaConf
 from minc_rl.io import atomic_torch_save
-from minc_rl.pretrain import LARS, compose_config, pretrain, scaled_lr
+from minc_rl.pretrain import LARS, CheckpointWriteError, compose_config, pretrain, scaled_lr
 from test_packaging import installed  # noqa: F401  (the module-scoped wheel fixture)
 
 QUIET = ["progress=false", "eval.every=1000", "device=cpu"]
@@ -110,6 +111,43 @@ def test_linear_eval_entry_point_on_pretraining_checkpoint(digits_run, tmp_path)
     assert result["pretrain_epoch"] == 19 and result["epochs"] == 3
     assert result["val_top1"] > 0.6  # chance is 0.1; 3 epochs of SGD on frozen features
     assert result["lr"] == pytest.approx(0.1 * 64 / 256)
+
+
+def test_entry_point_mistakes_are_one_line_with_exit_code_2(digits_run, tmp_path):
+    """pretrain and linear_eval check the command line before Hydra starts, and name what to give instead."""
+    with zipfile.ZipFile(tmp_path / "agent.zip", "w") as archive:  # the layout of an SB3 save
+        archive.writestr("data", "{}")
+        archive.writestr("policy.pth", b"")
+    cases = {
+        ("minc_rl.linear_eval", "epochs=3"): "checkpoint= is required; python -m minc_rl.linear_eval --help",
+        ("minc_rl.linear_eval", f"checkpoint={digits_run}", "epoch=3"): "epoch is not a key of minc_rl.linear_eval's "
+                                                                         "config; did you mean epochs?",
+        ("minc_rl.linear_eval", f"checkpoint={digits_run / 'encoder.pt'}"): "is an encoder.pt (the backbone's weights",
+        ("minc_rl.linear_eval", f"checkpoint={tmp_path / 'agent.zip'}"): "is an SB3 agent (a minc_rl.train checkpoint)",
+        ("minc_rl.pretrain", "bach_size=64"): "bach_size is not a key of minc_rl.pretrain's config; did you mean batch_size?",
+        ("minc_rl.pretrain", "loss=minx"): "loss='minx' is not valid; choose one of 'infonce', 'minc', 'spectral'",
+        ("minc_rl.pretrain", "device=cuda", "steps=1"): "device='cuda', but this torch",
+        ("minc_rl.pretrain", "data=procgen", "data.games=[coinrun,nope]", "device=cpu"): "unknown procgen game(s) ['nope']",
+    }
+    for (program, *overrides), message in cases.items():
+        done = subprocess.run([sys.executable, "-m", program, *overrides, f"hydra.run.dir={tmp_path / 'out'}"],
+                              capture_output=True, text=True, env=subprocess_env(), timeout=120)
+        assert done.returncode == 2, (overrides, done.stderr[-2000:])
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith(f"{program}: error: ") and message in line, line
+    helped = subprocess.run([sys.executable, "-m", "minc_rl.pretrain", "--help"], capture_output=True, text=True,
+                            env=subprocess_env(), timeout=120)
+    assert helped.returncode == 0 and helped.stdout.startswith("minc_rl.pretrain: pretrain an image encoder")
+
+
+def test_a_full_disk_at_the_checkpoint_is_one_line_and_keeps_the_old_one(tmp_path, monkeypatch):
+    def disk_full(state, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1664 vs 1560")
+
+    monkeypatch.setattr(minc_rl.pretrain, "atomic_torch_save", disk_full)
+    with pytest.raises(CheckpointWriteError, match=r"could not write .*checkpoint.pt \(RuntimeError: \[enforce fail .*"
+                                                   r"the previous checkpoint is intact: free disk space, then resume"):
+        run(tmp_path, "steps=2", "batch_size=64", "eval.at_start=false")
 
 
 def test_resume_after_a_crash_continues_exactly_where_the_run_stopped(tmp_path, monkeypatch):
