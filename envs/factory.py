@@ -15,6 +15,7 @@ from .distractors import Distractors
 from .procgen_vec_env import ProcgenVecEnv
 from .quiet import make_gymnasium_env
 from .spec import (
+    EPISODE_STEP_LIMIT,
     check_n_envs,
     check_seed,
     parse_spec,
@@ -92,10 +93,13 @@ def _make(spec: str, n_envs: int, seed: int, options: dict[str, Any], evaluation
     if family == "minatar":
         from minatar.gym import BaseEnv
 
+        limit = options.pop("max_episode_steps", EPISODE_STEP_LIMIT)
         env_kwargs = {"game": name, "use_minimal_action_set": options.pop("minimal_action_set", False), **options}
-        wrapper = with_distractors(MinAtarImage, resolved)
+        wrapper = with_distractors(lambda env: gymnasium.wrappers.TimeLimit(MinAtarImage(env), limit), resolved)
         return sb3_make_vec_env(BaseEnv, n_envs, seed, wrapper_class=wrapper, env_kwargs=env_kwargs)
     wrapper = with_distractors(None, resolved)
+    if gymnasium.spec(name).max_episode_steps is None:  # an id registered without a step limit gets ours
+        options.setdefault("max_episode_steps", EPISODE_STEP_LIMIT)
     env_kwargs = {"env_id": name, **options}
     return sb3_make_vec_env(make_gymnasium_env, n_envs, seed, env_kwargs=env_kwargs, wrapper_class=wrapper)
 

@@ -71,7 +71,12 @@ ATARI_OPTIONS: dict[str, Check] = {
     "action_repeat_probability": PROBABILITY,
     "frame_stack": _int_at_least(1),
 }
+# Families without an episode step limit of their own (MinAtar; gymnasium ids registered without one) end an episode
+# after this many agent steps, as a truncation (SB3 keeps bootstrapping through it): the Atari convention of 108,000
+# frames at frame skip 4. Without it an episode can last forever (MinAtar seaquest: a sub that never dives).
+EPISODE_STEP_LIMIT = 27_000
 MINATAR_OPTIONS: dict[str, Check] = {
+    "max_episode_steps": _int_at_least(1),
     "sticky_action_prob": PROBABILITY,
     "difficulty_ramping": BOOL,
     "minimal_action_set": BOOL,
