@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -59,20 +60,37 @@ def build(setup: str, env_kwargs: dict) -> BaseAlgorithm:
     return agent("CnnPolicy", env, aux="none", seed=0, device="cpu", **kwargs)
 
 
+def global_rng_state() -> tuple:
+    """The states of the global RNGs SB3 draws from: Python's, numpy's and torch's."""
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def set_global_rng_state(state: tuple) -> None:
+    """Restore a global_rng_state()."""
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+
+
 def measure(setup: str, rounds: int, every: int, probe: int) -> dict:
     """Alternating timed rounds of the setup with and without the callback; see the module docstring."""
     rollout = SETUPS[setup][4]
     env_kwargs = {"num_threads": 0} if setup == "ppo" else {}
     round_steps = math.ceil(every / rollout) * rollout
-    models = {"plain": build(setup, env_kwargs), "health": build(setup, env_kwargs)}
+    models, rng_states = {}, {}
+    for name in ("plain", "health"):
+        models[name] = build(setup, env_kwargs)
+        rng_states[name] = global_rng_state()  # SB3 draws from the global RNGs: each copy keeps its own stream
     callback = EncoderHealth(every=round_steps, probe=probe, seed=0)
     seconds = {"plain": [], "health": []}
     probe_seconds = []
     for round_ in range(rounds):
         for name in list(models)[:: 1 if round_ % 2 == 0 else -1]:
+            set_global_rng_state(rng_states[name])
             before, started = callback.seconds, time.perf_counter()
             models[name].learn(round_steps, callback=callback if name == "health" else None, reset_num_timesteps=False)
             seconds[name].append(time.perf_counter() - started)
+            rng_states[name] = global_rng_state()
             if name == "health":
                 probe_seconds.append(callback.seconds - before)
     plain, health = (models[name].policy.state_dict() for name in ("plain", "health"))
