@@ -10,21 +10,24 @@ benchmark still compares every aux at the seeds it finished, in the run director
 (hydra.run.dir). A run that finished (summary.json, not interrupted, at least --steps steps) is skipped; one with
 a checkpoint is resumed (resume=<run dir>); one without a checkpoint starts afresh. Ctrl-C or SIGTERM is passed on
 to the run, which writes a checkpoint before it stops: the same command later continues where it stopped. After
-each finished run, its summary.json, evaluations.csv and progress.csv (nothing else: no checkpoints) are copied to
+each finished run, its config.yaml, summary.json, evaluations.csv and progress.csv (no checkpoints) are copied to
 <out>/<suite>/<game>/<aux>/seed<k>.
 
-`aggregate` reads those copies and writes <out>/<suite>_table.md (also printed), <out>/<suite>.json and the
-learning curves <out>/<suite>_<game>.png (evaluation return against steps, mean over seeds with a shaded
-standard-error band, one line per aux; procgen: training-level and unseen-level panels) and
-<out>/<suite>_<game>_training.png (from progress.csv: training-episode return, and the aux loss's SCL estimate,
-RankMe and Lambda off-diagonal ratio, which are what to look at when MINC does not help).
+`aggregate` reads those copies (their env, variant and seed from the layout above) through minc_rl.report, as
+`python -m minc_rl.report ... --baseline aux=none` reads run dirs, and writes <out>/<suite>_table.md (also printed:
+the report's final returns per game and variant with their difference to aux=none, its IQM and probability of
+improvement across games, and the issues' bars), <out>/<suite>.json, the learning curves <out>/<suite>_<game>.png
+(evaluation return per split and training-episode return against steps, mean over seeds with a shaded standard-error
+band, one line per variant), <out>/<suite>_<game>_training.png (from progress.csv: the aux loss's SCL estimate,
+RankMe, Lambda off-diagonal ratio and gradient share, which are what to look at when MINC does not help) and
+<out>/<suite>_aggregate_iqm.png, <out>/<suite>_aggregate_improvement.png (rliable's interval plots). The suites' games, aux losses and
+shared settings are the study configs configs/train/study/<suite>_aux.yaml; the calibration grids stay here.
 How to run the full benchmark, its time budget and how to resume: benchmarks/README_rl_evidence.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import shutil
@@ -35,50 +38,48 @@ import time
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-import numpy as np  # noqa: E402
-
-from minc_rl import run_io  # noqa: E402
-from minc_rl.io import atomic_write  # noqa: E402
-from minc_rl.run_dir import RunDirError, RunLock  # noqa: E402
+from minc_rl import report, run_io
+from minc_rl.io import atomic_write
+from minc_rl.run_dir import RunDirError, RunLock
+from minc_rl.train import run_finished
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "rl_evidence"
 RUNS = ROOT / "outputs" / "rl_evidence"
 CALIBRATION_RESULTS = ROOT / "benchmarks" / "results" / "rl_calibration"
-COPIED = ("summary.json", "evaluations.csv", "progress.csv")
+STUDIES = ROOT / "configs" / "train" / "study"
+COPIED = ("config.yaml", "summary.json", "evaluations.csv", "progress.csv")
+
+
+def study_suite(suite: str) -> dict[str, Any]:
+    """A suite from its study config, configs/train/study/<suite>_aux.yaml: the config-group choices every run
+    shares (the study's defaults list: agent, encoder), the games (its env grid) and the aux losses (its aux grid)."""
+    study = yaml.safe_load((STUDIES / f"{suite}_aux.yaml").read_text())
+    overrides = [f"{key.removeprefix('override /')}={value}" for entry in study["defaults"] for key, value in entry.items()]
+    grid = {}
+    for key, value in study["hydra"]["sweeper"]["params"].items():
+        override = OverridesParser.create().parse_override(f"{key}={value}")  # Hydra's sweep syntax: a,b,c or one
+        grid[key] = list(override.sweep_string_iterator()) if override.is_discrete_sweep() else [str(override.value())]
+    return {"overrides": overrides, "games": [env.split(":", 1)[1] for env in grid["env"]], "aux": grid["aux"]}
+
+
 # suite -> the entry point's settings shared by every run, the games and the compared aux losses
-SUITES: dict[str, dict[str, Any]] = {
-    "procgen": {
-        "overrides": ["agent=ppo", "encoder=nature"],  # family/procgen.yaml: 200 levels, easy, reward normalisation
-        "games": ["starpilot"],
-        "aux": ["none", "minc", "spectral"],
-        "splits": ["train_levels", "unseen_levels"],
-    },
-    "minatar": {
-        "overrides": ["agent=dqn"],  # family/minatar.yaml: the MinAtar paper's CNN (encoder=minatar)
-        "games": ["breakout", "space_invaders"],
-        "aux": ["none", "minc", "spectral"],
-        "splits": ["test"],
-    },
-}
-# progress.csv columns drawn by plot_training: SB3's training-episode return and the auxiliary loss's diagnostics
+SUITES: dict[str, dict[str, Any]] = {suite: study_suite(suite) for suite in ("procgen", "minatar")}
+# progress.csv columns of <suite>_<game>_training.png: the auxiliary loss's diagnostics
 TRAINING_KEYS = {
-    "rollout/ep_rew_mean": "training episode return (last 100)",
     "train/aux_scl_estimate": "SCL plug-in estimate on the aux pairs",
     "train/aux_rankme": "RankMe of the aux embeddings",
     "train/aux_lambda_offdiag_ratio": "Lambda off-diagonal ratio (MINC)",
     "train/aux_grad_share_raw": "aux share of the gradient at the encoder (as the losses give it)",
 }
-SPLIT_LABELS = {"train_levels": "training levels", "unseen_levels": "unseen levels", "test": "evaluation (greedy)"}
 # Cobbe et al. 2020 (PPO, IMPALA CNN, 25M steps, 200 levels, easy): mean test return on unseen levels
 COBBE_STEPS = 25_000_000
 COBBE_TEST_RETURN = {"coinrun": 8.7, "starpilot": 23.5, "bigfish": 4.7}
-Runs = dict[str, dict[str, list[dict[str, Any]]]]  # game -> aux (or variant) -> runs (load_runs)
+Runs = dict[str, dict[str, list[dict[str, Any]]]]  # game -> aux (or variant) -> runs (by_game)
 # issue 12's calibration settings (README_rl_evidence.md, "Calibration"): setting -> overrides, in the order that
 # breaks ties: cheapest first (joint before separate before decoupled), then the smaller share
 CALIBRATION_SETTINGS = {
@@ -129,12 +130,6 @@ def variants(suite: str, grid: str) -> dict[str, list[str]]:
         for name in settings:
             grid_variants[f"{loss}-{name}"] = [*loss_overrides, *CALIBRATION_SETTINGS[name]]
     return grid_variants
-
-
-def run_finished(run_dir: Path, steps: int) -> bool:
-    """Whether run_dir holds a run that reached `steps` without being interrupted."""
-    summary = run_io.read_summary(run_dir / "summary.json")
-    return bool(summary) and not summary["interrupted"] and summary["steps"] >= steps
 
 
 def train_command(
@@ -242,85 +237,23 @@ def run(args: argparse.Namespace) -> None:
     print(f"done; tables and plots: python benchmarks/rl_evidence.py aggregate --results {args.out}", flush=True)
 
 
-def mean_and_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean over seeds (NaN standard error for a single seed)."""
-    array = np.asarray(values, dtype=float)
-    se = float(array.std(ddof=1) / math.sqrt(len(array))) if len(array) > 1 else math.nan
-    return float(array.mean()), se
+def load_runs(results: Path, suite: str) -> list[report.Run]:
+    """The runs `run` copied for `suite`, their settings from the layout <suite>/<game>/<variant>/seed<k> (env, aux:
+    the variant, seed), as the copies of older runs carry no config.yaml."""
+    return [report.load_run(path.parent, {"env": f"{suite}:{path.parts[-4]}", "aux": path.parts[-3],
+                                          "seed": int(path.parts[-2].removeprefix("seed"))})
+            for path in sorted((results / suite).glob("*/*/seed*/evaluations.csv"))]
 
 
-def load_runs(results: Path, suite: str) -> Runs:
-    """game -> aux -> the runs (summary and evaluation rows by split) copied by `run`, seeds in order."""
-    runs: Runs = {}
-    for summary_path in sorted((results / suite).glob("*/*/seed*/summary.json")):
-        game, aux = summary_path.parts[-4], summary_path.parts[-3]
-        curves: dict[str, list[tuple[int, float]]] = {}
-        for row in run_io.read_evaluations(summary_path.parent / "evaluations.csv"):
-            curves.setdefault(row["split"], []).append((int(row["step"]), float(row["return_mean"])))
-        run = {"summary": run_io.read_summary(summary_path), "curves": curves,
-               "progress": read_progress(summary_path.parent / "progress.csv")}
-        runs.setdefault(game, {}).setdefault(aux, []).append(run)
-    return runs
-
-
-def read_progress(path: Path) -> dict[str, np.ndarray]:
-    """progress.csv's TRAINING_KEYS as (steps, values) arrays with the rows that logged them; {} without the file."""
-    if not path.exists():
-        return {}
-    with path.open(newline="") as file:
-        rows = list(csv.DictReader(file))
-    series = {}
-    for key in TRAINING_KEYS:
-        points = [(float(r["time/total_timesteps"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-        if points:
-            series[key] = np.array(points).T
-    return series
-
-
-def aux_order(suite: str, names: Any) -> list[str]:
-    """The aux names in the suite's order (none first), then any others found (e.g. from an --override run)."""
-    return [a for a in SUITES[suite]["aux"] if a in names] + sorted(set(names) - set(SUITES[suite]["aux"]))
-
-
-def fmt(mean: float, se: float) -> str:
-    """'mean ± se' for the table."""
-    return f"{mean:.2f} ± {se:.2f}" if math.isfinite(se) else f"{mean:.2f} (1 seed)"
-
-
-def aggregate_suite(runs: Runs, suite: str, last: int) -> dict[str, Any]:
-    """Final returns (each run's mean over its `last` evaluations; mean, standard error over seeds, change against
-    aux=none) per game, aux and split."""
-    splits = SUITES[suite]["splits"]
-    games: dict[str, Any] = {}
-    for game, by_aux in runs.items():
-        rows: dict[str, Any] = {}
-        for aux in aux_order(suite, by_aux):
-            group = by_aux[aux]
-            row: dict[str, Any] = {
-                "seeds": [r["summary"]["seed"] for r in group],
-                "encoder": group[0]["summary"]["encoder"],
-                "steps": sorted({r["summary"]["steps"] for r in group}),
-                "steps_per_s": mean_and_se([r["summary"]["steps_per_s"] for r in group])[0],
-                "wall_time_s": sum(r["summary"]["wall_time_s"] for r in group),
-                "aux_metrics": {
-                    key: float(np.mean([r["summary"]["aux_metrics"].get(key, np.nan) for r in group]))
-                    for key in group[0]["summary"]["aux_metrics"]
-                },
-            }
-            for split in splits:
-                finals = [np.mean([v for _, v in r["curves"][split][-last:]]) for r in group if r["curves"].get(split)]
-                row[split] = dict(zip(("mean", "se"), mean_and_se(finals))) if finals else None
-            rows[aux] = row
-        for row in rows.values():
-            for split in splits:
-                base = rows.get("none", {}).get(split)
-                if row[split] is not None and base is not None:
-                    row[split]["change_vs_none"] = row[split]["mean"] - base["mean"]
-                    row[split]["relative_change_vs_none"] = (
-                        (row[split]["mean"] - base["mean"]) / abs(base["mean"]) if base["mean"] != 0 else None
-                    )
-        games[game] = rows
-    return {"suite": suite, "splits": splits, "last_evaluations": last, "games": games}
+def by_game(runs: list[report.Run]) -> Runs:
+    """game -> variant -> runs as calibration() reads them: the summary and each split's (step, return) points."""
+    grouped: Runs = {}
+    for run in runs:
+        curves = {split: list(zip(rows["step"].tolist(), rows["return_mean"].tolist()))
+                  for split, rows in run.evaluations.groupby("split", sort=False)}
+        game = grouped.setdefault(run.env.split(":", 1)[1], {})
+        game.setdefault(run.settings["aux"], []).append({"summary": run.summary, "curves": curves})
+    return grouped
 
 
 # the issues' bars (README_rl_evidence.md): (variant, baseline) -> the variant must be >= the baseline within one SE
@@ -328,9 +261,9 @@ BARS = (("minc", "none"), ("minc", "spectral"), ("minc-state-action", "none"), (
 
 
 def bar_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each BARS comparison present with >= 2 seeds on both sides, per game and split: the difference of the final
-    returns' means, its standard error sqrt(SE_a^2 + SE_b^2), and whether the variant is >= the baseline within
-    one standard error and above it."""
+    """Each BARS comparison present with >= 2 seeds on both sides, per game and split (result: game -> variant ->
+    split -> mean and se): the difference of the final returns' means, its standard error sqrt(SE_a^2 + SE_b^2),
+    and whether the variant is >= the baseline within one standard error and above it."""
     checks = []
     for game, rows in result["games"].items():
         for variant, baseline in BARS:
@@ -338,10 +271,10 @@ def bar_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
                 a, b = (rows.get(name, {}).get(split) for name in (variant, baseline))
                 if a is None or b is None or math.isnan(a["se"]) or math.isnan(b["se"]):
                     continue
-                difference, se = a["mean"] - b["mean"], math.hypot(a["se"], b["se"])
+                change = report.difference(a, b)
                 checks.append({"game": game, "split": split, "variant": variant, "baseline": baseline,
-                               "difference": difference, "se": se, "within_one_se": difference >= -se,
-                               "above": difference > 0})
+                               "difference": change["difference"], "se": change["se"],
+                               "within_one_se": change["difference"] >= -change["se"], "above": change["difference"] > 0})
     return checks
 
 
@@ -350,9 +283,17 @@ def bar_table(checks: list[dict[str, Any]]) -> str:
     lines = ["| game | split | comparison | difference ± SE | >= within one SE | above |", "|---|---|---|---|---|---|"]
     for c in checks:
         lines.append(f"| {c['game']} | {c['split']} | {c['variant']} vs {c['baseline']} | "
-                     f"{fmt(c['difference'], c['se'])} | {'yes' if c['within_one_se'] else 'no'} | "
+                     f"{report.fmt(c['difference'], c['se'])} | {'yes' if c['within_one_se'] else 'no'} | "
                      f"{'yes' if c['above'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def suite_bars(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """bar_checks on the report's final returns (its arms 'aux=<variant>')."""
+    games = {env.split(":", 1)[1]: {arm.removeprefix("aux="): row["splits"] for arm, row in table["arms"].items()}
+             for env, table in result["envs"].items()}
+    splits = list(dict.fromkeys(split for table in result["envs"].values() for split in table["splits"]))
+    return bar_checks({"games": games, "splits": splits})
 
 
 def area_under_curve(run: dict[str, Any]) -> float:
@@ -405,146 +346,66 @@ def calibration_table(result: dict[str, Any]) -> str:
         "".join(f"- {note}\n" for note in notes)
 
 
-def markdown_table(result: dict[str, Any]) -> str:
-    """The suite's results as markdown: one row per game and aux, a note on budgets and Cobbe et al. 2020."""
-    splits = result["splits"]
-    header = ["game", "aux", "seeds", "steps"]
-    for split in splits:
-        header += [f"{SPLIT_LABELS[split]}: final return", "vs none"]
-    header += ["steps/s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def cobbe_notes(runs: list[report.Run]) -> list[str]:
+    """procgen: how far each game's runs are from Cobbe et al. 2020's 25M steps with the IMPALA CNN."""
     notes = []
-    for game, rows in result["games"].items():
-        for aux, row in rows.items():
-            cells = [game, aux, str(len(row["seeds"])), "/".join(f"{s:,}" for s in row["steps"])]
-            for split in splits:
-                value = row[split]
-                if value is None:
-                    cells += ["-", "-"]
-                    continue
-                cells.append(fmt(value["mean"], value["se"]))
-                relative = value.get("relative_change_vs_none")
-                change = value.get("change_vs_none")
-                cells.append("-" if change is None or aux == "none" else
-                             f"{change:+.2f}" + (f" ({relative:+.0%})" if relative is not None else ""))
-            cells.append(f"{row['steps_per_s']:.0f}")
-            lines.append("| " + " | ".join(cells) + " |")
-        steps = sorted({s for row in rows.values() for s in row["steps"]})
-        if len(steps) > 1:
-            notes.append(f"{game}: runs stopped at different step counts ({', '.join(f'{s:,}' for s in steps)}); "
-                         "the comparison is not at equal steps.")
-        if result["suite"] == "procgen" and steps and max(steps) < COBBE_STEPS:
-            encoders = sorted({row["encoder"] for row in rows.values()})
+    for env, env_runs in report.by_env(runs).items():
+        steps = max(run.summary.get("steps", 0) for run in env_runs)
+        if env.startswith("procgen:") and steps < COBBE_STEPS:
+            encoders = "/".join(sorted({str(run.summary.get("encoder")) for run in env_runs}))
             reference = ", ".join(f"{name} {value}" for name, value in COBBE_TEST_RETURN.items())
-            notes.append(
-                f"{game}: {max(steps):,} steps per run with the {'/'.join(encoders)} encoder, "
-                f"{max(steps) / COBBE_STEPS:.1%} of Cobbe et al. 2020's 25M steps with the IMPALA CNN (PPO, 200 "
-                f"levels, easy; unseen-level returns {reference}): early-learning returns, not comparable with theirs."
-            )
-    notes.append(f"Final return: each run's mean over its last {result['last_evaluations']} evaluations "
-                 "(minc_rl.train's eval.episodes episodes per split each), then mean ± standard error over seeds; "
-                 "vs none: difference of the means (relative change).")
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+            notes.append(f"{env}: {steps:,} steps per run with the {encoders} encoder, {steps / COBBE_STEPS:.1%} of "
+                         f"Cobbe et al. 2020's 25M steps with the IMPALA CNN (PPO, 200 levels, easy; unseen-level "
+                         f"returns {reference}): early-learning returns, not comparable with theirs.")
+    return notes
 
 
-def plot_band(axis: Any, steps: np.ndarray, values: np.ndarray, label: str, color: str) -> None:
-    """Mean over seeds (rows of `values`) against steps, with a shaded standard-error band."""
-    mean = values.mean(axis=0)
-    se = values.std(axis=0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else np.zeros_like(mean)
-    axis.plot(steps, mean, color=color, label=f"{label} ({len(values)} seeds)")
-    axis.fill_between(steps, mean - se, mean + se, color=color, alpha=0.25)
-
-
-def finish_axis(axis: Any, title: str) -> None:
-    """Title, step axis in thousands, grid and (when anything was drawn) legend."""
-    axis.set_title(title, fontsize=10)
-    axis.set_xlabel("environment steps")
-    axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
-    axis.grid(alpha=0.3)
-    if axis.has_data():
-        axis.legend(fontsize=8)
-
-
-def save_figure(figure: Any, path: Path) -> Path:
-    """Write the figure atomically as PNG and close it."""
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(figure)
-    return path
-
-
-def plot_curves(runs: Runs, results: Path, suite: str) -> list[Path]:
-    """One PNG per game: evaluation return against steps, mean over seeds with a shaded standard-error band."""
-    paths = []
-    splits = SUITES[suite]["splits"]
-    for game, by_aux in runs.items():
-        figure, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False)
-        for axis, split in zip(axes[0], splits):
-            for color, aux in enumerate(aux_order(suite, by_aux)):
-                group = by_aux[aux]
-                curves = [r["curves"][split] for r in group if r["curves"].get(split)]
-                if not curves:
-                    continue
-                length = min(len(c) for c in curves)  # the k-th evaluation of every seed (same steps by construction)
-                steps = np.mean([[s for s, _ in c[:length]] for c in curves], axis=0)
-                plot_band(axis, steps, np.array([[r for _, r in c[:length]] for c in curves]), aux, f"C{color}")
-            finish_axis(axis, f"{suite}:{game}, {SPLIT_LABELS[split]}")
-            axis.set_ylabel("episode return")
-        paths.append(save_figure(figure, results / f"{suite}_{game}.png"))
-    return paths
-
-
-def plot_training(runs: Runs, results: Path, suite: str) -> list[Path]:
-    """One PNG per game: TRAINING_KEYS from the runs' progress.csv against steps, each seed interpolated onto a
-    common grid of 50 steps, mean with a shaded standard-error band, one line per aux."""
-    paths = []
-    for game, by_aux in runs.items():
-        figure, axes = plt.subplots(1, len(TRAINING_KEYS), figsize=(5 * len(TRAINING_KEYS), 3.6), squeeze=False)
-        for axis, (key, label) in zip(axes[0], TRAINING_KEYS.items()):
-            for color, aux in enumerate(aux_order(suite, by_aux)):  # an aux keeps its colour in every panel
-                series = [r["progress"][key] for r in by_aux[aux] if key in r["progress"]]
-                if not series:
-                    continue
-                grid = np.linspace(max(s[0, 0] for s in series), min(s[0, -1] for s in series), 50)
-                plot_band(axis, grid, np.array([np.interp(grid, s[0], s[1]) for s in series]), aux, f"C{color}")
-            finish_axis(axis, label)
-        figure.suptitle(f"{suite}:{game}, training")
-        paths.append(save_figure(figure, results / f"{suite}_{game}_training.png"))
-    return paths
+def aggregate_suite(runs: list[report.Run], results: Path, suite: str, last: int, reps: int) -> str:
+    """The report of one suite's runs (baseline aux=none) with the issues' bars: writes <suite>_table.md,
+    <suite>.json and the plots; returns the table."""
+    result = report.analyse(runs, baseline=["aux=none"], last=last, reps=reps)
+    result["bars"] = suite_bars(result)
+    table = f"## {suite}\n\n{report.final_return_table(result)}" + "".join(f"- {note}\n" for note in cobbe_notes(runs))
+    table += f"\n### Across games\n\n{report.aggregate_markdown(result)}"
+    if result["bars"]:
+        table += f"\n### The issues' bars\n\n{bar_table(result['bars'])}"
+    atomic_write(results / f"{suite}_table.md", lambda tmp: Path(tmp).write_text(table))
+    text = json.dumps(run_io.finite_or_none(result), indent=2, allow_nan=False) + "\n"
+    atomic_write(results / f"{suite}.json", lambda tmp: Path(tmp).write_text(text))
+    colors = report.arm_colors(result)
+    figures = {f"{suite}_{name}": figure for name, figure in report.aggregate_figures(result, colors).items()}
+    for env, arms in report.group(runs, report.arm_keys(runs), result["baseline"]).items():
+        name = f"{suite}_{env.split(':', 1)[1]}"
+        figures[name] = report.returns_figure(env, arms, result["envs"][env]["splits"], colors)
+        figures[f"{name}_training"] = report.progress_figure(arms, TRAINING_KEYS, colors, f"{env}: training")
+    for name, figure in figures.items():
+        if figure is not None:
+            print(f"wrote {report.save_figure(figure, results / f'{name}.png')}")
+    return table
 
 
 def aggregate(args: argparse.Namespace) -> None:
-    """Tables, JSON and learning curves of every suite with copied runs under --results."""
-    if args.last < 1:
-        raise ValueError(f"--last must be >= 1; got {args.last}")
+    """Tables, JSON and learning curves of every suite with copied runs under --results, and the calibration's."""
     found = False
     for suite in SUITES:
         runs = load_runs(args.results, suite)
         if not runs:
             continue
         found = True
-        result = aggregate_suite(runs, suite, args.last)
-        result["bars"] = bar_checks(result)
-        table = markdown_table(result)
-        if result["bars"]:
-            table += f"\n### The issues' bars\n\n{bar_table(result['bars'])}"
-        print(f"## {suite}\n\n{table}")
-        atomic_write(args.results / f"{suite}_table.md", lambda tmp: Path(tmp).write_text(f"## {suite}\n\n{table}"))
-        text = json.dumps(run_io.finite_or_none(result), indent=2, allow_nan=False) + "\n"
-        atomic_write(args.results / f"{suite}.json", lambda tmp: Path(tmp).write_text(text))
-        for path in [*plot_curves(runs, args.results, suite), *plot_training(runs, args.results, suite)]:
-            print(f"wrote {path}")
-        if "none" in {v for by_variant in runs.values() for v in by_variant} and any(
-            f"{loss}-{name}" in by_variant for by_variant in runs.values()
+        print(aggregate_suite(runs, args.results, suite, args.last, args.reps))
+        grouped = by_game(runs)
+        if "none" in {v for by_variant in grouped.values() for v in by_variant} and any(
+            f"{loss}-{name}" in by_variant for by_variant in grouped.values()
             for loss in CALIBRATED for name in CALIBRATION_SETTINGS
         ):
-            chosen = calibration(runs)
+            chosen = calibration(grouped)
             text = calibration_table(chosen)
             print(f"## {suite} calibration\n\n{text}")
             atomic_write(args.results / f"{suite}_calibration.md", lambda tmp: Path(tmp).write_text(text))
             data = json.dumps(chosen, indent=2) + "\n"
             atomic_write(args.results / f"{suite}_calibration.json", lambda tmp: Path(tmp).write_text(data))
     if not found:
-        raise ValueError(f"no runs under {args.results}: expected <suite>/<game>/<aux>/seed<k>/summary.json "
+        raise ValueError(f"no runs under {args.results}: expected <suite>/<game>/<aux>/seed<k>/evaluations.csv "
                          f"for a suite in {', '.join(SUITES)} (written by `run`)")
 
 
@@ -590,6 +451,8 @@ def main() -> None:
     aggregate_parser.add_argument(
         "--last", type=int, default=3, help="final return = mean over each run's last LAST evaluations (less noise)"
     )
+    aggregate_parser.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the IQM and "
+                                  "probability-of-improvement intervals (minc_rl.report's --reps)")
     args = parser.parse_args()
     try:
         run(args) if args.command == "run" else aggregate(args)

@@ -353,7 +353,7 @@ def fmt_interval(point: float, interval: list[float]) -> str:
     return f"{point:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
-def env_markdown(env: str, table: dict[str, Any], baseline: str) -> list[str]:
+def env_markdown(env: str, table: dict[str, Any]) -> list[str]:
     """The rows of one env in the per-env table (SPLIT columns: final return and vs baseline)."""
     lines = []
     for arm, row in table["arms"].items():
@@ -371,7 +371,7 @@ def final_return_table(result: dict[str, Any]) -> str:
     """Per env and arm the final return on each split (one table per set of splits), with its definition."""
     by_splits: dict[tuple[str, ...], list[str]] = {}
     for env, table in result["envs"].items():
-        by_splits.setdefault(tuple(table["splits"]), []).extend(env_markdown(env, table, result["baseline"]))
+        by_splits.setdefault(tuple(table["splits"]), []).extend(env_markdown(env, table))
     parts = []
     for splits, rows in by_splits.items():
         header = ["env", "arm", "seeds", "steps", *(f"{s}{c}" for s in splits for c in (": final return", ": vs baseline")), "steps/s"]
@@ -469,22 +469,32 @@ def curves_figure(panels: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]
     return figure
 
 
+def returns_figure(env: str, arms: dict[str, list[Run]], splits: Sequence[str], colors: dict[str, str]) -> Figure:
+    """Evaluation return per split and (from progress.csv, when logged) training-episode return against steps."""
+    panels = {f"evaluation return: {split}": {arm: [run.curve(split) for run in runs] for arm, runs in arms.items()}
+              for split in splits}
+    if any(TRAINING_RETURN in run.progress for runs in arms.values() for run in runs):
+        panels["training episode return (last 100)"] = {arm: [run.progress_curve(TRAINING_RETURN) for run in runs]
+                                                        for arm, runs in arms.items()}
+    return curves_figure(panels, colors, f"{env}: return")
+
+
+def progress_figure(arms: dict[str, list[Run]], columns: dict[str, str], colors: dict[str, str], title: str) -> Figure | None:
+    """The progress.csv `columns` (column -> panel title) that any run logged, one panel each; None if none was."""
+    panels = {label: {arm: [run.progress_curve(column) for run in runs] for arm, runs in arms.items()}
+              for column, label in columns.items()}
+    panels = {label: by_arm for label, by_arm in panels.items() if any(len(s) for c in by_arm.values() for s, _ in c)}
+    return curves_figure(panels, colors, title) if panels else None
+
+
 def env_figures(env: str, arms: dict[str, list[Run]], splits: Sequence[str], colors: dict[str, str]) -> dict[str, Figure]:
-    """An env's figures by name: returns (evaluation return per split, training-episode return), and the
-    progress.csv columns of each PROGRESS_PANELS prefix that any run logged."""
-    runs = [run for group_runs in arms.values() for run in group_runs]
-    returns = {f"evaluation return: {split}": {arm: [r.curve(split) for r in group_runs] for arm, group_runs in arms.items()}
-               for split in splits}
-    if any(TRAINING_RETURN in run.progress for run in runs):
-        returns["training episode return (last 100)"] = {arm: [r.progress_curve(TRAINING_RETURN) for r in group_runs]
-                                                         for arm, group_runs in arms.items()}
-    figures = {"returns": curves_figure(returns, colors, f"{env}: return")}
+    """An env's figures by name: returns, and one figure per PROGRESS_PANELS prefix with the columns runs logged."""
+    figures = {"returns": returns_figure(env, arms, splits, colors)}
     for name, prefix in PROGRESS_PANELS.items():
-        columns = sorted({c for run in runs for c in run.progress.columns if c.startswith(prefix)})
-        panels = {c: {arm: [r.progress_curve(c) for r in group_runs] for arm, group_runs in arms.items()} for c in columns}
-        panels = {c: arms_curves for c, arms_curves in panels.items() if any(len(s) for cs in arms_curves.values() for s, _ in cs)}
-        if panels:
-            figures[name] = curves_figure(panels, colors, f"{env}: {prefix}*")
+        columns = sorted({c for runs in arms.values() for run in runs for c in run.progress.columns if c.startswith(prefix)})
+        figure = progress_figure(arms, {column: column for column in columns}, colors, f"{env}: {prefix}*")
+        if figure is not None:
+            figures[name] = figure
     return figures
 
 

@@ -465,12 +465,8 @@ def rerun_sweep_job(cfg: DictConfig, run_dir: Path) -> DictConfig | None:
     saved config with the job's overrides, which resumes it (up to cfg.total_steps); else cfg (a fresh run)."""
     if HydraConfig.get().mode != RunMode.MULTIRUN or cfg.resume is not None:
         return cfg
-    try:
-        summary = run_io.read_summary(run_dir / "summary.json")
-    except ValueError:
-        summary = {}  # damaged: not finished; resume_checkpoint names it
-    if summary and not summary.get("interrupted", True) and summary.get("steps", 0) >= cfg.total_steps:
-        print(f"minc_rl.train: {run_dir} holds a finished run ({summary['steps']} steps); skipped", flush=True)
+    if run_finished(run_dir, cfg.total_steps):
+        print(f"minc_rl.train: {run_dir} holds a finished run; skipped", flush=True)
         return None
     if run_io.latest_checkpoint(run_dir) is None:
         if any((run_dir / name).exists() for name in RUN_FILES):
@@ -479,6 +475,15 @@ def rerun_sweep_job(cfg: DictConfig, run_dir: Path) -> DictConfig | None:
         return cfg
     overrides = [o for o in HydraConfig.get().overrides.task if o.lstrip("+").split("=")[0] != "study"]
     return resumed_config(run_dir, [*overrides, f"total_steps={cfg.total_steps}"])
+
+
+def run_finished(run_dir: Path, total_steps: int) -> bool:
+    """Whether run_dir's summary.json says its run reached total_steps without being interrupted (damaged: no)."""
+    try:
+        summary = run_io.read_summary(run_dir / "summary.json")
+    except ValueError:
+        return False  # resume_checkpoint names the damaged file
+    return bool(summary) and not summary.get("interrupted", True) and summary.get("steps", 0) >= total_steps
 
 
 def run_training(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, Any]:
