@@ -95,7 +95,8 @@ class HandBuilt(BaseFeaturesExtractor):
 
 def hand_built_dqn() -> DQN:
     env = make_vec_env("gym:CartPole-v1", 1, seed=0)
-    return DQN("MlpPolicy", env, policy_kwargs=dict(features_extractor_class=HandBuilt), seed=0, device="cpu")
+    return DQN("MlpPolicy", env, policy_kwargs=dict(features_extractor_class=HandBuilt), buffer_size=100, seed=0,
+               device="cpu")
 
 
 def test_encoder_health_of_a_hand_built_extractor() -> None:
@@ -140,11 +141,11 @@ def test_an_agent_without_a_known_encoder_is_refused() -> None:
 
 
 def short_dqn(callback: EncoderHealth | None) -> MincDQN:
-    """MincDQN with the MINC aux loss on MinAtar breakout, 400 steps, one gradient step per step from step 100."""
+    """MincDQN with the MINC aux loss on MinAtar breakout, 300 steps, one gradient step per step from step 100."""
     env = make_vec_env("minatar:breakout", 1, seed=0)
     model = MincDQN("CnnPolicy", env, aux=dict(name="minc", batch=16), learning_starts=100, train_freq=1,
                     buffer_size=1000, batch_size=16, seed=0, device="cpu")  # fmt: skip
-    model.learn(400, callback=callback)
+    model.learn(300, callback=callback)
     return model
 
 
@@ -157,8 +158,8 @@ def test_dqn_training_with_the_health_callback_is_bit_identical(tmp_path, one_to
     for name, value in plain.aux_learner.state_dict().items():
         assert torch.equal(value, probed.aux_learner.state_dict()[name]), name
     assert np.array_equal(plain.replay_buffer.actions, probed.replay_buffer.actions)
-    # probed at steps 100, 200, 300, 400 (the last at the end of training), on 64 observations saved to disk
-    assert callback.measured_step == 400 and callback.probe.shape == (64, 4, 10, 10)
+    # probed at steps 100, 200 and 300, on 64 observations saved to disk
+    assert callback.measured_step == 300 and callback.probe.shape == (64, 4, 10, 10)
     assert set(callback.latest) == {"rankme", "srank", "feature_norm", "dormant", "dormant/encoder.conv.1",
                                     "dormant/encoder.fc.1"}  # fmt: skip
     assert 1 <= callback.latest["srank"] <= 64 and 0 <= callback.latest["dormant"] <= 1
