@@ -422,12 +422,12 @@ BAD_INPUTS = [
     (
         "minatar:breakout",
         {"num_levels": 3},
-        r"Unknown option 'num_levels' for minatar environments; valid options: difficulty_ramping, minimal_action_set, sticky_action_prob",
+        r"Unknown option 'num_levels' for minatar environments; valid options: difficulty_ramping, distractors, max_episode_steps, minimal_action_set, sticky_action_prob",
     ),
     (
         "gym:CartPole-v1",
         {"gravity": 3.0},
-        r"Unknown option 'gravity' for gym:CartPole-v1 environments; valid options: max_episode_steps, sutton_barto_reward",
+        r"Unknown option 'gravity' for gym:CartPole-v1 environments; valid options: distractors, max_episode_steps, sutton_barto_reward",
     ),
     ("gym:CartPole-v1", {"max_episode_steps": 0}, r"max_episode_steps: 0; expected an int >= 1"),
 ]
