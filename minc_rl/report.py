@@ -282,7 +282,7 @@ def aggregate(tables: dict[str, dict[str, Any]], baseline: str, splits: Sequence
         score = normaliser(finals, baseline, normalise, env)
         for arm, by_seed in finals.items():
             scores.setdefault(arm, {})[env] = {s: score(value) for s, value in by_seed.items()}
-    matrices = {}
+    matrices, used = {}, {}
     for arm, by_env_scores in scores.items():
         seeds = sorted(set.intersection(*(set(by_seed) for by_seed in by_env_scores.values())))
         if set(by_env_scores) != set(scored) or not seeds:
@@ -290,7 +290,7 @@ def aggregate(tables: dict[str, dict[str, Any]], baseline: str, splits: Sequence
             continue
         if any(len(by_seed) > len(seeds) for by_seed in by_env_scores.values()):
             notes.append(f"{arm}: seeds {', '.join(map(str, seeds))} only, those run on every env")
-        matrices[arm] = np.array([[by_env_scores[env][s] for env in scored] for s in seeds])
+        matrices[arm], used[arm] = np.array([[by_env_scores[env][s] for env in scored] for s in seeds]), seeds
     if baseline not in matrices:
         return {"envs": scored, "normalise": normalise, "reps": reps, "arms": {}, "notes": notes}
     state = np.random.get_state()
@@ -301,8 +301,8 @@ def aggregate(tables: dict[str, dict[str, Any]], baseline: str, splits: Sequence
         poi, poi_ci = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=reps)
     finally:
         np.random.set_state(state)
-    arms = {arm: {"runs_per_env": len(matrix), "seeds": sorted({s for b in scores[arm].values() for s in b}),
-                  "iqm": float(iqm[arm][0]), "iqm_ci": [float(v) for v in iqm_ci[arm][:, 0]]}
+    arms = {arm: {"runs_per_env": len(matrix), "seeds": used[arm], "iqm": float(iqm[arm][0]),
+                  "iqm_ci": [float(v) for v in iqm_ci[arm][:, 0]]}
             for arm, matrix in matrices.items()}
     for arm in pairs:
         arms[arm].update(probability_of_improvement=float(poi[arm]), probability_of_improvement_ci=[float(v) for v in np.ravel(poi_ci[arm])])

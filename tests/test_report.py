@@ -88,8 +88,8 @@ def test_iqm_and_probability_of_improvement_match_hand_values_and_rliable(study)
     assert arms["aux=spectral"]["probability_of_improvement"] == pytest.approx(0.5)
     assert "probability_of_improvement" not in arms["aux=none"]
 
-    scores = {aux: np.array([[f / np.mean(FINALS[env]["none"]) for env in FINALS for f in [FINALS[env][aux][s]]]
-                             for s in range(3)]) for aux in ("none", "minc", "spectral")}
+    scores = {aux: np.array([[FINALS[env][aux][seed] / np.mean(FINALS[env]["none"]) for env in FINALS] for seed in range(3)])
+              for aux in ("none", "minc", "spectral")}  # runs x envs, normalised by aux=none's mean
     np.random.seed(3)
     iqm, iqm_ci = rly.get_interval_estimates({f"aux={k}": v for k, v in scores.items()},
                                              lambda x: np.array([metrics.aggregate_iqm(x)]), reps=REPS)
@@ -109,6 +109,27 @@ def test_minmax_normalisation_and_an_arm_missing_an_env(study):
     result = report.analyse(runs, baseline=["aux=none"], normalise="minmax", reps=REPS)["aggregate"]
     assert {arm: value["iqm"] for arm, value in result["arms"].items()} == pytest.approx({"aux=none": 0.2, "aux=minc": 0.8})
     assert result["notes"] == ["aux=spectral is left out: it has no seed run on every env (gym:A, gym:B)"]
+
+
+def test_each_env_is_scored_on_its_first_split_and_tables_follow_the_splits(tmp_path):
+    """procgen's unseen levels and gym's test split by default; --split train_levels test scores procgen's training
+    levels (minc 2x none there, 0.5x on unseen levels); one table per set of splits."""
+    for aux, scale in (("none", 1.0), ("minc", 2.0)):
+        for seed in (0, 1):
+            make_run(tmp_path / f"p_{aux}_{seed}", "procgen:starpilot", aux, seed,
+                     {"train_levels": scale * (seed + 1), "unseen_levels": (seed + 1) / scale})
+            make_run(tmp_path / f"g_{aux}_{seed}", "gym:A", aux, seed, {"test": scale * (seed + 1)})
+    runs = report.find_runs([tmp_path])
+    default = report.analyse(runs, baseline=["aux=none"], reps=REPS)
+    assert default["aggregate"]["envs"] == {"gym:A": "test", "procgen:starpilot": "unseen_levels"}
+    # minc's scores, by none's means (1.5 on both): unseen 1/3, 2/3 and test 4/3, 8/3; the middle two: 2/3, 4/3
+    assert default["aggregate"]["arms"]["aux=minc"]["iqm"] == pytest.approx(1.0)
+    training = report.analyse(runs, baseline=["aux=none"], splits=["train_levels", "test"], reps=REPS)
+    assert training["aggregate"]["envs"]["procgen:starpilot"] == "train_levels"
+    assert training["aggregate"]["arms"]["aux=minc"]["iqm"] == pytest.approx(2.0)  # 4/3, 8/3 on both: middle 4/3, 8/3
+    text = report.markdown(default)
+    assert "| env | arm | seeds | steps | test: final return | test: vs baseline | steps/s |" in text
+    assert "| procgen:starpilot | aux=minc | 2 | 400 | 3.00 ± 1.00 | +1.50 ± 1.12 (+100%) | 0.75 ± 0.25 | -0.75 ± 0.56 (-50%) | 15 |" in text
 
 
 @pytest.mark.parametrize("baseline, message", [
