@@ -18,6 +18,7 @@ import math
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,11 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-def checkpoint_problem(path: Path, vecnormalize: bool) -> str | None:
+def checkpoint_problem(path: Path, vecnormalize: bool, fits: Callable[[dict[str, Any]], str | None] | None = None,
+                       ) -> str | None:
     """Why `path` is not a checkpoint a run can resume from, or None: a zip whose members pass their CRC check,
-    SB3's data and policy weights that load and are finite, and (`vecnormalize`) its reward statistics."""
+    SB3's data and policy weights that load and are finite, (`vecnormalize`) its reward statistics, and (`fits`:
+    SB3's data -> a problem or None) a match with the run that resumes it."""
     from stable_baselines3.common.save_util import load_from_zip_file
 
     try:
@@ -71,7 +74,7 @@ def checkpoint_problem(path: Path, vecnormalize: bool) -> str | None:
             return f"its member {broken} fails the CRC check"
         if missing:
             return f"it lacks {', '.join(sorted(missing))}"
-        _, params, _ = load_from_zip_file(path, device="cpu", print_system_info=False)
+        data, params, _ = load_from_zip_file(path, device="cpu", print_system_info=False)
         if not params or "policy" not in params:
             return "it holds no policy weights"
         if not all(torch.isfinite(t).all() for t in params["policy"].values() if t.is_floating_point()):
@@ -79,6 +82,8 @@ def checkpoint_problem(path: Path, vecnormalize: bool) -> str | None:
         if vecnormalize:
             with open(vecnormalize_path(path), "rb") as file:
                 pickle.load(file)
+        if fits is not None:
+            return fits(data)
     except FileNotFoundError as error:
         return f"{error.filename} is missing"
     except Exception as error:  # noqa: BLE001  anything a damaged file raises: the file is not used
@@ -86,11 +91,13 @@ def checkpoint_problem(path: Path, vecnormalize: bool) -> str | None:
     return None
 
 
-def valid_checkpoint(run_dir: Path, vecnormalize: bool) -> tuple[Path | None, list[str]]:
+def valid_checkpoint(
+    run_dir: Path, vecnormalize: bool, fits: Callable[[dict[str, Any]], str | None] | None = None
+) -> tuple[Path | None, list[str]]:
     """The newest checkpoint that passes checkpoint_problem, and one line for each newer one that does not."""
     damaged = []
     for path in checkpoints(run_dir):
-        problem = checkpoint_problem(path, vecnormalize)
+        problem = checkpoint_problem(path, vecnormalize, fits)
         if problem is None:
             return path, damaged
         damaged.append(f"{path.name} ({problem})")
@@ -172,9 +179,12 @@ def vecnormalize_path(checkpoint: Path) -> Path:
     return checkpoint.with_suffix(".vecnormalize.pkl")
 
 
-def replay_buffer_path(run_dir: Path) -> Path:
-    """DQN's replay buffer (the latest one only: it can be large)."""
-    return run_dir / "checkpoints" / "replay_buffer.pkl"
+def replay_buffer_path(checkpoint: Path) -> Path:
+    """DQN's replay buffer saved with `checkpoint` (only the newest checkpoint keeps one: it can be large)."""
+    return checkpoint.with_suffix(".replay_buffer.pkl")
+
+
+LEGACY_REPLAY_BUFFER = "replay_buffer.pkl"  # before one replay buffer per checkpoint: the newest checkpoint's
 
 
 def parameters_finite(model: BaseAlgorithm) -> bool:
@@ -189,11 +199,14 @@ def save_checkpoint(model: BaseAlgorithm, run_dir: Path, replay_buffer: bool) ->
     path = checkpoint_path(run_dir, model.num_timesteps)
     writes = []
     if replay_buffer and getattr(model, "replay_buffer", None) is not None:
-        writes.append((replay_buffer_path(run_dir), model.save_replay_buffer))
+        writes.append((replay_buffer_path(path), model.save_replay_buffer))
     vec_normalize = model.get_vec_normalize_env()
     if vec_normalize is not None:
         writes.append((vecnormalize_path(path), vec_normalize.save))
     atomic_write_all([*writes, (path, model.save)])
+    for older in [*(run_dir / "checkpoints").glob("*.replay_buffer.pkl"), run_dir / "checkpoints" / LEGACY_REPLAY_BUFFER]:
+        if older != replay_buffer_path(path):
+            older.unlink(missing_ok=True)  # only now: the new checkpoint and its replay buffer are complete
     return path
 
 

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat
-from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.common.utils import LinearSchedule, check_for_correct_spaces
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 import minc_rl.configs
@@ -358,17 +358,11 @@ def aux_config(cfg: DictConfig) -> AuxConfig:
     return AuxConfig.of(OmegaConf.to_container(cfg.aux, resolve=True))
 
 
-def build_envs(cfg: DictConfig, checkpoint: Path | None) -> tuple[VecEnv, dict[str, VecEnv]]:
+def build_envs(cfg: DictConfig) -> tuple[VecEnv, dict[str, VecEnv]]:
     """The training vector env and the evaluation envs by split (procgen: training levels and unseen levels).
     minc_rl.envs reports finished episodes in info['episode'] (Monitor), which evaluate_policy and the logs use."""
     options = OmegaConf.to_container(cfg.env_options)
     env = make_vec_env(cfg.env, cfg.n_envs, seed=cfg.seed, **options)
-    if cfg.normalize_reward:
-        saved = checkpoint and run_io.vecnormalize_path(checkpoint)
-        if saved and saved.exists():
-            env = VecNormalize.load(str(saved), env)
-        else:
-            env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=cfg.agent.gamma)
     eval_seed = cfg.seed + EVAL_SEED_OFFSET  # other episodes than the training envs'
     if parse_spec(cfg.env)[0] == "procgen":
         eval_envs = {
@@ -378,6 +372,35 @@ def build_envs(cfg: DictConfig, checkpoint: Path | None) -> tuple[VecEnv, dict[s
     else:
         eval_envs = {"test": make_eval_env(cfg.env, cfg.eval.n_envs, seed=eval_seed, **options)}
     return env, eval_envs
+
+
+def normalized_rewards(cfg: DictConfig, env: VecEnv, checkpoint: Path | None) -> VecEnv:
+    """With normalize_reward, env under SB3's VecNormalize of rewards, its statistics from `checkpoint` if saved."""
+    if not cfg.normalize_reward:
+        return env
+    saved = checkpoint and run_io.vecnormalize_path(checkpoint)
+    if saved and saved.exists():
+        return VecNormalize.load(str(saved), env)
+    return VecNormalize(env, norm_obs=False, norm_reward=True, gamma=cfg.agent.gamma)
+
+
+def checkpoint_fits(cfg: DictConfig, env: VecEnv) -> Callable[[dict[str, Any]], str | None]:
+    """A check of a checkpoint's SB3 data against this run: its agent's policy, env=`s spaces and an aux state
+    that cfg.aux can take (a checkpoint of another run, or a hand-edited config.yaml, is named, not loaded)."""
+    agent, aux = AGENTS[cfg.agent.name], aux_config(cfg)
+
+    def fits(data: dict[str, Any]) -> str | None:
+        policy = data.get("policy_class")
+        if policy not in agent.policy_aliases.values():
+            return f"it holds a {getattr(policy, '__name__', policy)}, not a policy of agent={cfg.agent.name}"
+        try:
+            check_for_correct_spaces(agent._wrap_env(env, verbose=0), data["observation_space"], data["action_space"])
+            aux.check_takes_state_of(AuxConfig.of(data.get("aux", "none")), "this run's aux")
+        except ValueError as error:
+            return f"it does not fit this run (env={cfg.env}): {run_io.one_line(error)}"
+        return None
+
+    return fits
 
 
 def build_model(cfg: DictConfig, env: VecEnv) -> BaseAlgorithm:
@@ -449,6 +472,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         lock = RunLock(run_dir).acquire()
         cfg = rerun_sweep_job(cfg, run_dir)
+        if cfg is not None and cfg.resume is not None and not resume_has_work(cfg, run_dir):
+            cfg = None  # a finished run stays as it is
         if cfg is not None and cfg.resume is None:
             check_fresh(run_dir, RUN_FILES, resume_argument(run_dir))
     except RunDirError as error:
@@ -477,6 +502,23 @@ def rerun_sweep_job(cfg: DictConfig, run_dir: Path) -> DictConfig | None:
     return resumed_config(run_dir, [*overrides, f"total_steps={cfg.total_steps}"])
 
 
+def resume_has_work(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether resume= has steps to train: False (with a note) for a run that finished at cfg.total_steps or more,
+    which is left untouched; exit 2 when total_steps is below the steps a stopped run has done (at them, the run
+    takes its final evaluation and finishes)."""
+    if run_finished(run_dir, cfg.total_steps):
+        done = run_io.read_summary(run_dir / "summary.json")["steps"]
+        print(f"minc_rl.train: {run_dir} holds a finished run of {done} steps; nothing to do (its files are left as "
+              f"they are); to train it further: python -m minc_rl.train {resume_argument(run_dir)} "
+              f"total_steps=<more than {done}>", flush=True)
+        return False
+    latest = run_io.latest_checkpoint(run_dir)
+    if latest is not None and run_io.checkpoint_step(latest) > cfg.total_steps:
+        fail(f"resume={cfg.resume!r}: total_steps={cfg.total_steps} is below the {run_io.checkpoint_step(latest)} "
+             "steps of its newest checkpoint; give at least that many")
+    return True
+
+
 def run_finished(run_dir: Path, total_steps: int) -> bool:
     """Whether run_dir's summary.json says its run reached total_steps without being interrupted (damaged: no)."""
     try:
@@ -489,10 +531,11 @@ def run_finished(run_dir: Path, total_steps: int) -> bool:
 def run_training(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, Any]:
     """Build the envs and the agent (or load its checkpoint, after checking every file of the run), learn, and
     write the summary and the learning curve. Nothing is written before the inputs are known to be good."""
-    checkpoint = resume_checkpoint(cfg, run_dir) if cfg.resume else None
     if cfg.torch_threads is not None:
         torch.set_num_threads(cfg.torch_threads)
-    env, eval_envs = build_envs(cfg, checkpoint)
+    env, eval_envs = build_envs(cfg)
+    checkpoint = resume_checkpoint(cfg, run_dir, env) if cfg.resume else None
+    env = normalized_rewards(cfg, env, checkpoint)
     model = build_model(cfg, env) if checkpoint is None else load_model(cfg, env, checkpoint, run_dir)
     start_run(cfg, run_dir)
     wandb_run = start_wandb(cfg, run_dir) if cfg.wandb.enabled else None  # before SB3's TensorBoard writer exists
@@ -515,15 +558,16 @@ def run_training(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, An
     return summary
 
 
-def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path:
-    """The newest checkpoint that loads (a damaged newer one is named and skipped), after checking that
-    progress.csv, evaluations.csv and summary.json can be continued; exit 2 with one line otherwise."""
-    checkpoint, damaged = run_io.valid_checkpoint(run_dir, vecnormalize=cfg.normalize_reward)
+def resume_checkpoint(cfg: DictConfig, run_dir: Path, env: VecEnv) -> Path:
+    """The newest checkpoint that loads and fits this run (a damaged or foreign newer one is named and skipped),
+    after checking that progress.csv, evaluations.csv and summary.json can be continued; exit 2 with one line
+    otherwise."""
+    checkpoint, damaged = run_io.valid_checkpoint(run_dir, cfg.normalize_reward, checkpoint_fits(cfg, env))
     if checkpoint is None:
         found = f": {'; '.join(damaged)}" if damaged else ""
         fail(f"resume={cfg.resume!r}: no checkpoint in {run_dir / 'checkpoints'} can be loaded{found}")
     if damaged:
-        log.warning("resuming from %s: the newer %s", checkpoint.name, "; ".join(f"{d} is damaged" for d in damaged))
+        log.warning("resuming from %s: the newer %s", checkpoint.name, "; ".join(f"{d} is skipped" for d in damaged))
     problem = run_io.readable_run_files(run_dir)
     if problem is not None:
         fail(f"resume={cfg.resume!r}: {problem}; repair it or move it away, then resume again")
@@ -545,16 +589,35 @@ def start_run(cfg: DictConfig, run_dir: Path) -> None:
 def load_model(cfg: DictConfig, env: VecEnv, checkpoint: Path, run_dir: Path) -> BaseAlgorithm:
     """The agent of `checkpoint` (its step count, optimizer and Lambda) on `env`, with DQN's replay buffer; the rows
     of evaluations.csv after its step are dropped, since the resumed run redoes them."""
-    model = AGENTS[cfg.agent.name].load(checkpoint, env=env, device=cfg.device)
-    if cfg.checkpoint.replay_buffer and run_io.replay_buffer_path(run_dir).exists():
+    model = AGENTS[cfg.agent.name].load(checkpoint, env=env, device=cfg.device, aux=aux_config(cfg))
+    replay = replay_buffer_of(cfg, checkpoint, run_dir) if hasattr(model, "replay_buffer") else None
+    if replay is not None:
         try:
-            model.load_replay_buffer(run_io.replay_buffer_path(run_dir))
+            model.load_replay_buffer(replay)
         except Exception as error:  # noqa: BLE001  a damaged pickle raises anything
-            fail(f"resume={cfg.resume!r}: {run_io.replay_buffer_path(run_dir)} cannot be read ({run_io.one_line(error)}); "
+            fail(f"resume={cfg.resume!r}: {replay} cannot be read ({run_io.one_line(error)}); "
                  "move it away to resume with an empty replay buffer")  # fmt: skip
     run_io.truncate_evaluations(run_dir / "evaluations.csv", model.num_timesteps)
     log.info("resuming %s at step %d", checkpoint, model.num_timesteps)
     return model
+
+
+def replay_buffer_of(cfg: DictConfig, checkpoint: Path, run_dir: Path) -> Path | None:
+    """The replay buffer saved with `checkpoint` (None without one, or with checkpoint.replay_buffer=false); exit 2
+    when only a newer checkpoint's is there (the resume fell back past it): a buffer of later steps than the
+    agent is never mixed in."""
+    if not cfg.checkpoint.replay_buffer:
+        return None
+    legacy = run_dir / "checkpoints" / run_io.LEGACY_REPLAY_BUFFER  # written beside the newest checkpoint only
+    for path in (run_io.replay_buffer_path(checkpoint), legacy if checkpoint == run_io.latest_checkpoint(run_dir) else None):
+        if path is not None and path.exists():
+            return path
+    newer = [*(run_dir / "checkpoints").glob("*.replay_buffer.pkl"), *([legacy] if legacy.exists() else [])]
+    if newer:
+        fail(f"resume={cfg.resume!r}: {checkpoint.name} is resumed (a newer checkpoint was skipped), but the replay "
+             f"buffer there ({newer[0].name}) is the newer checkpoint's; resume with checkpoint.replay_buffer=false to "
+             "continue with an empty replay buffer, or repair the newer checkpoint")
+    return None
 
 
 def set_logger(model: BaseAlgorithm, run_dir: Path, resumed: bool) -> LatestValues:

@@ -134,7 +134,7 @@ def test_a_read_only_run_directory_is_one_line(monkeypatch, capsys, tmp_path):
 def test_env_options_and_loss_kwargs_are_taken_without_plus(monkeypatch, tmp_path):
     seen = []
 
-    def stop_before_building(cfg, checkpoint):
+    def stop_before_building(cfg):
         seen.append(cfg)
         raise SystemExit(0)
 
@@ -197,13 +197,59 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_valid_one(monkeypa
     captured = capsys.readouterr()
     assert (
         "resuming from step_000000000064.zip: the newer step_000000000128.zip (BadZipFile: File is not a zip file) "
-        "is damaged"
+        "is skipped"
     ) in captured.out + captured.err
     assert MincPPO.load(run_dir / "checkpoints" / "step_000000000192.zip", device="cpu").num_timesteps == 192
     assert run_io.checkpoint_problem(latest, vecnormalize=False) is None  # step 128 was written again by the resumed run
     steps = pd.read_csv(run_dir / "progress.csv")["time/total_timesteps"].tolist()
     assert steps == sorted(steps) and steps[-1] == 192 and steps.count(128) == 1  # the rows after step 64 were redone
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 192
+
+
+def test_resume_of_a_finished_run_leaves_it_untouched_and_says_how_to_extend_it(monkeypatch, capsys, finished_run, tmp_path):
+    """resume= without a larger total_steps: no evaluation, no new row, summary.json and config.yaml as they were."""
+    run_dir = copy_run(finished_run, tmp_path)
+    before = snapshot(run_dir)
+    for budget in ([], ["total_steps=64"]):  # the run's own total_steps, or a smaller one
+        run_in_process(monkeypatch, f"resume={run_dir}", *budget)
+        assert "holds a finished run of 128 steps; nothing to do" in capsys.readouterr().out
+        assert snapshot(run_dir) == before
+
+
+def test_a_checkpoint_of_another_run_is_skipped_like_a_damaged_one(monkeypatch, capsys, finished_run, tmp_path):
+    """A newer checkpoint that is not this run's (another agent's, copied in) is named and passed over; a config.yaml
+    edited to another env fits no checkpoint: one line, nothing written."""
+    run_dir = copy_run(finished_run, tmp_path)
+    dqn = train.MincDQN("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), aux="none", learning_starts=10)
+    dqn.save(run_dir / "checkpoints" / "step_000000000150.zip")
+    run_in_process(monkeypatch, f"resume={run_dir}", "total_steps=192")
+    captured = capsys.readouterr()
+    assert ("the newer step_000000000150.zip (it holds a DQNPolicy, not a policy of agent=ppo) is skipped"
+            in captured.out + captured.err)
+    assert MincPPO.load(run_dir / "checkpoints" / "step_000000000192.zip", device="cpu").num_timesteps == 192
+
+    edited = copy_run(finished_run, tmp_path / "edited")
+    (edited / "config.yaml").write_text((edited / "config.yaml").read_text().replace("  dim: 64\n", "  dim: 32\n", 1))
+    before = snapshot(edited)
+    message = refused(monkeypatch, capsys, f"resume={edited}", "total_steps=192")
+    assert message.startswith(f"resume='{edited}': no checkpoint in {edited / 'checkpoints'} can be loaded: ")
+    assert "aux.dim=32 (saved: 64)" in message
+    assert snapshot(edited) == before
+
+
+def test_a_dqn_resume_never_mixes_a_newer_replay_buffer_into_an_older_checkpoint(monkeypatch, capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    dqn = ["env=gym:CartPole-v1", "agent=dqn", "encoder=mlp", "aux=minc", "aux.source=td", "agent.learning_starts=50",
+           "eval.episodes=1", "eval.n_envs=1", "eval.every=1000000", "progress_bar=false", "torch_threads=1"]
+    run_in_process(monkeypatch, *dqn, "total_steps=200", "checkpoint.every=100", f"hydra.run.dir={run_dir}")
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["step_000000000100.zip", "step_000000000200.replay_buffer.pkl", "step_000000000200.zip"]
+    newest = run_dir / "checkpoints" / "step_000000000200.zip"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    message = refused(monkeypatch, capsys, f"resume={run_dir}", "total_steps=300")
+    assert "step_000000000100.zip is resumed (a newer checkpoint was skipped), but the replay buffer there" in message
+    run_in_process(monkeypatch, f"resume={run_dir}", "total_steps=300", "checkpoint.replay_buffer=false")
+    assert train.MincDQN.load(run_dir / "checkpoints" / "step_000000000300.zip", device="cpu").num_timesteps == 300
 
 
 def test_no_loadable_checkpoint_is_one_line_and_nothing_is_overwritten(monkeypatch, capsys, finished_run, tmp_path):

@@ -280,7 +280,7 @@ def test_dqn_on_minatar_with_wandb_offline(tmp_path):
     assert summary["final_train_return"] is not None and summary["final_test_return"] is not None
     assert summary["aux_metrics"]["pairs"] == 32
     assert pd.read_csv(run_dir / "evaluations.csv").split.tolist() == ["test", "test"]
-    assert (run_dir / "checkpoints" / "replay_buffer.pkl").exists()
+    assert (run_dir / "checkpoints" / "step_000000000600.replay_buffer.pkl").exists()  # the newest checkpoint's only
     model = MincDQN.load(run_dir / "checkpoints" / "step_000000000600.zip", device="cpu")
     assert model.num_timesteps == 600 and model.aux_learner.loss.steps > 0
 
