@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import minc_rl.envs  # noqa: F401, I001  first: it mutes legacy gym's start-up notice, which importing SB3 would print
 import difflib
+import hashlib
+import itertools
 import logging
 import os
 import secrets
@@ -72,9 +74,17 @@ log = logging.getLogger("minc_rl.train")
 
 # hydra.run.dir in config.yaml: a resumed run writes into the run directory it continues.
 OmegaConf.register_new_resolver("minc_rl.run_dir", lambda resume, fresh: resume or fresh, replace=True)
-# hydra.output_subdir: Hydra writes .hydra/ for a fresh run only; resume= leaves the run's files as they are until
-# every file it reads has been checked (config.yaml then records the resumed config).
-OmegaConf.register_new_resolver("minc_rl.hydra_subdir", lambda resume: None if resume else ".hydra", replace=True)
+# hydra.sweep.subdir: a job's directory name, shortened (with a hash of the whole) where the file system would refuse it
+OmegaConf.register_new_resolver("minc_rl.dirname", lambda name: short_dirname(str(name)), replace=True)
+MAX_DIRNAME = 200  # bytes; file systems allow 255 per name, and the job number and Hydra's prefix come first
+
+
+def short_dirname(name: str) -> str:
+    """`name`, or for one longer than MAX_DIRNAME bytes its start and a hash of the whole (sweeps with many overrides)."""
+    if len(name.encode()) <= MAX_DIRNAME:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return name.encode()[: MAX_DIRNAME - 11].decode(errors="ignore") + "-" + digest
 
 
 def fail(message: str) -> NoReturn:
@@ -114,7 +124,11 @@ def check_command_line(args: list[str]) -> list[str]:
             if not (Path(str(override.value())) / "config.yaml").is_file():
                 fail(f"resume={override.value()!r} is not a run directory of minc_rl.train (it has no config.yaml)")
     check_keys(overrides)
-    check_run_dir_argument(overrides, multirun=any(a in ("-m", "--multirun") for a in args))
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    check_run_dir_argument(overrides, multirun)
+    if multirun:
+        given = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-cd", "--config-dir")]
+        check_sweep_jobs(overrides, [Path(d).resolve() for d in given])
     return [f"++{a}" if a.startswith(tuple(f"{k}." for k in PASSED_ON)) else a for a in args]
 
 
@@ -169,6 +183,41 @@ def dotted_keys(node: Any, prefix: str = "") -> set[str]:
         keys.add(prefix + str(key))
         keys |= dotted_keys(value, f"{prefix}{key}.")
     return keys
+
+
+def check_sweep_jobs(overrides: list[Any], config_dirs: list[Path]) -> None:
+    """A sweep checked whole before its first job: each job's config (every combination of the command line's and a
+    +study's sweep values; a study found here or in --config-dir) as the job itself would check it, so a bad value
+    exits 2 before anything trains."""
+    if any(o.key_or_group == "resume" for o in overrides):
+        return
+    fixed = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in config_dirs)}]"] if config_dirs else []
+    sweeps = []
+    for override in overrides:
+        if override.key_or_group.startswith("hydra"):
+            continue
+        if override.is_discrete_sweep():
+            sweeps.append([f"{override.key_or_group}={v}" for v in override.sweep_string_iterator()])
+        else:
+            fixed.append(override.input_line)
+        if override.key_or_group == "study":
+            found = [d / "study" / f"{override.value()}.yaml" for d in (*config_dirs, CONFIG_DIR)]
+            path = next((p for p in found if p.is_file()), None)
+            if path is None:
+                fail(f"study={override.value()!r}: no study/{override.value()}.yaml in {', '.join(str(d) for d in (CONFIG_DIR, *config_dirs))}")
+            params = OmegaConf.load(path).hydra.sweeper.params
+            for study_override in OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()]):
+                values = study_override.sweep_string_iterator() if study_override.is_discrete_sweep() else [
+                    study_override.get_value_element_as_str()]
+                sweeps.append([f"{study_override.key_or_group}={v}" for v in values])
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        for combination in itertools.product(*sweeps):
+            job = [*fixed, *combination]
+            cfg = with_family_defaults(compose(config_name="config", overrides=job).env, job)
+            apply_replay_ratio(cfg, job)
+            check_config(cfg)
+    GlobalHydra.instance().clear()
 
 
 def check_run_dir_argument(overrides: list[Any], multirun: bool) -> None:
@@ -454,10 +503,14 @@ def start_wandb(cfg: DictConfig, run_dir: Path) -> Any:
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
-    """The resolved config as config.yaml, also over Hydra's .hydra/config.yaml (composed before the family defaults)."""
+    """The resolved config as config.yaml and .hydra/config.yaml, and for a fresh run the command line as
+    .hydra/overrides.yaml (Hydra's own output_subdir is off: it would write before the run dir is owned)."""
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    if cfg.resume is None:
+        overrides = list(HydraConfig.get().overrides.task)
+        run_io.atomic_write(run_dir / ".hydra" / "overrides.yaml", lambda tmp: OmegaConf.save(OmegaConf.create(overrides), tmp))
     for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
-        if path.parent.is_dir():
-            run_io.atomic_write(path, lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
+        run_io.atomic_write(path, lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")

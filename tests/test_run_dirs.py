@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -85,6 +86,32 @@ def test_a_fresh_run_in_a_directory_holding_a_run_is_refused_and_nothing_is_touc
         f"resume={run_dir}, or start a new run in another directory (hydra.run.dir=<new dir>)"
     )
     assert snapshot(run_dir) == before  # Hydra did not start either: .hydra/ and train.log are the old run's
+
+
+def test_a_refused_run_that_hydra_started_leaves_the_runs_hydra_files_alone(monkeypatch, capsys, finished_run, tmp_path):
+    """A run dir given as an interpolation is only known once Hydra has started: Hydra writes nothing there (its
+    output_subdir is off), and the run's .hydra/ is written by the run that owns the directory."""
+    run_dir = copy_run(finished_run, tmp_path)
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text().startswith("- env=gym:CartPole-v1\n")
+    before = snapshot(run_dir)
+    monkeypatch.setenv("RUN_DIR", str(run_dir))
+    message = refused(monkeypatch, capsys, *CARTPOLE, "total_steps=64", "hydra.run.dir=${oc.env:RUN_DIR}")
+    assert message.startswith(f"{run_dir} already holds a run")
+    assert snapshot(run_dir) == before
+
+
+def test_a_sweep_is_checked_whole_before_its_first_job(monkeypatch, capsys, tmp_path):
+    message = refused(monkeypatch, capsys, "-m", *CARTPOLE, "total_steps=64", "seed=0,-1,2", f"hydra.sweep.dir={tmp_path}")
+    assert message == "seed must be an integer >= 0; got -1"
+    assert list(tmp_path.iterdir()) == []  # job 0 did not run
+
+
+def test_long_job_directory_names_are_shortened_with_a_hash():
+    name = ",".join(f"aux.loss_kwargs.option{i}={i}" for i in range(20))
+    short = train.short_dirname(name)
+    assert len(name) > 255 and len(short.encode()) == train.MAX_DIRNAME == 200
+    assert short == name[:189] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    assert train.short_dirname("aux=minc,seed=0") == "aux=minc,seed=0"
 
 
 def test_two_runs_cannot_share_a_directory_and_a_killed_holder_leaves_no_lock(monkeypatch, capsys, tmp_path):
