@@ -52,9 +52,15 @@ def check_writable(run_dir: Path) -> None:
         )
 
 
-def check_fresh(run_dir: Path, run_files: tuple[str, ...], resume_hint: str) -> None:
-    """Raise RunDirError if run_dir already holds a run (any of `run_files`): a fresh run there would overwrite it."""
+def check_fresh(run_dir: Path, run_files: tuple[str, ...], resume_hint: str | None) -> None:
+    """Raise RunDirError if run_dir already holds a run (any of `run_files`): a fresh run there would overwrite it.
+    `resume_hint` is None for a run that stopped before its first checkpoint (nothing to resume)."""
     found = [name for name in run_files if (run_dir / name).exists()]
+    if found and resume_hint is None:
+        raise RunDirError(
+            f"{run_dir} holds a run that stopped before its first checkpoint ({', '.join(found)}): there is nothing to "
+            "resume; move it away or delete it, or start the new run in another directory (hydra.run.dir=<new dir>)"
+        )
     if found:
         raise RunDirError(
             f"{run_dir} already holds a run ({', '.join(found)}); continue it with {resume_hint}, "

@@ -45,7 +45,9 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 import minc_rl.configs
 from minc_rl import run_io
 from minc_rl.checks import check_choice, check_int
-from minc_rl.run_dir import RunDirError, RunLock, check_fresh, check_writable, resume_argument, saved_config_with
+from minc_rl.run_dir import (
+    RunDirError, RunLock, check_fresh, check_writable, resume_argument, saved_config_with, writable_problem,
+)
 from minc_rl.agents import MincDQN, MincPPO
 from minc_rl.agents.auxiliary import AuxConfig
 from minc_rl.extractor import ENCODER_CHOICES
@@ -61,6 +63,7 @@ SCHEDULES = ("learning_rate", "clip_range", "clip_range_vf")  # agent keys that 
 # agent keys minc_rl.train uses itself
 NOT_SB3_KEYS = ("name", "n_minibatches", "log_interval", "exploration_steps", "replay_ratio")
 MAX_TRAIN_FREQ = 1000  # agent.replay_ratio must be g / (f x n_envs) with whole g and f <= this
+MAX_ENVS = 65_536  # per vector env
 EVAL_SEED_OFFSET = 1_000_000  # the evaluation envs' seed is seed + EVAL_SEED_OFFSET: other episodes than training's
 # The command line may add keys inside these dicts: the API they are passed to checks them. env_options.<option>=
 # and aux.loss_kwargs.<option>= need no + (they go to ++); an SB3 keyword the agent config lacks needs +agent.<key>=
@@ -220,17 +223,27 @@ def check_sweep_jobs(overrides: list[Any], config_dirs: list[Path]) -> None:
     GlobalHydra.instance().clear()
 
 
+def resume_hint(run_dir: Path) -> str | None:
+    """How to continue the run in run_dir (resume=...), or None when it has no checkpoint to continue from."""
+    return resume_argument(run_dir) if run_io.latest_checkpoint(run_dir) is not None else None
+
+
 def check_run_dir_argument(overrides: list[Any], multirun: bool) -> None:
     """Exit 2 if the run directory the command line names cannot be written, or (for a fresh run) holds a run."""
     values = {o.key_or_group: o.value() for o in overrides if not o.is_sweep_override()}
     resume, run_dir = values.get("resume"), values.get("hydra.sweep.dir" if multirun else "hydra.run.dir")
     try:
         if resume is not None:
-            check_writable(Path(str(resume)))
+            if run_dir is not None and Path(str(run_dir)).resolve() != Path(str(resume)).resolve():
+                raise RunDirError(f"resume={resume} continues in its own run dir; drop hydra.run.dir={run_dir} (to "
+                                  "continue elsewhere, copy the run dir there and resume that copy)")
+            if writable_problem(Path(str(resume))) is not None:
+                raise RunDirError(f"resume={resume}: the run dir cannot be written ({writable_problem(Path(str(resume)))}); "
+                                  "copy it to a writable place and resume the copy")
         elif run_dir is not None and "${" not in str(run_dir):
             check_writable(Path(str(run_dir)))
             if not multirun:
-                check_fresh(Path(str(run_dir)), RUN_FILES, resume_argument(run_dir))
+                check_fresh(Path(str(run_dir)), RUN_FILES, resume_hint(Path(str(run_dir))))
         else:
             check_writable(Path("outputs" if not multirun else "multirun"))
     except RunDirError as error:
@@ -394,6 +407,9 @@ def check_seed(cfg: DictConfig) -> None:
     """Every seed the run derives fits procgen's and ALE's 31-bit seeds: the training envs use seed + i and the
     evaluation envs seed + EVAL_SEED_OFFSET + i, one per env."""
     check(check_int, "seed", cfg.seed, 0)
+    for key in ("n_envs", "eval.n_envs"):
+        if OmegaConf.select(cfg, key) > MAX_ENVS:
+            fail(f"{key}={OmegaConf.select(cfg, key)} is more environments than one process runs; give at most {MAX_ENVS:,}")
     largest = 2**31 - 1 - EVAL_SEED_OFFSET - (max(cfg.n_envs, cfg.eval.n_envs) - 1)
     if cfg.seed > largest:
         fail(
@@ -528,7 +544,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg is not None and cfg.resume is not None and not resume_has_work(cfg, run_dir):
             cfg = None  # a finished run stays as it is
         if cfg is not None and cfg.resume is None:
-            check_fresh(run_dir, RUN_FILES, resume_argument(run_dir))
+            check_fresh(run_dir, RUN_FILES, resume_hint(run_dir))
     except RunDirError as error:
         fail(str(error))
     try:
@@ -616,9 +632,11 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path, env: VecEnv) -> Path:
     after checking that progress.csv, evaluations.csv and summary.json can be continued; exit 2 with one line
     otherwise."""
     checkpoint, damaged = run_io.valid_checkpoint(run_dir, cfg.normalize_reward, checkpoint_fits(cfg, env))
+    if checkpoint is None and not damaged:
+        fail(f"resume={cfg.resume!r}: the run stopped before its first checkpoint, so there is nothing to resume; "
+             "move the directory away or delete it, and start the run again")
     if checkpoint is None:
-        found = f": {'; '.join(damaged)}" if damaged else ""
-        fail(f"resume={cfg.resume!r}: no checkpoint in {run_dir / 'checkpoints'} can be loaded{found}")
+        fail(f"resume={cfg.resume!r}: no checkpoint in {run_dir / 'checkpoints'} can be loaded: {'; '.join(damaged)}")
     if damaged:
         log.warning("resuming from %s: the newer %s", checkpoint.name, "; ".join(f"{d} is skipped" for d in damaged))
     problem = run_io.readable_run_files(run_dir)

@@ -100,6 +100,32 @@ def test_a_refused_run_that_hydra_started_leaves_the_runs_hydra_files_alone(monk
     assert snapshot(run_dir) == before
 
 
+def test_hints_name_what_works(monkeypatch, capsys, finished_run, tmp_path):
+    """A run that crashed before its first checkpoint, resume= with another hydra.run.dir, a read-only run to resume and
+    a huge n_envs: each message says what to do instead, and blames the right value."""
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "config.yaml").write_text((finished_run / "config.yaml").read_text())
+    (crashed / "progress.csv").write_text("")
+    message = refused(monkeypatch, capsys, *CARTPOLE, f"hydra.run.dir={crashed}")
+    assert message.startswith(f"{crashed} holds a run that stopped before its first checkpoint (config.yaml, progress.csv): "
+                              "there is nothing to resume; move it away or delete it")
+    message = refused(monkeypatch, capsys, f"resume={crashed}")
+    assert message.endswith("the run stopped before its first checkpoint, so there is nothing to resume; move the "
+                            "directory away or delete it, and start the run again")
+    message = refused(monkeypatch, capsys, f"resume={finished_run}", f"hydra.run.dir={tmp_path / 'elsewhere'}")
+    assert message == (f"resume={finished_run} continues in its own run dir; drop hydra.run.dir={tmp_path / 'elsewhere'} "
+                       "(to continue elsewhere, copy the run dir there and resume that copy)")
+    message = refused(monkeypatch, capsys, *CARTPOLE, "n_envs=100000000", f"hydra.run.dir={tmp_path / 'huge'}")
+    assert message == "n_envs=100000000 is more environments than one process runs; give at most 65,536"
+    read_only = copy_run(finished_run, tmp_path / "ro")
+    real_access = os.access  # as access(2) answers a user without write permission (root may write anywhere)
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == read_only else real_access(p, mode, **k))
+    message = refused(monkeypatch, capsys, f"resume={read_only}", "total_steps=256")
+    assert message == (f"resume={read_only}: the run dir cannot be written ({read_only} is not writable); copy it to a "
+                       "writable place and resume the copy")
+
+
 def test_a_sweep_is_checked_whole_before_its_first_job(monkeypatch, capsys, tmp_path):
     message = refused(monkeypatch, capsys, "-m", *CARTPOLE, "total_steps=64", "seed=0,-1,2", f"hydra.sweep.dir={tmp_path}")
     assert message == "seed must be an integer >= 0; got -1"
