@@ -12,7 +12,6 @@ and learning_curve.png; minc_rl.run_io holds those file formats.
 from __future__ import annotations
 
 import minc_rl.envs  # noqa: F401, I001  first: it mutes legacy gym's start-up notice, which importing SB3 would print
-import difflib
 import hashlib
 import itertools
 import logging
@@ -43,6 +42,7 @@ from stable_baselines3.common.utils import LinearSchedule, check_for_correct_spa
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 import minc_rl.configs
+from minc_rl import cli
 from minc_rl import run_io
 from minc_rl.checks import check_choice, check_int
 from minc_rl.run_dir import (
@@ -92,8 +92,7 @@ def short_dirname(name: str) -> str:
 
 def fail(message: str) -> NoReturn:
     """Print one line naming the bad value and the valid ones, and exit with code 2 (a usage error)."""
-    print(f"minc_rl.train: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    cli.fail("minc_rl.train", message)
 
 
 def group_choices(group: str) -> list[str]:
@@ -149,11 +148,8 @@ def check_keys(overrides: list[Any]) -> None:
             override.is_add() or override.is_force_add() or key.startswith(tuple(f"{k}." for k in PASSED_ON))
         ):
             continue
-        close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else "python -m minc_rl.train --help lists the keys"
-        if key.startswith("agent."):
-            hint += f" (to give SB3 another keyword argument, write +{key}=<value>)"
-        fail(f"{key} is not a key of minc_rl.train's config; {hint}")
+        plus = f" (to give SB3 another keyword argument, write +{key}=<value>)" if key.startswith("agent.") else ""
+        fail(cli.unknown_key_message(key, valid, "minc_rl.train") + plus)
 
 
 def valid_keys(overrides: list[Any]) -> set[str]:
@@ -174,17 +170,8 @@ def valid_keys(overrides: list[Any]) -> set[str]:
             except ValueError:
                 family = []  # check_config names the bad env
             for variant in variants:
-                keys |= dotted_keys(OmegaConf.to_container(compose("config", overrides=[*variant, *family])))
+                keys |= cli.dotted_keys(OmegaConf.to_container(compose("config", overrides=[*variant, *family])))
     GlobalHydra.instance().clear()
-    return keys
-
-
-def dotted_keys(node: Any, prefix: str = "") -> set[str]:
-    """The dotted paths of every key in nested dicts."""
-    keys = set()
-    for key, value in node.items() if isinstance(node, dict) else ():
-        keys.add(prefix + str(key))
-        keys |= dotted_keys(value, f"{prefix}{key}.")
     return keys
 
 
