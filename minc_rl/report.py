@@ -39,11 +39,17 @@ from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa:
 from hydra.errors import OverrideParseException  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from rliable import library as rly  # noqa: E402
 from rliable import metrics, plot_utils  # noqa: E402
 
 from minc_rl import run_io  # noqa: E402
 from minc_rl.io import atomic_write  # noqa: E402
+
+# rliable imports absl.logging, whose handler binds the sys.stderr of that moment; logging.config.dictConfig (Hydra's
+# logging set-up) closes every handler ever made, and absl's closes its stream unless it is the process's own: a
+# redirected stderr (pytest's capture, a caller's) would be closed under them. Bound to the process's stderr it is not.
+absl_logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
 
 # top-level config keys that never make an arm: the run's identity within an arm and how it was run
 BOOKKEEPING = ("seed", "env", "resume", "wandb", "progress_bar", "torch_threads")
