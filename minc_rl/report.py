@@ -272,10 +272,16 @@ def normaliser(finals: dict[str, dict[Any, float]], baseline: str, how: str, env
     return lambda score: score
 
 
+def iqm_difference(scores: np.ndarray, baseline_scores: np.ndarray) -> float:
+    """IQM(arm) - IQM(baseline) of two (runs x envs) score matrices."""
+    return float(metrics.aggregate_iqm(scores) - metrics.aggregate_iqm(baseline_scores))
+
+
 def aggregate(tables: dict[str, dict[str, Any]], baseline: str, splits: Sequence[str], normalise: str, reps: int,
               seed: int) -> dict[str, Any]:
-    """Across envs: per arm the IQM of the normalised final returns (runs x envs) and its probability of improvement
-    over the baseline arm, each with 95% stratified-bootstrap intervals (rliable, `reps` resamples, numpy seeded
+    """Across envs: per arm the IQM of the normalised final returns (runs x envs), the difference of its IQM and the
+    baseline arm's, and its probability of improvement over the baseline arm, each with 95% stratified-bootstrap
+    intervals (the two arms resampled independently for the difference) (rliable, `reps` resamples, numpy seeded
     with `seed`). An env enters where the baseline arm has runs; an arm enters with the seeds it has on every env."""
     scored, scores, notes = {}, {}, []
     for env, table in tables.items():
@@ -305,13 +311,15 @@ def aggregate(tables: dict[str, dict[str, Any]], baseline: str, splits: Sequence
         iqm, iqm_ci = rly.get_interval_estimates(matrices, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=reps)
         pairs = {arm: (matrix, matrices[baseline]) for arm, matrix in matrices.items() if arm != baseline}
         poi, poi_ci = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=reps)
+        gap, gap_ci = rly.get_interval_estimates(pairs, iqm_difference, reps=reps)
     finally:
         np.random.set_state(state)
     arms = {arm: {"runs_per_env": len(matrix), "seeds": used[arm], "iqm": float(iqm[arm][0]),
                   "iqm_ci": [float(v) for v in iqm_ci[arm][:, 0]]}
             for arm, matrix in matrices.items()}
     for arm in pairs:
-        arms[arm].update(probability_of_improvement=float(poi[arm]), probability_of_improvement_ci=[float(v) for v in np.ravel(poi_ci[arm])])
+        arms[arm].update(probability_of_improvement=float(poi[arm]), probability_of_improvement_ci=[float(v) for v in np.ravel(poi_ci[arm])],
+                         iqm_difference=float(gap[arm]), iqm_difference_ci=[float(v) for v in np.ravel(gap_ci[arm])])
     return {"envs": scored, "normalise": normalise, "reps": reps, "arms": arms, "notes": notes}
 
 
@@ -401,19 +409,22 @@ NORMALISATION_TEXT = {
 
 
 def aggregate_markdown(result: dict[str, Any]) -> str:
-    """The across-env table: IQM and probability of improvement with their intervals, and how they were made."""
+    """The across-env table: IQM, its difference to the baseline's and the probability of improvement with their
+    intervals, and how they were made."""
     summary = result["aggregate"]
     if not summary["arms"]:
         return "No aggregate: " + "; ".join(summary["notes"]) + "\n"
-    lines = [f"| arm | runs per env | IQM of the normalised score [95% CI] | P(arm > {result['baseline']}) [95% CI] |",
-             "|---|---|---|---|"]
+    lines = [f"| arm | runs per env | IQM of the normalised score [95% CI] | IQM - IQM({result['baseline']}) [95% CI] "
+             f"| P(arm > {result['baseline']}) [95% CI] |", "|---|---|---|---|---|"]
     for arm, value in summary["arms"].items():
-        poi = ("-" if "probability_of_improvement" not in value
-               else fmt_interval(value["probability_of_improvement"], value["probability_of_improvement_ci"]))
-        lines.append(f"| {arm} | {value['runs_per_env']} | {fmt_interval(value['iqm'], value['iqm_ci'])} | {poi} |")
+        gap, poi = (("-", "-") if "probability_of_improvement" not in value
+                    else (fmt_interval(value["iqm_difference"], value["iqm_difference_ci"]),
+                          fmt_interval(value["probability_of_improvement"], value["probability_of_improvement_ci"])))
+        lines.append(f"| {arm} | {value['runs_per_env']} | {fmt_interval(value['iqm'], value['iqm_ci'])} | {gap} | {poi} |")
     splits = ", ".join(f"{env}: {split}" for env, split in summary["envs"].items())
     notes = [f"Score per run and env: {NORMALISATION_TEXT[summary['normalise']]}; the final return on {splits}.",
-             "IQM: the mean of the middle 50% of all runs' scores (runs x envs). P(arm > baseline): the probability "
+             "IQM: the mean of the middle 50% of all runs' scores (runs x envs); its difference to the baseline's is "
+             "bootstrapped with both arms resampled. P(arm > baseline): the probability "
              "that a run of the arm scores above a run of the baseline on an env, averaged over envs "
              "(Agarwal et al. 2021). Intervals: 95% stratified bootstrap over runs, per env, "
              f"{summary['reps']:,} resamples (rliable).", *summary["notes"]]

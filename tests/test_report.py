@@ -100,6 +100,16 @@ def test_iqm_and_probability_of_improvement_match_hand_values_and_rliable(study)
     for arm in ("aux=minc", "aux=spectral"):
         assert arms[arm]["probability_of_improvement"] == pytest.approx(poi[arm])
         assert arms[arm]["probability_of_improvement_ci"] == pytest.approx(np.ravel(poi_ci[arm]))
+    # IQM differences by hand: minc 2.5 - 1.0 = 1.5, spectral 1.0 - 1.0 = 0; and as rliable bootstraps them
+    assert arms["aux=minc"]["iqm_difference"] == pytest.approx(1.5)
+    assert arms["aux=spectral"]["iqm_difference"] == pytest.approx(0.0)
+    gap, gap_ci = rly.get_interval_estimates(
+        {f"aux={k}": (scores[k], scores["none"]) for k in ("minc", "spectral")},
+        lambda x, y: metrics.aggregate_iqm(x) - metrics.aggregate_iqm(y), reps=REPS)
+    for arm in ("aux=minc", "aux=spectral"):
+        assert arms[arm]["iqm_difference_ci"] == pytest.approx(np.ravel(gap_ci[arm]))
+        low, high = arms[arm]["iqm_difference_ci"]
+        assert low <= arms[arm]["iqm_difference"] <= high
 
 
 def test_minmax_normalisation_and_an_arm_missing_an_env(study):
