@@ -12,13 +12,13 @@ with contextlib.suppress(ImportError), contextlib.redirect_stderr(io.StringIO())
     import gym  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["MincAuxCallback", "MincExtractor"]
+__all__ = ["EncoderHealth", "MincAuxCallback", "MincExtractor"]
 
-_LAZY = {"MincExtractor": "minc_rl.extractor", "MincAuxCallback": "minc_rl.callback"}
+_LAZY = {"MincExtractor": "minc_rl.extractor", "MincAuxCallback": "minc_rl.callback", "EncoderHealth": "minc_rl.health"}
 
 
 def __getattr__(name: str) -> Any:
-    """Import MincExtractor / MincAuxCallback on first use, so `import minc_rl` stays light (no torch, no SB3)."""
+    """Import MincExtractor / MincAuxCallback / EncoderHealth on first use, so `import minc_rl` stays light (no torch, no SB3)."""
     if name in _LAZY:
         import importlib
 

@@ -125,21 +125,21 @@ def check_command_line(args: list[str]) -> list[str]:
         if key == "resume" and not override.is_sweep_override() and override.value() is not None:
             if not (Path(str(override.value())) / "config.yaml").is_file():
                 fail(f"resume={override.value()!r} is not a run directory of minc_rl.train (it has no config.yaml)")
-    check_keys(overrides)
+    config_dirs = [Path(args[i + 1]).resolve() for i, a in enumerate(args[:-1]) if a in ("-cd", "--config-dir")]
+    check_keys(overrides, config_dirs)
     multirun = any(a in ("-m", "--multirun") for a in args)
     check_run_dir_argument(overrides, multirun)
     if multirun:
-        given = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-cd", "--config-dir")]
-        check_sweep_jobs(overrides, [Path(d).resolve() for d in given])
+        check_sweep_jobs(overrides, config_dirs)
     return [f"++{a}" if a.startswith(tuple(f"{k}." for k in PASSED_ON)) else a for a in args]
 
 
-def check_keys(overrides: list[Any]) -> None:
+def check_keys(overrides: list[Any], config_dirs: list[Path]) -> None:
     """Exit 2 with the closest valid key on a key=value (or +key=value) whose key the config does not have, except
     inside OPEN_KEYS. With resume= the saved config decides (resumed_config)."""
     if any(o.key_or_group == "resume" and o.value() is not None for o in overrides):
         return
-    valid = valid_keys(overrides)
+    valid = valid_keys(overrides, study_overrides(overrides, config_dirs))
     for override in overrides:
         key = override.key_or_group
         if key.startswith("hydra") or key in (*GROUPS, "family", "family_agent", "resume", "study") or key in valid:
@@ -152,9 +152,24 @@ def check_keys(overrides: list[Any]) -> None:
         fail(cli.unknown_key_message(key, valid, "minc_rl.train") + plus)
 
 
-def valid_keys(overrides: list[Any]) -> set[str]:
+def study_overrides(overrides: list[Any], config_dirs: list[Path]) -> list[str]:
+    """The command line's +study=<name> (and the --config-dir it is found in) as compose() overrides, when the study
+    file exists (check_sweep_jobs names a missing one): a study's defaults (agent=dqn) count for the keys."""
+    studies = [o for o in overrides if o.key_or_group == "study" and not o.is_sweep_override()]
+    found = [d for d in (*config_dirs, CONFIG_DIR) for o in studies if (d / "study" / f"{o.value()}.yaml").is_file()]
+    if not found:
+        return []
+    return [*searchpath_override(config_dirs), *(o.input_line for o in studies)]
+
+
+def searchpath_override(config_dirs: list[Path]) -> list[str]:
+    """The --config-dir folders as a compose() override of Hydra's search path (none: [])."""
+    return [f"hydra.searchpath=[{','.join(f'file://{d}' for d in config_dirs)}]"] if config_dirs else []
+
+
+def valid_keys(overrides: list[Any], extra: list[str]) -> set[str]:
     """Every key (dotted, nodes and leaves) of the config composed for each env, agent, aux and encoder choice the
-    command line names, with the family defaults of the env."""
+    command line names, with the family defaults of the env and the `extra` overrides (a +study)."""
     choices = {"env": [], **{group: [] for group in GROUPS}}
     for override in overrides:
         if override.key_or_group in choices and not override.is_delete():
@@ -164,13 +179,13 @@ def valid_keys(overrides: list[Any]) -> set[str]:
     keys: set[str] = set()
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        for env in choices["env"] or [compose("config").env]:
+        for env in choices["env"] or [compose("config", overrides=extra).env]:
             try:
                 family = [f"family={parse_spec(env)[0]}"]
             except ValueError:
                 family = []  # check_config names the bad env
             for variant in variants:
-                keys |= cli.dotted_keys(OmegaConf.to_container(compose("config", overrides=[*variant, *family])))
+                keys |= cli.dotted_keys(OmegaConf.to_container(compose("config", overrides=[*variant, *family, *extra])))
     GlobalHydra.instance().clear()
     return keys
 
@@ -181,8 +196,7 @@ def check_sweep_jobs(overrides: list[Any], config_dirs: list[Path]) -> None:
     exits 2 before anything trains."""
     if any(o.key_or_group == "resume" for o in overrides):
         return
-    fixed = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in config_dirs)}]"] if config_dirs else []
-    sweeps = []
+    fixed, sweeps = searchpath_override(config_dirs), []
     for override in overrides:
         if override.key_or_group.startswith("hydra"):
             continue

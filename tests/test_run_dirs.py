@@ -132,6 +132,15 @@ def test_a_sweep_is_checked_whole_before_its_first_job(monkeypatch, capsys, tmp_
     assert list(tmp_path.iterdir()) == []  # job 0 did not run
 
 
+def test_a_studys_own_defaults_count_for_the_command_lines_keys(monkeypatch, capsys):
+    """+study=representation sets agent=dqn in its defaults: agent.replay_ratio is then a key without agent=dqn."""
+    args = ["-m", "+study=representation", "agent.replay_ratio=4", "hydra.sweep.dir=/tmp/unused"]
+    monkeypatch.setattr(train, "check_sweep_jobs", lambda *a: None)  # only the key check here
+    assert train.check_command_line(args) == args
+    message = refused(monkeypatch, capsys, "-m", "+study=representation", "agent.replay_ratoi=4")
+    assert message.startswith("agent.replay_ratoi is not a key of minc_rl.train's config; did you mean agent.replay_ratio?")
+
+
 def test_long_job_directory_names_are_shortened_with_a_hash():
     name = ",".join(f"aux.loss_kwargs.option{i}={i}" for i in range(20))
     short = train.short_dirname(name)
