@@ -12,6 +12,7 @@ from minc_rl.envs import make_vec_env
 from stable_baselines3 import DQN
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import DummyVecEnv
+from test_agents import spy_on_aux_batches
 
 SMALL_AUX = dict(dim=16, head_hidden=32)
 
@@ -66,18 +67,6 @@ def spy_on_samples(model: MincDQN) -> list:
 
     model.replay_buffer.sample = spy
     return samples
-
-
-def spy_on_aux_batches(model: MincDQN) -> list:
-    """Record the AuxBatch of every aux update."""
-    batches, update = [], model.aux_learner.update
-
-    def spy(rl_loss, features, rl_features, batch, *args):
-        batches.append(batch)
-        return update(rl_loss, features, rl_features, batch, *args)
-
-    model.aux_learner.update = spy
-    return batches
 
 
 def quiet(model: MincDQN) -> MincDQN:
