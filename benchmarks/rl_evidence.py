@@ -98,11 +98,15 @@ CALIBRATED = {
     # issue 16: phi(o_t, a_t) against mu(o_t+1); its rule was written before the smaller shares
     "minc-state-action": (["aux=minc", "aux.pairs=state_action"], FIRST_SETTINGS),
 }
-GRIDS = {"aux": (), "pairs": (), "td-pairs": (), "calibration": ("minc", "spectral"),
+GRIDS = {"aux": (), "pairs": (), "td-pairs": (), "representation": (), "calibration": ("minc", "spectral"),
          "calibration-pairs": ("minc-state-action",)}
 # issue 24: DQN's aux pairs from the TD batch (aux.source=td) against today's replay pairs, at the calibrated shares
 TD_PAIRS = {"none": ["aux=none"], "minc": ["aux=minc"], "minc-td": ["aux=minc", "aux.source=td"],
             "spectral-td": ["aux=spectral", "aux.source=td"]}
+# issue 25: the representation study's arms (README_representation_study.md); each condition (replay ratio,
+# distractors) comes with --override and has its own --runs and --out
+REPRESENTATION = {"none": ["aux=none"], "minc": ["aux=minc"],
+                  "minc-sa": ["aux=minc", "aux.pairs=state_action", "aux.share=0.1"]}
 
 
 def calibrated_choice(suite: str, loss: str, results: Path = CALIBRATION_RESULTS) -> list[str]:
@@ -124,6 +128,8 @@ def variants(suite: str, grid: str) -> dict[str, list[str]]:
         return {"minc-state-action": calibrated_choice(suite, "minc-state-action")}
     if grid == "td-pairs":
         return TD_PAIRS
+    if grid == "representation":
+        return REPRESENTATION
     grid_variants = {"none": ["aux=none"]}
     for loss in GRIDS[grid]:
         loss_overrides, settings = CALIBRATED[loss]
@@ -233,7 +239,8 @@ def run(args: argparse.Namespace) -> None:
         for filename in COPIED:
             shutil.copyfile(run_dir / filename, copy_dir / filename)
         if args.commit:
-            commit_copies([copy_dir], f"rl_evidence: {args.suite}:{game} {aux} seed {seed} ({args.steps:,} steps)")
+            commit_copies([copy_dir], f"rl_evidence ({args.out}): {args.suite}:{game} {aux} seed {seed} "
+                                      f"({args.steps:,} steps)")
     print(f"done; tables and plots: python benchmarks/rl_evidence.py aggregate --results {args.out}", flush=True)
 
 
@@ -437,7 +444,8 @@ def main() -> None:
     run_parser.add_argument("--grid", choices=list(GRIDS), default="aux",
                             help="aux: the suite's aux losses at their defaults; calibration: issue 12's grid (minc, "
                             "spectral); calibration-pairs: issue 16's (minc with aux.pairs=state_action); pairs: "
-                            "state-action MINC at the setting its calibration chose (issue 16's final runs)")
+                            "state-action MINC at the setting its calibration chose (issue 16's final runs); "
+                            "td-pairs: issue 24's; representation: issue 25's arms (the condition via --override)")
     run_parser.add_argument("--variants", nargs="+", metavar="NAME",
                             help="run only these variants of the grid (default: all), e.g. --variants none")
     run_parser.add_argument("--shard", type=shard_spec, default=(0, 1), metavar="I/N",

@@ -142,3 +142,39 @@ def test_run_skips_a_run_dir_another_process_is_writing(tmp_path, capsys):
     assert (run_dir / "progress.csv").read_text() == "written by the other run\n"
     assert not (tmp_path / "out").exists()
     assert f"skipped; {run_dir} is in use by another run (pid {os.getpid()})" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        (["agent.replay_ratio=1"], {"gradient_steps": 1, "distractors": None}),
+        (["agent.replay_ratio=4"], {"gradient_steps": 4, "distractors": None}),
+        (["agent.replay_ratio=1", "env_options.distractors.channels=same", "env_options.distractors.p=0.08"],
+         {"gradient_steps": 1, "distractors": {"channels": "same", "p": 0.08}}),
+    ],
+)  # fmt: skip
+def test_representation_grid_composes_each_arm_under_each_condition(tmp_path, condition, expected):
+    """README_representation_study.md's grid: every arm of every condition composes to the study's settings."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from minc_rl import train
+
+    grid = rl_evidence.variants("minatar", "representation")
+    assert grid == {"none": ["aux=none"], "minc": ["aux=minc"],
+                    "minc-sa": ["aux=minc", "aux.pairs=state_action", "aux.share=0.1"]}
+    args = argparse.Namespace(steps=50_000, evaluations=10, override=condition, python=None)
+    commands = {arm: rl_evidence.train_command("minatar", "breakout", overrides, 3, tmp_path / arm, args)
+                for arm, overrides in grid.items()}
+    tasks = {arm: [a for a in train.check_command_line(command[3:]) if not a.startswith("hydra.")]  # as train's main
+             for arm, command in commands.items()}
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(train.CONFIG_DIR), version_base="1.3"):
+        for arm, task in tasks.items():
+            cfg = train.with_family_defaults("minatar:breakout", task)
+            train.apply_replay_ratio(cfg, task)
+            assert (cfg.agent.name, cfg.aux.name, cfg.seed, cfg.total_steps) == ("dqn", grid[arm][0][4:], 3, 50_000)
+            assert (cfg.eval.every, cfg.health.every, cfg.agent.train_freq) == (5_000, 5_000, 1)
+            assert cfg.agent.gradient_steps == expected["gradient_steps"]
+            assert cfg.env_options.get("distractors") == expected["distractors"]
+            assert (cfg.aux.pairs, cfg.aux.share) == (("state_action", 0.1) if arm == "minc-sa" else ("state", 0.01))
