@@ -66,9 +66,9 @@ class AuxConfig:
     lr: float = 3e-4  # the aux optimizer's Adam learning rate (the head; the encoder too in separate / decoupled)
     max_grad_norm: float = 10.0  # the aux optimizer's gradient clip
     dim: int = 64  # embedding size d (Lambda is d x d)
-    batch: int = 256  # pairs per gradient step (MincDQN with source="td": the TD batch's batch_size instead)
+    batch: int = 256  # pairs per gradient step (MincDQN with source="replay"; with "td" the TD batch's batch_size)
     every: int = 1  # MincDQN: the aux loss joins every k-th TD step (the others are the RL step alone)
-    source: str = "replay"  # MincDQN: replay (aux.batch pairs drawn apart from the TD batch) | td (the TD batch's own)
+    source: str | None = None  # MincDQN: td (the TD batch's own pairs; None: this default) | replay (aux.batch apart)
     ema: float = 0.2  # MINC's EMA rate of Lambda
     augment: str = "none"  # none | shift (DrQ random shift of both views; image observations)
     target_tau: float | None = None  # None: o_t+1 through the online encoder under stop-gradient; else EMA target
@@ -83,7 +83,8 @@ class AuxConfig:
         check_choice("aux.mode", self.mode, AUX_MODES)
         check_choice("aux.augment", self.augment, AUGMENT_CHOICES)
         check_choice("aux.pairs", self.pairs, PAIR_CHOICES)
-        check_choice("aux.source", self.source, SOURCE_CHOICES)
+        if self.source is not None:
+            check_choice("aux.source", self.source, SOURCE_CHOICES)
         for key in ("linear_critic", "log_update_share"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"aux.{key} must be true or false; got {getattr(self, key)!r}")
@@ -101,8 +102,9 @@ class AuxConfig:
         check_int("aux.batch", self.batch, 2)
         check_int("aux.every", self.every, 1)
         if self.source == "td" and self.batch != AuxConfig.batch:
-            raise ValueError(f"aux.batch={self.batch} sets the count of replay pairs; with aux.source='td' the pairs "
-                             "are the TD batch's own (the agent's batch_size): leave aux.batch at its default")
+            raise ValueError(f"aux.batch={self.batch} sets the count of replay pairs; with aux.source='td' (MincDQN's "
+                             "default) the pairs are the TD batch's own (the agent's batch_size): leave aux.batch at "
+                             "its default, or set aux.source='replay'")
         if self.every > 1 and self.log_update_share:
             raise ValueError(f"aux.log_update_share splits every step's update; it needs aux.every=1, got {self.every}")
         check_int("aux.head_hidden", self.head_hidden, 1)
@@ -533,16 +535,16 @@ class MincAuxMixin:
     ) -> dict[str, Any]:
         """Check and store the aux settings; return sb3_kwargs with MincExtractor(encoder) as the default extractor
         of single-observation policies (MlpPolicy, CnnPolicy). MultiInputPolicy keeps SB3's CombinedExtractor."""
-        self.aux = AuxConfig.of(aux)
+        self.aux = self.aux_config(aux)
         if self.aux.linear_critic and not self.has_linear_critic:
             raise ValueError(f"aux.linear_critic is built for MincDQN (Q(s, a) = phi(s, a)^T w); {type(self).__name__} "
                              "has no Q-function to put on phi")
         if self.aux.every != 1 and not self.takes_td_settings:
             raise ValueError(f"aux.every={self.aux.every} thins MincDQN's aux steps; {type(self).__name__} takes one on "
                              "every gradient step (aux.every=1)")
-        if self.aux.source != "replay" and not self.takes_td_settings:
+        if self.aux.source == "td" and not self.takes_td_settings:
             raise ValueError(f"aux.source={self.aux.source!r} takes MincDQN's pairs from its TD batch; "
-                             f"{type(self).__name__} takes them from its own minibatch already (leave aux.source='replay')")
+                             f"{type(self).__name__} takes them from its own minibatch already (leave aux.source unset)")
         self.should_stop: Callable[[], bool] | None = None  # checked after every gradient step (a prompt Ctrl-C)
         check_choice("encoder", encoder, ENCODER_CHOICES)
         kwargs = dict(sb3_kwargs.get("policy_kwargs") or {})
@@ -567,13 +569,21 @@ class MincAuxMixin:
         return {**sb3_kwargs, "policy_kwargs": kwargs}
 
     @classmethod
+    def aux_config(cls, aux: str | AuxConfig | Mapping[str, Any]) -> AuxConfig:
+        """AuxConfig.of(aux), an unset aux.source made MincDQN's default: its TD batch's own pairs (issue 24's rule)."""
+        config = AuxConfig.of(aux)
+        if cls.takes_td_settings and config.source is None:
+            return dataclasses.replace(config, source="td")
+        return config
+
+    @classmethod
     def load(cls, path: Any, env: Any = None, device: Any = "auto", custom_objects: dict[str, Any] | None = None,
              print_system_info: bool = False, force_reset: bool = True, **kwargs: Any) -> Any:
         """SB3's load; `aux=` may change the settings that the saved aux state does not depend on (share, lr, every,
         source, ...), and a change of one it does (the loss, dim, mode, pairs, ...) is a ValueError naming it."""
         if "aux" in kwargs:
             data, _, _ = load_from_zip_file(path, device=device, custom_objects=custom_objects)
-            kwargs["aux"] = AuxConfig.of(kwargs["aux"])
+            kwargs["aux"] = cls.aux_config(kwargs["aux"])
             kwargs["aux"].check_takes_state_of(AuxConfig.of(data["aux"]), f"{cls.__name__}.load({str(path)!r}, aux=...)")
         return super().load(path, env=env, device=device, custom_objects=custom_objects,  # type: ignore[misc]
                             print_system_info=print_system_info, force_reset=force_reset, **kwargs)

@@ -27,14 +27,14 @@ def concat_observations(first: Any, second: Any) -> Any:
 
 
 class MincDQN(MincAuxMixin, DQN):
-    """DQN with the auxiliary loss of replay pairs on every gradient step (every aux.every-th), joined to the TD step
-    as `aux.mode` says.
+    """DQN with the auxiliary loss on every gradient step (every aux.every-th), joined to the TD step as `aux.mode`
+    says.
 
     `aux` is a loss name ("minc", "spectral", "infonce", "none") or an AuxConfig / a mapping of its settings. Where
-    the pairs come from is `aux.source`: "replay" draws aux.batch pairs of their own from the replay buffer, apart
-    from the TD batch, and both batches go through the online encoder in one forward; "td" takes the TD batch's own
-    transitions (o_t, a_t, o_t+1), so o_t's features are the Q forward's and only o_t+1 is encoded again, without
-    gradient. Either way a pair whose successor the buffer does not hold (an episode's end under
+    the pairs come from is `aux.source`: "td" (the default) takes the TD batch's own transitions (o_t, a_t, o_t+1),
+    so o_t's features are the Q forward's and only o_t+1 is encoded again, without gradient; "replay" draws
+    aux.batch pairs of their own from the replay buffer, apart from the TD batch, and both batches go through the
+    online encoder in one forward. Either way a pair whose successor the buffer does not hold (an episode's end under
     optimize_memory_usage, or from an env without terminal_observation) is left out (train/aux_masked). The aux loss
     attaches to the online Q-network's features extractor; the target Q-network is SB3's copy, untouched by it.
     With aux="none", or source="td" at share 0, this is SB3's DQN, update for update.

@@ -9,8 +9,12 @@ interleaved.
         --out benchmarks/results/aux_overhead_pairs_dqn.json                 # state against state-action pairs
     python benchmarks/aux_overhead.py --agent dqn --variants none minc minc-every4 minc-every16 --rounds 6 --threads 1 \
         --out benchmarks/results/aux_overhead_every_dqn.json                  # aux.every: the aux loss on every k-th TD step
-    python benchmarks/aux_overhead.py --agent dqn --variants none minc minc-td minc-td-state-action --train-freq 4 \
+    python benchmarks/aux_overhead.py --agent dqn --variants none minc-replay minc-td minc-td-state-action --train-freq 4 \
         --rounds 6 --threads 1 --out benchmarks/results/aux_overhead_td_dqn_tf4.json   # TD pairs (aux.source=td)
+
+For DQN, `minc` (and the variants that do not name a source) is MincDQN's default: TD pairs since issue 24. The
+results measured before it, where `minc` is replay pairs, name the code version they ran (docs/benchmarks.md);
+`minc-replay` measures replay pairs today.
     python benchmarks/aux_overhead.py --quick                # smoke run, a few seconds
 
 DQN (--agent dqn): MinAtar breakout with the MinAtar CNN, Young and Tian's batch 32 and one update per step
@@ -63,7 +67,8 @@ VARIANTS = {
     "minc-state-action": dict(name="minc", pairs="state_action"),  # phi(o_t, a_t) against mu(o_t+1)
     "minc-every4": dict(name="minc", every=4),  # DQN only: the aux loss on every 4th TD step
     "minc-every16": dict(name="minc", every=16),
-    "minc-td": dict(name="minc", source="td"),  # DQN only: the aux pairs are the TD batch's own
+    "minc-replay": dict(name="minc", source="replay"),  # DQN only: aux.batch pairs of their own (before issue 24)
+    "minc-td": dict(name="minc", source="td"),  # DQN only: the aux pairs are the TD batch's own (DQN's default)
     "minc-td-state-action": dict(name="minc", source="td", pairs="state_action"),
     "spectral-td": dict(name="spectral", source="td"),
     "minc@2048": dict(name="minc", batch=2048),

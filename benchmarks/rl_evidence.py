@@ -101,7 +101,7 @@ CALIBRATED = {
 GRIDS = {"aux": (), "pairs": (), "td-pairs": (), "representation": (), "calibration": ("minc", "spectral"),
          "calibration-pairs": ("minc-state-action",)}
 # issue 24: DQN's aux pairs from the TD batch (aux.source=td) against today's replay pairs, at the calibrated shares
-TD_PAIRS = {"none": ["aux=none"], "minc": ["aux=minc"], "minc-td": ["aux=minc", "aux.source=td"],
+TD_PAIRS = {"none": ["aux=none"], "minc": ["aux=minc", "aux.source=replay"], "minc-td": ["aux=minc", "aux.source=td"],
             "spectral-td": ["aux=spectral", "aux.source=td"]}
 # issue 25: the representation study's arms (README_representation_study.md); each condition (replay ratio,
 # distractors) comes with --override and has its own --runs and --out

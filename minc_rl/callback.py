@@ -33,9 +33,9 @@ def separate_config(aux: str | AuxConfig | Mapping[str, Any]) -> AuxConfig:
         raise ValueError("aux.linear_critic replaces the Q-network's last layer: use MincDQN, not the callback")
     if config.every != 1:
         raise ValueError(f"aux.every={config.every} thins MincDQN's aux steps; the callback's rate is gradient_steps")
-    if config.source != "replay":
+    if config.source == "td":
         raise ValueError(f"aux.source={config.source!r} needs MincDQN's TD batch; the callback sees no TD batch and "
-                         "draws aux.batch pairs of its own (aux.source='replay')")
+                         "draws aux.batch pairs of its own (leave aux.source unset, or 'replay')")
     return config
 
 

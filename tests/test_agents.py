@@ -221,7 +221,7 @@ def make_agent(agent: str, spec: str, aux: dict, **kwargs):
         return MincPPO("CnnPolicy" if spec.startswith("procgen") else "MlpPolicy", env, aux=dict(batch=32, **aux),
                        n_steps=32, batch_size=64, n_epochs=1, seed=0, **kwargs)
     env = make_vec_env(spec, 2)
-    return MincDQN("CnnPolicy", env, aux=dict(batch=48, **aux), encoder="impala", learning_starts=64, batch_size=32,
+    return MincDQN("CnnPolicy", env, aux=aux, encoder="impala", learning_starts=64, batch_size=32,
                    buffer_size=2000, train_freq=4, seed=0, **kwargs)
 
 
@@ -232,7 +232,7 @@ def make_agent(agent: str, spec: str, aux: dict, **kwargs):
         ("ppo", "gym:CartPole-v1", dict(name="spectral", mode="separate", target_tau=0.5)),
         ("ppo", "gym:CartPole-v1", dict(name="infonce", mode="decoupled", loss_kwargs=dict(temperature=0.2))),
         ("dqn", "minatar:breakout", dict(name="minc", share=0.3, log_update_share=True)),
-        ("dqn", "minatar:breakout", dict(name="spectral", augment="shift", mode="separate")),
+        ("dqn", "minatar:breakout", dict(name="spectral", augment="shift", mode="separate", source="replay", batch=48)),
         ("dqn", "minatar:breakout", dict(name="minc", mode="decoupled")),
     ],
 )
@@ -247,7 +247,8 @@ def test_short_learn_trains_the_encoder_and_logs(agent, spec, aux):
         values = logged(recorder, f"train/{key}")
         assert values and np.all(np.isfinite(values)), key
     pairs = logged(recorder, "train/aux_pairs")
-    assert min(pairs) >= 2 and (agent == "ppo" or set(pairs) == {48.0})  # DQN: its own aux.batch, not the TD batch's 32
+    assert min(pairs) >= 2 and (agent == "ppo" or set(pairs) == {aux.get("batch", model.batch_size)})  # DQN: the TD
+    # batch's 32 pairs (its default), or replay pairs of their own
     assert min(logged(recorder, "train/aux_rankme")) > 1.0  # no collapse to a constant embedding
     shares = logged(recorder, "train/aux_grad_share")
     if aux.get("mode", "joint") == "joint":  # the aux share of the encoder's update is the setting, every step
@@ -395,7 +396,7 @@ def test_state_action_head_embeds_the_taken_action():
 def test_state_action_pairs_train_phi_mu_and_the_encoder_in_every_agent(algo, spec, mode):
     """phi(o_t, a_t) against mu(o_t+1): both heads and the encoder learn, MINC keeps one Lambda per view (each the
     second moment of its view's unit rows), the logs are those of state pairs."""
-    aux = dict(batch=32, mode=mode, pairs="state_action", **SMALL_AUX)
+    aux = dict(mode=mode, pairs="state_action", **SMALL_AUX, **({} if algo == "dqn" else {"batch": 32}))
     env = make_vec_env(spec, 2)
     if algo == "a2c":
         callback = MincAuxCallback(aux, gradient_steps=2)
@@ -431,7 +432,7 @@ def test_state_action_pairs_refuse_other_action_spaces():
 
 
 def linear_critic_dqn(mode: str = "decoupled", **kwargs):
-    aux = dict(batch=32, mode=mode, pairs="state_action", linear_critic=True, **SMALL_AUX)
+    aux = dict(mode=mode, pairs="state_action", linear_critic=True, **SMALL_AUX)
     return small_model(MincDQN, "CnnPolicy", make_vec_env("minatar:breakout", 2), aux=aux,
                        policy_kwargs=dict(features_extractor_kwargs=SMALL), **kwargs)
 
@@ -567,7 +568,8 @@ def test_callback_settings_raise_clear_errors():
 @pytest.mark.parametrize("cls, pairs", [(MincPPO, "state"), (MincDQN, "state_action")])
 def test_save_load_round_trip_keeps_lambda_optimizer_target_and_continues(cls, pairs, tmp_path):
     env = make_vec_env("gym:CartPole-v1", 2)
-    common = dict(aux=dict(batch=16, target_tau=0.1, mode="separate", pairs=pairs), seed=0)
+    aux = dict(target_tau=0.1, mode="separate", pairs=pairs, **({"batch": 16} if cls is MincPPO else {}))
+    common = dict(aux=aux, seed=0)
     if cls is MincPPO:
         model = cls("MlpPolicy", env, n_steps=16, batch_size=16, n_epochs=1, **common)
     else:
@@ -590,7 +592,7 @@ def test_save_load_round_trip_keeps_lambda_optimizer_target_and_continues(cls, p
         assert saved_state.keys() == loaded_state.keys() and len(saved_state) > 0
         for key in saved_state:
             torch.testing.assert_close(loaded_state[key]["exp_avg"], saved_state[key]["exp_avg"], rtol=0, atol=0)
-    assert loaded.aux == AuxConfig(batch=16, target_tau=0.1, mode="separate", pairs=pairs)
+    assert loaded.aux == model.aux == AuxConfig(**aux, **({} if cls is MincPPO else {"source": "td"}))
 
     steps, encoder = int(lam_loaded.steps), loaded.aux_extractor.state_dict()
     encoder = {k: v.clone() for k, v in encoder.items()}
@@ -813,8 +815,8 @@ class CountingDictEnv(gymnasium.Env):
 
 
 def small_model(cls, policy, env, aux=None, **kwargs):
-    """A MincPPO / MincDQN with small rollouts, replay and aux batches."""
-    aux = dict(batch=16, **SMALL_AUX) if aux is None else aux
+    """A MincPPO / MincDQN with small rollouts, replay and aux batches (DQN's: its TD batch of 16)."""
+    aux = dict(SMALL_AUX, **({"batch": 16} if cls is MincPPO else {})) if aux is None else aux
     if cls is MincPPO:
         return cls(policy, env, aux=aux, n_steps=32, batch_size=16, n_epochs=2, seed=0, **kwargs)
     return cls(policy, env, aux=aux, learning_starts=32, batch_size=16, buffer_size=500, train_freq=4, seed=0,

@@ -193,3 +193,22 @@ def test_aux_source_errors_name_the_value_and_the_fix():
     with pytest.raises(ValueError, match=r"n_steps=3: the n-step buffer's next_observations are o_t\+n"):
         MincDQN("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), aux=dict(source="td"), n_steps=3)
     MincDQN("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), aux="none", n_steps=3)  # plain n-step DQN stays SB3's
+
+
+def test_td_pairs_are_dqns_default_and_the_other_agents_keep_their_own(tmp_path):
+    """Issue 24's rule made aux.source='td' MincDQN's default: an unset source becomes 'td' in MincDQN (at
+    construction and in load(aux=...)), and stays unset for MincPPO and the callback, which take pairs of their own."""
+    env = make_vec_env("gym:CartPole-v1", 1)
+    dqn = MincDQN("MlpPolicy", env, aux=dict(SMALL_AUX), learning_starts=16, batch_size=16, seed=0)
+    assert AuxConfig().source is None and dqn.aux == AuxConfig(source="td", **SMALL_AUX)
+    batches = spy_on_aux_batches(quiet(dqn))
+    dqn.learn(48)
+    assert batches and all(len(batch.rows) == 16 for batch in batches)  # the TD batch's own rows
+    assert MincPPO("MlpPolicy", env, aux="minc").aux.source is None
+    assert MincAuxCallback("minc").config.source is None
+    assert MincDQN("MlpPolicy", env, aux=dict(source="replay", batch=64)).aux.source == "replay"
+    dqn.save(tmp_path / "model.zip")
+    assert MincDQN.load(tmp_path / "model.zip", aux=dict(SMALL_AUX, share=0.1)).aux.source == "td"
+    with pytest.raises(ValueError, match=r"aux.batch=64 sets the count of replay pairs; with aux.source='td' \(MincDQN's "
+                                         r"default\) .* or set aux.source='replay'"):
+        MincDQN("MlpPolicy", env, aux=dict(batch=64))

@@ -143,7 +143,7 @@ def test_an_agent_without_a_known_encoder_is_refused() -> None:
 def short_dqn(callback: EncoderHealth | None) -> MincDQN:
     """MincDQN with the MINC aux loss on MinAtar breakout, 300 steps, one gradient step per step from step 100."""
     env = make_vec_env("minatar:breakout", 1, seed=0)
-    model = MincDQN("CnnPolicy", env, aux=dict(name="minc", batch=16), learning_starts=100, train_freq=1,
+    model = MincDQN("CnnPolicy", env, aux="minc", learning_starts=100, train_freq=1,
                     buffer_size=1000, batch_size=16, seed=0, device="cpu")  # fmt: skip
     model.learn(300, callback=callback)
     return model

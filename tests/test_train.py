@@ -268,7 +268,7 @@ def test_dqn_on_minatar_with_wandb_offline(tmp_path):
     env = {**ENV, "WANDB_MODE": "offline", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": ""}
     result = run_cli(
         "env=minatar:breakout", "agent=dqn", "aux=minc", "total_steps=600", "agent.learning_starts=100",
-        "agent.buffer_size=1000", "aux.batch=32", "eval.episodes=2", "eval.n_envs=2", "eval.every=300",
+        "agent.buffer_size=1000", "eval.episodes=2", "eval.n_envs=2", "eval.every=300",
         "checkpoint.every=300", "progress_bar=false", "wandb.enabled=true", "wandb.tags=[test,minatar]",
         f"hydra.run.dir={run_dir}",
         env=env,
