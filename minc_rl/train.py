@@ -420,8 +420,9 @@ def check_seed(cfg: DictConfig) -> None:
 
 
 def aux_config(cfg: DictConfig) -> AuxConfig:
-    """The run's AuxConfig from cfg.aux (ValueError naming a bad value)."""
-    return AuxConfig.of(OmegaConf.to_container(cfg.aux, resolve=True))
+    """The run's AuxConfig from cfg.aux, an unset aux.source made the agent's own (ValueError naming a bad value)."""
+    config = AuxConfig.of(OmegaConf.to_container(cfg.aux, resolve=True))
+    return AGENTS[cfg.agent.name].aux_config(config) if cfg.agent.name in AGENTS else config
 
 
 def build_envs(cfg: DictConfig) -> tuple[VecEnv, dict[str, VecEnv]]:
@@ -539,6 +540,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     cfg = run_config(cfg)
     apply_replay_ratio(cfg, list(HydraConfig.get().overrides.task))
     check_config(cfg)
+    cfg.aux.source = aux_config(cfg).source  # config.yaml names the pairs DQN takes (its default: td)
     try:
         lock = RunLock(run_dir).acquire()
         cfg = rerun_sweep_job(cfg, run_dir)

@@ -20,6 +20,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
+from omegaconf import OmegaConf
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecNormalize
@@ -299,13 +300,16 @@ def test_a_checkpoint_of_another_run_is_skipped_like_a_damaged_one(monkeypatch, 
     assert snapshot(edited) == before
 
 
-def test_a_dqn_resume_never_mixes_a_newer_replay_buffer_into_an_older_checkpoint(monkeypatch, capsys, tmp_path):
+def test_a_dqn_resume_never_mixes_a_newer_replay_buffer_into_an_older_checkpoint(monkeypatch, capsys, tmp_path,
+                                                                                   finished_run):
     run_dir = tmp_path / "run"
-    dqn = ["env=gym:CartPole-v1", "agent=dqn", "encoder=mlp", "aux=minc", "aux.source=td", "agent.learning_starts=50",
+    dqn = ["env=gym:CartPole-v1", "agent=dqn", "encoder=mlp", "aux=minc", "agent.learning_starts=50",
            "eval.episodes=1", "eval.n_envs=1", "eval.every=1000000", "progress_bar=false", "torch_threads=1"]
     run_in_process(monkeypatch, *dqn, "total_steps=200", "checkpoint.every=100", f"hydra.run.dir={run_dir}")
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["step_000000000100.zip", "step_000000000200.replay_buffer.pkl", "step_000000000200.zip"]
+    assert OmegaConf.load(run_dir / "config.yaml").aux.source == "td"  # DQN's default, named in the run's config
+    assert OmegaConf.load(finished_run / "config.yaml").aux.source is None  # PPO takes pairs of its own
     newest = run_dir / "checkpoints" / "step_000000000200.zip"
     newest.write_bytes(newest.read_bytes()[:1000])
     message = refused(monkeypatch, capsys, f"resume={run_dir}", "total_steps=300")
