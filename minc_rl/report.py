@@ -6,7 +6,7 @@ and summary.json). Runs are grouped by env and by arm: the settings that differ 
 than the seed and bookkeeping such as resume= (BOOKKEEPING). It writes to --out (default: <the one path>/report):
 
     report.md, report.json   per env and arm: the final return, mean ± standard error over seeds, and its difference
-                             to the baseline arm; across envs: the interquartile mean (IQM) of the score normalised
+                             to the baseline arm, and the final encoder health (when measured); across envs: the interquartile mean (IQM) of the score normalised
                              per env with 95% stratified-bootstrap intervals, and the probability of improvement over
                              the baseline arm (Agarwal et al. 2021, computed by rliable)
     <env>_returns.png        evaluation return per split and training-episode return against steps
@@ -246,12 +246,24 @@ def env_table(arms: dict[str, list[Run]], baseline: str, last: int) -> dict[str,
             if finals:
                 row["splits"][split] = dict(zip(("mean", "se"), mean_and_se(list(finals.values()))), final_returns=finals)
         rows[arm] = row
+        row["health"] = final_health(runs)
     base = rows.get(baseline, {}).get("splits", {})
     for arm, row in rows.items():
         for split, value in row["splits"].items():
             if arm != baseline and split in base:
                 value["vs_baseline"] = difference(value, base[split])
     return {"splits": splits, "arms": rows}
+
+
+def final_health(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
+    """Per health metric of summary.json (the last measurement of each run): mean ± SE over the runs that have it."""
+    by_metric: dict[str, dict[Any, float]] = {}
+    for run in runs:
+        for metric, value in (run.summary.get("health") or {}).items():
+            if value is not None:
+                by_metric.setdefault(metric, {})[run.settings["seed"]] = float(value)
+    return {metric: dict(zip(("mean", "se"), mean_and_se(list(values.values()))), values=values)
+            for metric, values in by_metric.items()}
 
 
 def normaliser(finals: dict[str, dict[Any, float]], baseline: str, how: str, env: str) -> Callable[[float], float]:
@@ -351,9 +363,9 @@ def analyse(runs: Sequence[Run], baseline: Sequence[str] | None = None, last: in
     }
 
 
-def fmt(mean: float, se: float) -> str:
-    """'mean ± se' ('mean (1 seed)' without a standard error)."""
-    return f"{mean:.2f} ± {se:.2f}" if math.isfinite(se) else f"{mean:.2f} (1 seed)"
+def fmt(mean: float, se: float, digits: int = 2) -> str:
+    """'mean ± se' ('mean (1 seed)' without a standard error), with `digits` decimals."""
+    return f"{mean:.{digits}f} ± {se:.{digits}f}" if math.isfinite(se) else f"{mean:.{digits}f} (1 seed)"
 
 
 def fmt_change(change: dict[str, Any]) -> str:
@@ -401,6 +413,23 @@ def final_return_table(result: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n\n" + "".join(f"- {note}\n" for note in notes)
 
 
+def health_table(result: dict[str, Any]) -> str:
+    """Per env and arm the final encoder health (summary.json's health/*), mean ± SE over seeds; '' when no run
+    measured it."""
+    metrics_seen = list(dict.fromkeys(metric for table in result["envs"].values() for row in table["arms"].values()
+                                      for metric in row["health"]))
+    if not metrics_seen:
+        return ""
+    lines = ["| env | arm | " + " | ".join(metrics_seen) + " |", "|" + "---|" * (len(metrics_seen) + 2)]
+    for env, table in result["envs"].items():
+        for arm, row in table["arms"].items():
+            cells = [fmt(row["health"][m]["mean"], row["health"][m]["se"], 3) if m in row["health"] else "-" for m in metrics_seen]
+            lines.append(f"| {env} | {arm} | " + " | ".join(cells) + " |")
+    note = ("- Each run's last health measurement (summary.json), then mean ± standard error over seeds: the agent's "
+            "own features on the run's fixed probe batch (docs/training.md#encoder-health).\n")
+    return "\n".join(lines) + "\n\n" + note
+
+
 NORMALISATION_TEXT = {
     "baseline": "the final return over the baseline arm's mean final return on that env (1 = the baseline)",
     "minmax": "(final return - min) / (max - min), min and max over every run of that env",
@@ -432,11 +461,14 @@ def aggregate_markdown(result: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any], figures: Sequence[Path] = ()) -> str:
-    """report.md: the arms, the per-env table, the aggregate and the plots."""
+    """report.md: the arms, the per-env table, the aggregate, the final health and the plots."""
     differ = ", ".join(result["arm_keys"]) or "nothing (one arm)"
     text = (f"# Report\n\n{result['runs']} runs on {len(result['envs'])} envs; the arms differ by {differ}; "
             f"baseline: {result['baseline']}.\n\n## Final return per env\n\n{final_return_table(result)}\n"
             f"## Across envs\n\n{aggregate_markdown(result)}")
+    health = health_table(result)
+    if health:
+        text += f"\n## Final encoder health per env\n\n{health}"
     if figures:
         text += "\n## Plots\n\n" + "".join(f"![{path.stem}]({path.name})\n" for path in figures)
     return text

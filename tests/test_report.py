@@ -26,7 +26,8 @@ REPS = 50  # bootstrap resamples in these tests (fast); rliable called directly 
 
 def make_run(path: Path, env: str, aux: str, seed: int, finals: dict[str, float], **settings) -> Path:
     """A run dir as minc_rl.train writes it: four evaluations per split whose last three average to finals[split]
-    (the first is 100, far off), progress.csv with an aux and a health column, summary.json with a speed."""
+    (the first is 100, far off), progress.csv with an aux and a health column, summary.json with a speed and a final
+    health of srank 10 + seed, dormant 0.1 * seed (none for aux=spectral, as from a run that did not measure it)."""
     config = {"env": env, "seed": seed, "aux": {"name": aux, "share": 0.01}, "agent": {"name": "ppo"}, **settings}
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -37,7 +38,9 @@ def make_run(path: Path, env: str, aux: str, seed: int, finals: dict[str, float]
                                                                     return_std=0.0, length_mean=10.0, episodes=1))
     rows = [f"{step},{seed + step / 100},{0.5 * step}" for step in (100, 200, 300, 400)]
     (path / "progress.csv").write_text("time/total_timesteps,train/aux_loss,health/srank\n" + "\n".join(rows) + "\n")
-    run_io.write_summary(path / "summary.json", {"steps": 400, "interrupted": False, "steps_per_s": 10.0 * (seed + 1)})
+    health = {"srank": 10.0 + seed, "dormant": 0.1 * seed} if aux != "spectral" else {}  # spectral: not measured
+    run_io.write_summary(path / "summary.json", {"steps": 400, "interrupted": False, "steps_per_s": 10.0 * (seed + 1),
+                                                 "health": health})
     return path
 
 
@@ -74,6 +77,20 @@ def test_runs_group_by_the_settings_that_differ_and_final_return_is_the_mean_of_
     assert a["aux=minc"]["steps"] == [400] and a["aux=minc"]["steps_per_s"] == pytest.approx(20.0)
     last_one = report.analyse(report.find_runs([study]), baseline=["aux=none"], last=1, reps=REPS)
     assert last_one["envs"]["gym:A"]["arms"]["aux=minc"]["splits"]["test"]["mean"] == pytest.approx(6.0)
+
+
+def test_final_health_is_the_mean_and_se_over_seeds_of_each_runs_last_measurement(study):
+    """Seeds 0, 1, 2: srank 10, 11, 12 -> 11 ± 1/sqrt(3); dormant 0, 0.1, 0.2 -> 0.1 ± 0.1/sqrt(3)."""
+    result = report.analyse(report.find_runs([study]), baseline=["aux=none"], reps=REPS)
+    health = result["envs"]["gym:B"]["arms"]["aux=minc"]["health"]
+    assert health["srank"]["values"] == {0: 10.0, 1: 11.0, 2: 12.0}
+    assert health["srank"]["mean"] == pytest.approx(11.0) and health["srank"]["se"] == pytest.approx(1 / np.sqrt(3))
+    assert health["dormant"]["mean"] == pytest.approx(0.1) and health["dormant"]["se"] == pytest.approx(0.1 / np.sqrt(3))
+    assert result["envs"]["gym:B"]["arms"]["aux=spectral"]["health"] == {}
+    table = report.markdown(result).split("## Final encoder health per env")[1]
+    assert "| env | arm | srank | dormant |" in table
+    assert "| gym:B | aux=minc | 11.000 ± 0.577 | 0.100 ± 0.058 |" in table
+    assert "| gym:B | aux=spectral | - | - |" in table
 
 
 def test_iqm_and_probability_of_improvement_match_hand_values_and_rliable(study):
