@@ -107,6 +107,7 @@ TD_PAIRS = {"none": ["aux=none"], "minc": ["aux=minc", "aux.source=replay"], "mi
 # distractors) comes with --override and has its own --runs and --out
 REPRESENTATION = {"none": ["aux=none"], "minc": ["aux=minc"],
                   "minc-sa": ["aux=minc", "aux.pairs=state_action", "aux.share=0.1"]}
+FIXED_GRIDS = {"td-pairs": TD_PAIRS, "representation": REPRESENTATION}  # grids whose variants are written out
 
 
 def calibrated_choice(suite: str, loss: str, results: Path = CALIBRATION_RESULTS) -> list[str]:
@@ -120,16 +121,14 @@ def calibrated_choice(suite: str, loss: str, results: Path = CALIBRATION_RESULTS
 
 def variants(suite: str, grid: str) -> dict[str, list[str]]:
     """Variant name -> its overrides: the suite's aux losses at their defaults ("aux"), state-action MINC at its
-    calibrated setting ("pairs", issue 16's final runs), or a calibration grid (aux=none and each of the grid's
-    losses at each of its settings)."""
+    calibrated setting ("pairs", issue 16's final runs), a grid written out (FIXED_GRIDS: issues 24 and 25), or a
+    calibration grid (aux=none and each of the grid's losses at each of its settings)."""
     if grid == "aux":
         return {aux: [f"aux={aux}"] for aux in SUITES[suite]["aux"]}
     if grid == "pairs":
         return {"minc-state-action": calibrated_choice(suite, "minc-state-action")}
-    if grid == "td-pairs":
-        return TD_PAIRS
-    if grid == "representation":
-        return REPRESENTATION
+    if grid in FIXED_GRIDS:
+        return FIXED_GRIDS[grid]
     grid_variants = {"none": ["aux=none"]}
     for loss in GRIDS[grid]:
         loss_overrides, settings = CALIBRATED[loss]
