@@ -34,6 +34,7 @@ SEEDS = (0, 1, 2, 3, 4)
 STEPS = 100_000  # the length rule's decision
 SPLIT = "test"
 NULL = "no difference these runs resolve"
+PER_GAME = ("return", "srank", "dormant")  # the per-game table: the final value of each, against none's
 
 
 def side(interval: list[float], reference: float) -> str:
@@ -78,23 +79,37 @@ def missing(report: dict[str, Any], arms: dict[str, str]) -> list[str]:
 
 
 def versus_none(game_rows: dict[str, dict[str, Any]], arm: str, metric: str) -> dict[str, float]:
-    """An arm's final health `metric` minus none's on one game, with the combined standard error."""
-    value, base = game_rows[arm]["health"][metric], game_rows[BASELINE]["health"][metric]
+    """An arm's final `metric` (the return or a health metric) minus none's on one game, with the combined SE."""
+    value, base = (game_rows[name]["splits"][SPLIT] if metric == "return" else game_rows[name]["health"][metric]
+                   for name in (arm, BASELINE))
     return {"difference": value["mean"] - base["mean"], "se": math.hypot(value["se"], base["se"])}
 
 
-def health_claims(report: dict[str, Any], arms: dict[str, str], arm: str) -> dict[str, Any]:
-    """The rule's health claims for one arm: "keeps the rank up" if on both games its mean final srank exceeds
-    none's by more than one combined SE; "keeps units alive" if its dormant fraction is below none's by as much."""
-    per_game = {}
+def per_game(report: dict[str, Any], arms: dict[str, str], arm: str) -> dict[str, dict[str, dict[str, float]]]:
+    """game -> final return, srank and dormant fraction of one arm against none's (the rule's per-game table)."""
+    result = {}
     for game in GAMES:
         rows = {arms[label]: row for label, row in report["envs"][game]["arms"].items()}
-        per_game[game] = {metric: versus_none(rows, arm, metric) for metric in ("srank", "dormant")}
+        result[game] = {metric: versus_none(rows, arm, metric) for metric in PER_GAME}
+    return result
+
+
+def health_claims(games: dict[str, dict[str, dict[str, float]]]) -> dict[str, bool]:
+    """The rule's health claims for one arm: "keeps the rank up" if on both games its mean final srank exceeds
+    none's by more than one combined SE; "keeps units alive" if its dormant fraction is below none's by as much."""
     return {
-        "per_game": per_game,
-        "keeps_rank_up": all(g["srank"]["difference"] > g["srank"]["se"] for g in per_game.values()),
-        "keeps_units_alive": all(g["dormant"]["difference"] < -g["dormant"]["se"] for g in per_game.values()),
+        "keeps_rank_up": all(g["srank"]["difference"] > g["srank"]["se"] for g in games.values()),
+        "keeps_units_alive": all(g["dormant"]["difference"] < -g["dormant"]["se"] for g in games.values()),
     }
+
+
+def strength(aggregate: dict[str, Any], games: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """What the rule says makes a verdict stronger: where each criterion's interval lies, and whether the games'
+    return differences to none point the same way."""
+    differences = [g["return"]["difference"] for g in games.values()]
+    return {"probability_of_improvement": side(aggregate["probability_of_improvement_ci"], 0.5),
+            "iqm_difference": side(aggregate["iqm_difference_ci"], 0.0),
+            "games_agree": all(d > 0 for d in differences) or all(d < 0 for d in differences)}
 
 
 def summarise_condition(report: dict[str, Any] | None) -> dict[str, Any]:
@@ -109,11 +124,14 @@ def summarise_condition(report: dict[str, Any] | None) -> dict[str, Any]:
     result: dict[str, Any] = {"complete": True, "arms": {}}
     for arm in MINC_ARMS:
         aggregate = report["aggregate"]["arms"][label[arm]]
+        games = per_game(report, arms, arm)
         result["arms"][arm] = {
             "verdict": verdict(aggregate),
             **{key: aggregate[key] for key in ("iqm", "iqm_ci", "iqm_difference", "iqm_difference_ci",
                                                "probability_of_improvement", "probability_of_improvement_ci")},
-            "health": health_claims(report, arms, arm),
+            "strength": strength(aggregate, games),
+            "per_game": games,
+            "health": health_claims(games),
         }
     return result
 
@@ -164,25 +182,31 @@ def fmt_interval(point: float, interval: list[float]) -> str:
 def markdown(summary: dict[str, Any]) -> str:
     """summary.md: the verdict table, the health claims and the incomplete conditions."""
     lines = ["# The representation study: the rule applied (README_representation_study.md, \"What counts\")", "",
-             "| condition | arm | IQM - IQM(none) [95% CI] | P(arm > none) [95% CI] | verdict |", "|---|---|---|---|---|"]
-    health = ["| condition | arm | game | srank - none's | dormant - none's |", "|---|---|---|---|---|"]
+             "| condition | arm | IQM - IQM(none) [95% CI] | P(arm > none) [95% CI] | verdict | intervals (IQM diff vs 0, P vs 0.5) "
+             "| games agree |", "|---|---|---|---|---|---|---|"]
+    health = ["| condition | arm | game | return - none's | srank - none's | dormant - none's |", "|---|---|---|---|---|---|"]
     claims, incomplete = [], []
     for condition, result in summary.items():
         if not result["complete"]:
             incomplete.append(f"- {condition}: incomplete, no verdict ({'; '.join(result['missing'])})")
             continue
         for arm, value in result["arms"].items():
+            how = value["strength"]
             lines.append(f"| {condition} | {arm} | {fmt_interval(value['iqm_difference'], value['iqm_difference_ci'])} | "
                          f"{fmt_interval(value['probability_of_improvement'], value['probability_of_improvement_ci'])} | "
-                         f"{value['verdict']} |")
-            for game, metrics in value["health"]["per_game"].items():
+                         f"{value['verdict']} | IQM diff {how['iqm_difference']}, P {how['probability_of_improvement']} | "
+                         f"{'yes' if how['games_agree'] else 'no'} |")
+            for game, metrics in value["per_game"].items():
                 health.append(f"| {condition} | {arm} | {game} | " + " | ".join(
-                    f"{metrics[m]['difference']:+.3f} ± {metrics[m]['se']:.3f}" for m in ("srank", "dormant")) + " |")
+                    f"{metrics[m]['difference']:+.3f} ± {metrics[m]['se']:.3f}" for m in PER_GAME) + " |")
             said = [text for key, text in (("keeps_rank_up", "keeps the features' rank up"),
                                            ("keeps_units_alive", "keeps units alive")) if value["health"][key]]
             claims.append(f"- {condition}, {arm}: {', '.join(said) if said else 'neither health claim holds'}")
     if claims:
-        text = "\n".join(lines) + "\n\n## Final health against none's (mean difference ± combined SE over seeds)\n\n"
+        text = "\n".join(lines) + (
+            "\n\n(A verdict is stronger when both intervals lie on the same side and both games point the same way:"
+            " README_representation_study.md, \"What counts\".)\n\n"
+            "## Per game against none's: final return and health (mean difference ± combined SE over seeds)\n\n")
         text += "\n".join(health) + "\n\nHealth claims (on both games, beyond one combined SE):\n\n" + "\n".join(claims)
     else:
         text = lines[0] + "\n\nNo condition is complete yet."
