@@ -217,13 +217,20 @@ def difference(value: dict[str, float], baseline: dict[str, float]) -> dict[str,
 
 
 def group(runs: Sequence[Run], keys: Sequence[str], baseline: str) -> dict[str, dict[str, list[Run]]]:
-    """env -> arm -> its runs in seed order; the baseline arm first, then the arms in sorted order."""
+    """env -> arm -> its runs in seed order; the baseline arm first, then the arms in sorted order. Two runs of one
+    arm and seed on an env (the same sweep run twice, say) are an error: which one counts is the user's choice."""
     arms = sorted({arm_label(run.settings, keys) for run in runs}, key=lambda arm: (arm != baseline, arm))
     grouped: dict[str, dict[str, list[Run]]] = {}
     for env, env_runs in by_env(runs).items():
         labels = [arm_label(run.settings, keys) for run in env_runs]
         grouped[env] = {arm: sorted((r for r, label in zip(env_runs, labels) if label == arm), key=lambda r: r.settings["seed"])
                         for arm in arms if arm in labels}
+        for arm, arm_runs in grouped[env].items():
+            for first, second in zip(arm_runs, arm_runs[1:]):
+                if first.settings["seed"] == second.settings["seed"]:
+                    raise ReportError(
+                        f"{env}, {arm}: two runs of seed {first.settings['seed']} ({first.path} and {second.path}); "
+                        "report one of them (give the directories to report, or move the other away)")
     return grouped
 
 

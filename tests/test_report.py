@@ -202,6 +202,13 @@ def test_bad_input_is_one_line_and_exit_code_2(study, tmp_path, capsys, argument
     assert error.count("\n") == 1
 
 
+def test_two_runs_of_one_arm_and_seed_are_an_error_naming_both(study):
+    """The same settings and seed twice (a sweep run twice into one tree): no silent choice of one of them."""
+    make_run(study / "again" / "A_minc_1", "gym:A", "minc", 1, {"test": 9.0}, torch_threads=7)
+    with pytest.raises(report.ReportError, match=r"gym:A, aux=minc: two runs of seed 1 \(.*A_minc_1 and .*again/A_minc_1\)"):
+        report.analyse(report.find_runs([study]), baseline=["aux=none"], reps=REPS)
+
+
 def test_a_run_without_config_yaml_is_named(tmp_path):
     run = make_run(tmp_path / "run", "gym:A", "none", 0, {"test": 1.0})
     (run / "config.yaml").unlink()
