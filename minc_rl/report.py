@@ -173,9 +173,17 @@ def setting_text(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+def inert(key: str, settings: dict[str, Any]) -> bool:
+    """Whether `key` is a setting of a config group chosen as none (aux.share under aux=none): it changes nothing."""
+    group = key.split(".")[0]
+    return key != f"{group}.name" and settings.get(f"{group}.name") == "none"
+
+
 def arm_label(settings: dict[str, Any], keys: Sequence[str]) -> str:
-    """The arm of `settings` as the command line writes it, e.g. 'aux=minc aux.share=0.1' ('all' without keys)."""
-    return " ".join(f"{short_key(key)}={setting_text(settings.get(key, UNSET))}" for key in keys) or "all"
+    """The arm of `settings` as the command line writes it, e.g. 'aux=minc aux.share=0.1' ('all' without keys);
+    the settings of a group chosen as none are left out ('aux=none', not 'aux=none aux.share=0.01')."""
+    return " ".join(f"{short_key(key)}={setting_text(settings.get(key, UNSET))}"
+                    for key in keys if not inert(key, settings)) or "all"
 
 
 def baseline_arm(spec: Sequence[str], runs: Sequence[Run], keys: Sequence[str]) -> str:

@@ -24,11 +24,11 @@ from train_cli import ENV, run_in_process
 REPS = 50  # bootstrap resamples in these tests (fast); rliable called directly with the same number and seed agrees
 
 
-def make_run(path: Path, env: str, aux: str, seed: int, finals: dict[str, float], **settings) -> Path:
+def make_run(path: Path, env: str, aux: str, seed: int, finals: dict[str, float], share: float = 0.01, **settings) -> Path:
     """A run dir as minc_rl.train writes it: four evaluations per split whose last three average to finals[split]
     (the first is 100, far off), progress.csv with an aux and a health column, summary.json with a speed and a final
     health of srank 10 + seed, dormant 0.1 * seed (none for aux=spectral, as from a run that did not measure it)."""
-    config = {"env": env, "seed": seed, "aux": {"name": aux, "share": 0.01}, "agent": {"name": "ppo"}, **settings}
+    config = {"env": env, "seed": seed, "aux": {"name": aux, "share": share}, "agent": {"name": "ppo"}, **settings}
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     for step, offset in ((100, None), (200, -1.0), (300, 0.0), (400, 1.0)):
@@ -207,6 +207,21 @@ def test_two_runs_of_one_arm_and_seed_are_an_error_naming_both(study):
     make_run(study / "again" / "A_minc_1", "gym:A", "minc", 1, {"test": 9.0}, torch_threads=7)
     with pytest.raises(report.ReportError, match=r"gym:A, aux=minc: two runs of seed 1 \(.*A_minc_1 and .*again/A_minc_1\)"):
         report.analyse(report.find_runs([study]), baseline=["aux=none"], reps=REPS)
+
+
+def test_the_settings_of_aux_none_are_left_out_of_its_label(tmp_path):
+    """aux=none's aux.share changes nothing: the arm reads 'aux=none'; aux=minc's two shares stay two arms."""
+    for seed in range(2):
+        make_run(tmp_path / f"none_{seed}", "gym:A", "none", seed, {"test": 1.0 + seed})
+        for share in (0.01, 0.1):
+            make_run(tmp_path / f"minc_{share}_{seed}", "gym:A", "minc", seed, {"test": 2.0 + seed}, share=share)
+    result = report.analyse(report.find_runs([tmp_path]), baseline=["aux=none"], reps=REPS)
+    assert result["arm_keys"] == ["aux", "aux.share"] and result["baseline"] == "aux=none"
+    assert result["arms"] == ["aux=none", "aux=minc aux.share=0.01", "aux=minc aux.share=0.1"]
+    assert result["envs"]["gym:A"]["arms"]["aux=none"]["splits"]["test"]["final_returns"] == {0: 1.0, 1: 2.0}
+    make_run(tmp_path / "none_0_share_0.1", "gym:A", "none", 0, {"test": 5.0}, share=0.1)
+    with pytest.raises(report.ReportError, match=r"gym:A, aux=none: two runs of seed 0"):  # same arm: inert share
+        report.analyse(report.find_runs([tmp_path]), baseline=["aux=none"], reps=REPS)
 
 
 def test_a_run_without_config_yaml_is_named(tmp_path):
