@@ -12,13 +12,17 @@ NATURE_MIN_SIZE = 36  # smallest image side the Nature CNN's 8/4, 4/2, 3/1 convo
 
 
 class _ResidualBlock(nn.Module):
+    """x + conv1(relu(conv0(relu(x)))); the ReLUs are modules so that hooks (minc_rl.health's dormant units) see them."""
+
     def __init__(self, channels: int) -> None:
         super().__init__()
+        self.relu0 = nn.ReLU()
         self.conv0 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu1 = nn.ReLU()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv1(torch.relu(self.conv0(torch.relu(x))))
+        return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
 
 
 class ImpalaCNN(nn.Module):

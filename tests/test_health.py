@@ -20,7 +20,8 @@ from torch.testing import assert_close
 
 from minc_rl.agents import MincDQN
 from minc_rl.envs import make_vec_env
-from minc_rl.health import EncoderHealth, agent_encoder, encoder_health
+from minc_rl.encoders import ImpalaCNN
+from minc_rl.health import EncoderHealth, agent_encoder, encoder_health, relu_layers
 from minc_rl.metrics import dormant_fraction, feature_norm, rankme, srank
 from train_cli import run_in_process
 
@@ -111,6 +112,17 @@ def test_encoder_health_of_a_hand_built_extractor() -> None:
                 "dormant/net.1[0]": 0.5, "dormant/net.1[1]": 0.75}  # fmt: skip
     assert metrics.keys() == expected.keys()
     assert_close(torch.tensor([metrics[k] for k in expected]), torch.tensor([expected[k] for k in expected]))
+
+
+def test_every_relu_of_the_impala_cnn_is_measured_and_its_blocks_compute_the_same() -> None:
+    """The residual blocks' ReLUs are modules (hooks see them): 2 per block, 6 blocks, then the last stack's and the
+    fc layer's; a block still computes x + conv1(relu(conv0(relu(x)))) and holds the same parameters."""
+    encoder = ImpalaCNN(3)
+    blocks = [f"conv.{i}" for i in (2, 3, 6, 7, 10, 11)]
+    assert list(relu_layers(encoder)) == [f"{b}.relu{k}" for b in blocks for k in (0, 1)] + ["conv.12", "fc.1"]
+    assert not any("relu" in key for key in encoder.state_dict())  # checkpoints of earlier runs load unchanged
+    block, x = encoder.conv[2], torch.randn(2, 16, 8, 8)
+    assert torch.equal(block(x), x + block.conv1(torch.relu(block.conv0(torch.relu(x)))))
 
 
 def test_the_probe_moves_no_mode_no_batchnorm_statistics_and_no_global_rng() -> None:
