@@ -61,11 +61,12 @@ def encoder_health(
     """Health of `extractor`'s features of `observations` (as the buffer stores them): rankme, srank, feature_norm,
     dormant/<layer> for each ReLU layer (<layer>[i] for the i-th call of a module run more than once) and dormant,
     their mean. Runs in eval mode (no BatchNorm statistics move) and restores every module's mode."""
-    outputs: dict[str, list[torch.Tensor]] = {}
+    fractions: dict[str, list[float]] = {}
 
     def keep(name: str) -> Callable[..., None]:
-        """A forward hook that keeps the layer's output under `name`."""
-        return lambda _module, _inputs, output: outputs.setdefault(name, []).append(output)
+        """A forward hook that keeps the dormant fraction of the layer's output under `name` (not the output: a deep
+        encoder's activations of the whole probe need not all be held at once)."""
+        return lambda _module, _inputs, output: fractions.setdefault(name, []).append(dormant_fraction(output, DORMANT_TAU))
 
     hooks = [layer.register_forward_hook(keep(name)) for name, layer in relu_layers(extractor).items()]
     modes = {module: module.training for module in extractor.modules()}
@@ -85,9 +86,9 @@ def encoder_health(
         "feature_norm": feature_norm(features),
     }
     dormant = {
-        name if len(calls) == 1 else f"{name}[{i}]": dormant_fraction(output, DORMANT_TAU)
-        for name, calls in outputs.items()
-        for i, output in enumerate(calls)
+        name if len(calls) == 1 else f"{name}[{i}]": fraction
+        for name, calls in fractions.items()
+        for i, fraction in enumerate(calls)
     }
     if dormant:
         metrics["dormant"] = float(np.mean(list(dormant.values())))

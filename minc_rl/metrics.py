@@ -43,8 +43,8 @@ def dormant_fraction(activations: torch.Tensor, tau: float = 0.025) -> float:
     """ReDo's dormant-unit fraction (Sokar et al. 2023) of one layer's output (N, units, ...): a unit (a channel of a
     convolution) is dormant when its mean |activation| over the batch (and positions) is <= tau times the layer's
     mean over units. A layer whose every unit is silent is all dormant."""
-    units = activations.detach().double().abs().transpose(0, 1).reshape(activations.shape[1], -1)
-    score = units.mean(dim=1)
+    rows_and_positions = [dim for dim in range(activations.dim()) if dim != 1]
+    score = activations.detach().abs().mean(dim=rows_and_positions, dtype=torch.float64)
     return float((score <= tau * score.mean()).double().mean())
 
 
