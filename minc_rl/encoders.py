@@ -12,7 +12,7 @@ NATURE_MIN_SIZE = 36  # smallest image side the Nature CNN's 8/4, 4/2, 3/1 convo
 
 
 class _ResidualBlock(nn.Module):
-    """x + conv1(relu(conv0(relu(x)))); the ReLUs are modules so that hooks (minc_rl.health's dormant units) see them."""
+    """x + conv1(relu(conv0(relu(x)))); the ReLUs are modules so that hooks (minc_rl.health) see them."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()

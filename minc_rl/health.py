@@ -66,7 +66,8 @@ def encoder_health(
     def keep(name: str) -> Callable[..., None]:
         """A forward hook that keeps the dormant fraction of the layer's output under `name` (not the output: a deep
         encoder's activations of the whole probe need not all be held at once)."""
-        return lambda _module, _inputs, output: fractions.setdefault(name, []).append(dormant_fraction(output, DORMANT_TAU))
+        return lambda _module, _inputs, output: fractions.setdefault(name, []).append(
+            dormant_fraction(output, DORMANT_TAU))
 
     hooks = [layer.register_forward_hook(keep(name)) for name, layer in relu_layers(extractor).items()]
     modes = {module: module.training for module in extractor.modules()}
