@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 import torch as th
 from stable_baselines3 import DQN
-from stable_baselines3.common.buffers import NStepReplayBuffer, ReplayBuffer
+from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.utils import get_parameters_by_name
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch.nn import functional as F
 
 from minc_rl.agents.auxiliary import AuxBatch, AuxConfig, LinearCritic, MincAuxMixin
-from minc_rl.agents.pairs import ends_without_successor, select_rows, successor_rows
+from minc_rl.agents.pairs import check_one_step_pairs, ends_without_successor, select_rows, successor_rows
 
 
 def concat_observations(first: Any, second: Any) -> Any:
@@ -59,9 +59,8 @@ class MincDQN(MincAuxMixin, DQN):
 
     def _setup_model(self) -> None:
         super()._setup_model()
-        if self.aux.name != "none" and isinstance(self.replay_buffer, NStepReplayBuffer):
-            raise ValueError(f"n_steps={self.n_steps}: the n-step buffer's next_observations are o_t+n, not o_t+1; the "
-                             f"aux loss needs one-step pairs (n_steps=1), or aux='none'")
+        if self.aux.name != "none":
+            check_one_step_pairs(self.replay_buffer, self.n_steps, "or aux='none'")
         if self.aux.linear_critic:
             self._use_linear_critic()
 

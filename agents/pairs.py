@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch as th
-from stable_baselines3.common.buffers import DictRolloutBuffer, ReplayBuffer, RolloutBuffer
+from stable_baselines3.common.buffers import DictRolloutBuffer, NStepReplayBuffer, ReplayBuffer, RolloutBuffer
 from stable_baselines3.common.type_aliases import DictReplayBufferSamples, ReplayBufferSamples
 
 Observations = np.ndarray | dict[str, np.ndarray]
@@ -43,6 +43,13 @@ def select_rows(observations: th.Tensor | dict[str, th.Tensor], keep: th.Tensor)
     if isinstance(observations, dict):
         return {key: value[keep] for key, value in observations.items()}
     return observations[keep]
+
+
+def check_one_step_pairs(buffer: Any, n_steps: int, remedy: str) -> None:
+    """ValueError for SB3's n-step replay buffer, whose next_observations are o_t+n: the aux loss pairs o_t with o_t+1."""
+    if isinstance(buffer, NStepReplayBuffer):
+        raise ValueError(f"n_steps={n_steps}: the n-step buffer's next_observations are o_t+n, not o_t+1; the aux loss "
+                         f"needs one-step pairs (n_steps=1), {remedy}")
 
 
 def ends_without_successor(dones: np.ndarray, infos: list[dict[str, Any]], handles_timeouts: bool) -> bool:

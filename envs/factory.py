@@ -105,7 +105,7 @@ def _make(spec: str, n_envs: int, seed: int, options: dict[str, Any], evaluation
 
 
 def with_distractors(
-    wrapper: Callable[[gymnasium.Env], gymnasium.Env] | None, distractors: tuple[int | str, float] | None
+    wrapper: Callable[[gymnasium.Env], gymnasium.Env] | None, distractors: tuple[int | str, float | None] | None
 ) -> Callable[[gymnasium.Env], gymnasium.Env] | None:
     """`wrapper` followed by Distractors(count, p) when `distractors` asks for them, else `wrapper` alone."""
     if distractors is None:

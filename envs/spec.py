@@ -173,8 +173,9 @@ def resolve_atari(game: str, options: dict[str, Any]) -> str:
     return ids[key]
 
 
-def resolve_distractors(family: str, options: dict[str, Any]) -> tuple[int | str, float] | None:
-    """The (count, p) of option `distractors` in `options` (None when absent or count 0; count may be "same");
+def resolve_distractors(family: str, options: dict[str, Any]) -> tuple[int | str, float | None] | None:
+    """The (count, p) of option `distractors` in `options` (None when absent or count 0; count may be "same"; p None
+    for gym ids, whose distractors are N(0, 1) dimensions);
     ValueError naming a bad key or value and the valid ones."""
     if "distractors" not in options:
         return None
@@ -186,10 +187,10 @@ def resolve_distractors(family: str, options: dict[str, Any]) -> tuple[int | str
                          f"{', '.join(allowed)} ({count_key} required), e.g. {example}.")  # fmt: skip
     check_options(f"{family} distractors", dict(value), allowed)
     settings = {**DISTRACTOR_DEFAULTS[family], **value}
-    return (settings[count_key], settings.get("p", 0.0)) if settings[count_key] != 0 else None
+    return (settings[count_key], settings.get("p")) if settings[count_key] != 0 else None
 
 
-def resolve_minatar(game: str, options: dict[str, Any]) -> tuple[int | str, float] | None:
+def resolve_minatar(game: str, options: dict[str, Any]) -> tuple[int | str, float | None] | None:
     """ValueError for an unknown MinAtar game or option; the distractors' (count, p) or None."""
     if game not in MINATAR_GAMES:
         raise ValueError(f"Unknown MinAtar game {game!r}; valid games: {', '.join(MINATAR_GAMES)}.")
@@ -197,7 +198,7 @@ def resolve_minatar(game: str, options: dict[str, Any]) -> tuple[int | str, floa
     return resolve_distractors("minatar", options)
 
 
-def resolve_gym(env_id: str, options: dict[str, Any]) -> tuple[int | str, float] | None:
+def resolve_gym(env_id: str, options: dict[str, Any]) -> tuple[int | str, float | None] | None:
     """ValueError for an unregistered gymnasium id (with close matches) or an option its constructor does not take;
     the distractors' (count, p) or None."""
     import gymnasium

@@ -11,7 +11,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from minc_rl.agents.auxiliary import AuxConfig, AuxLearner
 from minc_rl.agents.pairs import (
-    ends_without_successor, observations_to_torch, sample_rollout_pairs, select_rows, successor_rows,
+    check_one_step_pairs, ends_without_successor, observations_to_torch, sample_rollout_pairs, select_rows,
+    successor_rows,
 )
 from minc_rl.checks import check_int
 
@@ -88,6 +89,8 @@ class MincAuxCallback(BaseCallback):
         network = getattr(self.model, "q_net", None)  # DQN's online Q-network holds its extractor
         network = self.model.policy if network is None else network
         extractor = getattr(network, "pi_features_extractor", None) or network.features_extractor
+        check_one_step_pairs(getattr(self.model, "replay_buffer", None), getattr(self.model, "n_steps", 1),
+                             "or no MincAuxCallback")
         if self.learner is None:  # a second learn() keeps the head, Lambda and optimizer
             learner = AuxLearner(self.config, extractor, network.observation_space, network.normalize_images,
                                  self.model.action_space).to(self.model.device)

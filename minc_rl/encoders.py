@@ -90,7 +90,7 @@ class MinAtarCNN(nn.Module):
 
 
 class MLPEncoder(nn.Module):
-    """Two-layer tanh MLP for vector observations (SB3's default MlpPolicy body)."""
+    """Tanh MLP for vector observations: SB3's default MlpPolicy body (64-64) and a 64-unit feature layer on it."""
 
     def __init__(self, in_features: int, hidden: Sequence[int] = (64, 64), features_dim: int = 64) -> None:
         super().__init__()

@@ -562,6 +562,18 @@ def test_callback_settings_raise_clear_errors():
         MincAuxCallback(dict(every=4))
 
 
+@pytest.mark.parametrize("build", [
+    lambda env: MincDQN("MlpPolicy", env, n_steps=3),
+    lambda env: DQN("MlpPolicy", env, n_steps=3, learning_starts=0).learn(8, callback=MincAuxCallback()),
+])
+def test_n_step_replay_is_refused_with_an_aux_loss(build):
+    """SB3's n-step buffer serves o_t+n as the next observation: pairs of it would train on the wrong successor."""
+    with pytest.raises(ValueError, match=r"n_steps=3: the n-step buffer's next_observations are o_t\+n, not o_t\+1; the "
+                                         r"aux loss needs one-step pairs \(n_steps=1\), or (aux='none'|no MincAuxCallback)"):
+        build(make_vec_env("gym:CartPole-v1", 1))
+    MincDQN("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), aux="none", n_steps=3)  # plain n-step DQN is SB3's
+
+
 # ----------------------------------------------------------------------------------------- save / load
 
 

@@ -3,10 +3,11 @@ asked-for statistics and no correlation over time or with the game, reproducible
 
 from __future__ import annotations
 
+import gymnasium
 import numpy as np
 import pytest
 
-from minc_rl.envs import make_eval_env, make_vec_env, validate_spec
+from minc_rl.envs import Distractors, make_eval_env, make_vec_env, validate_spec
 from train_cli import run_in_process
 
 STEPS = 1000
@@ -93,9 +94,18 @@ def test_a_bad_value_names_itself_and_the_valid_ones(spec: str, value: object, e
         assert text in str(error.value), str(error.value)
 
 
-def test_observations_that_take_no_distractors_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"vector observations \(gym ids\); this env's observation space is Discrete\(500\)"):
-        make_vec_env("gym:Taxi-v4", 1, distractors={"dims": 1})
+@pytest.mark.parametrize(
+    ("spec", "options", "space"),
+    [
+        ("gym:Taxi-v4", {}, r"Discrete\(500\)"),
+        ("gym:ALE/Pong-v5", {}, r"Box\(0, 255, \(210, 160, 3\), uint8\)"),  # an image, not a vector
+        ("gym:ALE/Pong-v5", {"obs_type": "ram"}, r"Box\(0, 255, \(128,\), uint8\)"),  # N(0, 1) cast to uint8 is noise
+    ],
+)
+def test_gym_observations_other_than_float_vectors_are_refused(spec: str, options: dict, space: str) -> None:
+    with pytest.raises(ValueError, match=r"N\(0, 1\) distractor dimensions need floating-point vector observations "
+                                         rf"\(gym ids such as CartPole-v1\); this env's observation space is {space}"):
+        make_vec_env(spec, 1, distractors={"dims": 1}, **options)
 
 
 def test_the_command_line_refuses_a_bad_distractor_value(monkeypatch, capsys, tmp_path) -> None:
@@ -106,3 +116,9 @@ def test_the_command_line_refuses_a_bad_distractor_value(monkeypatch, capsys, tm
     assert capsys.readouterr().err.strip() == (
         "minc_rl.train: error: Bad value for minatar distractors option p: 2; expected a number in [0, 1]."
     )
+
+
+def test_binary_channels_on_a_vector_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"binary distractor channels \(with p\) need channel-first uint8 images "
+                                         r"\(MinAtar\); this env's observation space is Box\(\[-4.8"):
+        Distractors(gymnasium.make("CartPole-v1"), 2, 0.08)
