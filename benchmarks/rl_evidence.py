@@ -1,7 +1,7 @@
 """Does the MINC auxiliary loss help RL agents? Runs issue 7's sweeps through minc_rl.train and aggregates them.
 
     python benchmarks/rl_evidence.py run --suite procgen --steps 409600     # PPO starpilot, aux none/minc/spectral
-    python benchmarks/rl_evidence.py run --suite minatar --steps 40000      # DQN breakout, space_invaders; none/minc
+    python benchmarks/rl_evidence.py run --suite minatar --steps 40000      # DQN breakout, space_invaders; none/minc/spectral
     python benchmarks/rl_evidence.py run --suite minatar --steps 6000 --seeds 0 --runs /tmp/r --out /tmp/o  # smoke
     python benchmarks/rl_evidence.py aggregate                              # tables, JSON and plots (--last 3)
 

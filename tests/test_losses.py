@@ -708,6 +708,15 @@ def test_normalized_minc_hand_derived_value_and_gradient():
     assert b.grad is None or torch.count_nonzero(b.grad) == 0
 
 
+@pytest.mark.parametrize("sign, value", [(1.0, -1.0), (-1.0, 3.0)])
+def test_normalized_minc_value_range_ends(sign, value):
+    """Unit rows bound the value to [-2, 3]: -(2/B) sum a_i.b_i in [-2, 2] and tr(C Lambda) in [0, 1]. With every
+    row along one axis, Lambda = C = e e^T: b = a gives -2 + 1 = -1, b = -a the upper end 2 + 1 = 3."""
+    a = torch.zeros(8, 4)
+    a[:, 2] = torch.linspace(0.5, 4.0, 8)  # lengths differ; the unit rows do not
+    assert_close(MINCLoss(4, ema=1.0)(a, sign * a), torch.tensor(value))
+
+
 def test_normalized_minc_is_blind_to_the_embedding_scale():
     """Shrinking the embeddings, the collapse the unnormalised loss allowed (embeddings -> 0, Lambda -> 0), changes
     neither the value nor Lambda; the gradient scales as 1/scale, and it has no component along the rows."""

@@ -39,7 +39,7 @@ class MINCLoss(nn.Module):
     With `normalize=True` (default) each row of a and b is first projected onto the unit sphere,
     a_hat = a / ||a||, as the spectral loss's official code does with mu = 1 for rows outside the ball; the
     contract below then holds for (a_hat, b_hat), and autograd carries dl/da_hat through the projection. So the
-    value stays in [-2, 1] and the gradient O(1) whatever the dimension d, and shrinking the embeddings cannot
+    value stays in [-2, 3] and the gradient O(1) whatever the dimension d, and shrinking the embeddings cannot
     lower the loss (the collapse the unnormalised loss allowed: embeddings -> 0, Lambda -> 0). Lambda is then
     the second moment of the unit rows (trace 1). `normalize=False` is the poster's loss on raw embeddings.
 
