@@ -542,9 +542,10 @@ class MincAuxMixin:
         if self.aux.every != 1 and not self.takes_td_settings:
             raise ValueError(f"aux.every={self.aux.every} thins MincDQN's aux steps; {type(self).__name__} takes one on "
                              "every gradient step (aux.every=1)")
-        if self.aux.source == "td" and not self.takes_td_settings:
-            raise ValueError(f"aux.source={self.aux.source!r} takes MincDQN's pairs from its TD batch; "
-                             f"{type(self).__name__} takes them from its own minibatch already (leave aux.source unset)")
+        if self.aux.source is not None and not self.takes_td_settings:
+            raise ValueError(f"aux.source={self.aux.source!r} picks where MincDQN's pairs come from (its TD batch or "
+                             f"the replay buffer); {type(self).__name__} takes them from its own minibatch (leave "
+                             "aux.source unset)")
         self.should_stop: Callable[[], bool] | None = None  # checked after every gradient step (a prompt Ctrl-C)
         check_choice("encoder", encoder, ENCODER_CHOICES)
         kwargs = dict(sb3_kwargs.get("policy_kwargs") or {})

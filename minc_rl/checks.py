@@ -30,6 +30,18 @@ def check_fraction(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be in (0, 1]; got {value!r}")
 
 
+def check_unit_interval(name: str, value: Any) -> None:
+    """Raise ValueError unless `value` is a number in [0, 1]."""
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1]; got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise ValueError unless `value` is True or False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false; got {value!r}")
+
+
 def check_nonnegative(name: str, value: Any) -> None:
     """Raise ValueError unless `value` is a finite number >= 0."""
     if not _is_number(value) or not 0.0 <= value < math.inf:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from minc_rl.augment import TwoViewAugment
 from minc_rl.backbones import build_backbone
-from minc_rl.checks import check_choice, check_int
+from minc_rl.checks import check_bool, check_choice, check_int, check_nonnegative, check_positive
 from minc_rl.cli import check_overrides, fail
 from minc_rl.run_dir import RunDirError, RunLock, check_fresh, resume_argument, saved_config_with
 from minc_rl.data import SSLData, collate_pairs, load_data, to_float
@@ -262,9 +262,20 @@ def _validate(cfg: DictConfig, world: int) -> None:
         check_int("steps", cfg.steps, 1)
     check_choice("precision", cfg.precision, PRECISIONS)
     check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    if cfg.batch_size < 2 or cfg.batch_size % world:
+    check_choice("lr_scaling", cfg.lr_scaling, LR_SCALINGS)
+    for key in ("lr", "eval.knn_temperature"):
+        check_positive(key, OmegaConf.select(cfg, key))
+    for key in ("weight_decay", "momentum"):
+        check_nonnegative(key, OmegaConf.select(cfg, key))
+    for key, low in (("warmup_epochs", 0), ("num_workers", 0), ("checkpoint_every", 1), ("eval.every", 1),
+                     ("eval.knn_k", 1), ("eval.batch_size", 1), ("eval.max_samples", 1)):
+        check_int(key, OmegaConf.select(cfg, key), low)
+    for key in ("progress", "compile", "sync_bn", "eval.at_start"):
+        check_bool(key, OmegaConf.select(cfg, key))
+    check_int("batch_size", cfg.batch_size, 2)
+    if cfg.batch_size % world:
         raise ValueError(
-            f"batch_size={cfg.batch_size} must be >= 2 and divisible by the {world} torchrun processes "
+            f"batch_size={cfg.batch_size} must be divisible by the {world} torchrun processes "
             "(every rank gets an equal share)"
         )
     if cfg.target_momentum is not None and not 0.0 <= cfg.target_momentum < 1.0:

@@ -312,7 +312,9 @@ def aggregate(tables: dict[str, dict[str, Any]], baseline: str, splits: Sequence
     with `seed`). An env enters where the baseline arm has runs; an arm enters with the seeds it has on every env."""
     scored, scores, notes = {}, {}, []
     for env, table in tables.items():
-        split = next((s for s in splits if s in table["splits"]), table["splits"][0] if table["splits"] else None)
+        split = next((s for s in splits if s in table["splits"]), None)
+        if split is None and table["splits"]:
+            raise ReportError(f"--split {' '.join(splits)}: {env} has the splits {', '.join(table['splits'])}")
         finals = {arm: row["splits"][split]["final_returns"] for arm, row in table["arms"].items() if split in row["splits"]}
         if baseline not in finals:
             notes.append(f"{env} is left out: the baseline arm has no runs there")
@@ -355,6 +357,8 @@ def analyse(runs: Sequence[Run], baseline: Sequence[str] | None = None, last: in
     """The report's numbers: the arms, per env the final-return table, and the aggregate across envs."""
     if last < 1 or reps < 1:
         raise ReportError(f"--last and --reps must be >= 1; got {last} and {reps}")
+    if not 0 <= seed < 2**32:
+        raise ReportError(f"--seed must be in [0, 2**32 - 1] (numpy's seeds); got {seed}")
     if normalise not in NORMALISATIONS:
         raise ReportError(f"--normalise {normalise}: choose one of {', '.join(NORMALISATIONS)}")
     keys = arm_keys(runs)
@@ -640,6 +644,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.out is None and len(args.paths) > 1:
             raise ReportError("several directories: give --out DIR for the report")
         out = args.out or args.paths[0] / "report"
+        if out.exists() and not out.is_dir():
+            raise ReportError(f"--out {out}: a file, not a directory")
         written = write_report(find_runs(args.paths), out, baseline=args.baseline, last=args.last,
                                normalise=args.normalise, splits=args.split, reps=args.reps, seed=args.seed)
     except ReportError as error:

@@ -143,7 +143,7 @@ def encoder_file_problem(path: Path, encoder: str) -> str | None:
     """Why `path` is not an encoder.pt for `encoder` (minc_rl.encoders.save_encoder's format), or None: a torch
     file of plain tensors with the keys name, input_shape, features_dim and state_dict, written for `encoder`,
     whose weights fit that architecture and are finite. (The input shape is checked against the env later.)"""
-    from minc_rl.encoders import build_encoder
+    from minc_rl.encoders import ENCODERS, build_encoder
 
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -154,7 +154,9 @@ def encoder_file_problem(path: Path, encoder: str) -> str | None:
         found = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
         return f"not an encoder.pt: it holds {found}, an encoder.pt holds {list(keys)}"
     if saved["name"] != encoder:
-        return f"it holds a {saved['name']!r} encoder; this run's encoder is {encoder!r} (set encoder={saved['name']} or pretrain an {encoder!r} one)"
+        fix = f"set encoder={saved['name']} or " if saved["name"] in ENCODERS else "the agents do not take it; "
+        return (f"it holds a {saved['name']!r} encoder; this run's encoder is {encoder!r} ({fix}pretrain one with "
+                f"backbone={encoder})")
     try:
         expected = build_encoder(encoder, tuple(int(s) for s in saved["input_shape"])).state_dict()
     except Exception as error:  # noqa: BLE001

@@ -44,7 +44,9 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 import minc_rl.configs
 from minc_rl import cli
 from minc_rl import run_io
-from minc_rl.checks import check_choice, check_int
+from minc_rl.checks import (
+    check_bool, check_choice, check_int, check_nonnegative, check_positive, check_unit_interval,
+)
 from minc_rl.run_dir import (
     RunDirError, RunLock, check_fresh, check_writable, resume_argument, saved_config_with, writable_problem,
 )
@@ -60,6 +62,16 @@ AGENTS = {"ppo": MincPPO, "dqn": MincDQN}
 GROUPS = ("agent", "aux", "encoder")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("learning_rate", "clip_range", "clip_range_vf")  # agent keys that take rl-zoo3's "lin_<x>"
+# the bounds of the agent keys in configs/train/agent/*.yaml, which SB3 mostly takes unchecked (gamma=1.5 trains)
+AGENT_INTS = {"n_steps": 1, "n_epochs": 1, "batch_size": 1, "buffer_size": 1, "learning_starts": 0, "train_freq": 1,
+              "gradient_steps": 1, "target_update_interval": 1, "exploration_steps": 1, "log_interval": 1}
+AGENT_CHECKS = {
+    **dict.fromkeys(("gamma", "gae_lambda", "tau", "exploration_fraction", "exploration_initial_eps",
+                     "exploration_final_eps"), check_unit_interval),
+    **dict.fromkeys(("clip_range", "clip_range_vf", "max_grad_norm"), check_positive),
+    **dict.fromkeys(("learning_rate", "ent_coef", "vf_coef"), check_nonnegative),  # learning_rate=0: a frozen run
+    "normalize_advantage": check_bool,
+}
 # agent keys minc_rl.train uses itself
 NOT_SB3_KEYS = ("name", "n_minibatches", "log_interval", "exploration_steps", "replay_ratio")
 MAX_TRAIN_FREQ = 1000  # agent.replay_ratio must be g / (f x n_envs) with whole g and f <= this
@@ -319,14 +331,32 @@ def replay_ratio_schedule(ratio: Any, n_envs: int) -> tuple[int, int]:
 
 def schedule(key: str, value: Any) -> Any:
     """rl-zoo3's "lin_<x>" (linear decay from x to 0 over the run) as an SB3 schedule; numbers pass through."""
+    return LinearSchedule(schedule_start(key, value), 0.0, 1.0) if isinstance(value, str) else value
+
+
+def schedule_start(key: str, value: Any) -> Any:
+    """The value a schedule key starts from: x of "lin_<x>", a number as it is; exit 2 on any other string."""
     if not isinstance(value, str):
         return value
     try:
         if value.startswith("lin_"):
-            return LinearSchedule(float(value[4:]), 0.0, 1.0)
+            return float(value[4:])
     except ValueError:
         pass
     fail(f"agent.{key}={value!r} is not valid; give a number or 'lin_<number>' (linear decay to 0)")
+
+
+def check_agent(agent: DictConfig) -> None:
+    """Exit 2 on an agent key out of its bounds (AGENT_INTS, AGENT_CHECKS; null keeps SB3's default)."""
+    for key, value in agent.items():
+        if value is None or (key == "gradient_steps" and value == -1):  # SB3: -1, as many steps as were collected
+            continue
+        if key == "train_freq" and OmegaConf.is_list(value):  # SB3's (n, "step" | "episode"), checked by SB3
+            continue
+        if key in AGENT_INTS:
+            check(check_int, f"agent.{key}", value, AGENT_INTS[key])
+        elif key in AGENT_CHECKS:
+            check(AGENT_CHECKS[key], f"agent.{key}", schedule_start(key, value) if key in SCHEDULES else value)
 
 
 def ppo_batch_size(cfg: DictConfig) -> int:
@@ -379,8 +409,11 @@ def check_config(cfg: DictConfig) -> None:
     check(check_choice, "device", cfg.device, DEVICES)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         fail("device='cuda' but torch finds no CUDA device; use device=auto or device=cpu")
-    for key in SCHEDULES:
-        schedule(key, cfg.agent.get(key))
+    check_agent(cfg.agent)
+    for key in ("normalize_reward", "progress_bar", "checkpoint.replay_buffer"):
+        check(check_bool, key, OmegaConf.select(cfg, key))
+    if cfg.eval.deterministic is not None:
+        check(check_bool, "eval.deterministic", cfg.eval.deterministic)
     if cfg.agent.name == "ppo":
         ppo_batch_size(cfg)
     if cfg.agent.name == "dqn":

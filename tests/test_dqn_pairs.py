@@ -186,8 +186,10 @@ def test_aux_source_errors_name_the_value_and_the_fix():
         AuxConfig(source="batch")
     with pytest.raises(ValueError, match=r"aux.batch=64 sets the count of replay pairs; with aux.source='td'"):
         AuxConfig(source="td", batch=64)
-    with pytest.raises(ValueError, match=r"aux.source='td' takes MincDQN's pairs from its TD batch; MincPPO"):
-        MincPPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), aux=dict(source="td"))
+    for source in ("td", "replay"):  # PPO's pairs come from its own minibatch: no setting of aux.source applies
+        with pytest.raises(ValueError, match=rf"aux.source='{source}' picks where MincDQN's pairs come from \(its TD "
+                                             r"batch or the replay buffer\); MincPPO takes them from its own minibatch"):
+            MincPPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), aux=dict(source=source))
     with pytest.raises(ValueError, match=r"aux.source='td' needs MincDQN's TD batch; the callback"):
         MincAuxCallback(dict(source="td"))
     with pytest.raises(ValueError, match=r"n_steps=3: the n-step buffer's next_observations are o_t\+n"):

@@ -328,7 +328,11 @@ def test_baseline_losses_and_ema_target_encoder_train(tmp_path, loss):
     [
         ("precision=fp16", "precision='fp16' is not valid; choose one of 'fp32', 'bf16'"),
         ("optimizer=rmsprop", "optimizer='rmsprop' is not valid; choose one of 'sgd', 'lars', 'adamw'"),
-        ("batch_size=1", "batch_size=1 must be >= 2"),
+        ("batch_size=1", "batch_size must be an integer >= 2; got 1"),
+        ("lr=abc", "lr must be a finite number > 0; got 'abc'"),
+        ("weight_decay=-1", "weight_decay must be a finite number >= 0; got -1"),
+        ("eval.every=0", "eval.every must be an integer >= 1; got 0"),
+        ("progress=maybe", "progress must be true or false; got 'maybe'"),
         ("batch_size=4096", "batch_size=4096 is larger than the 1437 training pairs"),
         ("backbone=vgg", "unknown backbone 'vgg'; valid backbones: resnet18, resnet50, convnet, impala"),
         ("lr_scaling=cubic", "lr_scaling='cubic' is not valid; choose one of 'linear', 'sqrt', 'none'"),

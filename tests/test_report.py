@@ -191,10 +191,14 @@ def test_report_cli_writes_its_files_and_bad_input_is_one_line(study, tmp_path):
     (["{study}", "--baseline", "aux=foo"], "--baseline aux=foo: no arm matches"),
     (["{study}", "{empty}", "--baseline", "aux=none"], "several directories: give --out DIR for the report"),
     (["{study}/nowhere"], "{study}/nowhere: no such directory"),
+    (["{study}", "--baseline", "aux=none", "--split", "tset"], "--split tset: gym:A has the splits test"),
+    (["{study}", "--baseline", "aux=none", "--seed", "-1"], "--seed must be in [0, 2**32 - 1] (numpy's seeds); got -1"),
+    (["{study}", "--baseline", "aux=none", "--out", "{file}"], "--out {file}: a file, not a directory"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(study, tmp_path, capsys, arguments, message):
     (tmp_path / "empty").mkdir()
-    paths = {"study": study, "empty": tmp_path / "empty"}
+    (tmp_path / "file").touch()
+    paths = {"study": study, "empty": tmp_path / "empty", "file": tmp_path / "file"}
     with pytest.raises(SystemExit) as stopped:
         report.main([argument.format(**paths) for argument in arguments])
     error = capsys.readouterr().err

@@ -19,7 +19,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from minc_rl import run_callbacks, train
+from minc_rl import run_callbacks, run_io, train
+from minc_rl.backbones import build_backbone
 from minc_rl.agents import MincDQN, MincPPO
 from minc_rl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
@@ -151,6 +152,20 @@ BAD_VALUES = [
     (["agent=dqn", "env=gym:Pendulum-v1"], ["agent=dqn", "discrete", "Box", "agent=ppo"]),
     (["device=tpu"], ["device='tpu'", "'auto', 'cpu', 'cuda'"]),
     (["agent.learning_rate=lin_x"], ["agent.learning_rate='lin_x'", "lin_<number>"]),
+    # SB3 takes these unchecked: a traceback mid-run, torch's own words, or a run that trains on nonsense
+    (["agent.learning_rate=-1"], ["agent.learning_rate must be a finite number >= 0; got -1"]),
+    (["agent.learning_rate=lin_-1e-3"], ["agent.learning_rate must be a finite number >= 0; got -0.001"]),
+    (["agent.n_epochs=0"], ["agent.n_epochs must be an integer >= 1; got 0"]),
+    (["agent.ent_coef=abc"], ["agent.ent_coef must be a finite number >= 0; got 'abc'"]),
+    (["agent.gamma=1.5"], ["agent.gamma must be in [0, 1]; got 1.5"]),
+    (["agent.clip_range=-0.2"], ["agent.clip_range must be a finite number > 0; got -0.2"]),
+    (["agent.normalize_advantage=maybe"], ["agent.normalize_advantage must be true or false; got 'maybe'"]),
+    (["agent=dqn", "agent.batch_size=0"], ["agent.batch_size must be an integer >= 1; got 0"]),
+    (["agent=dqn", "agent.buffer_size=0"], ["agent.buffer_size must be an integer >= 1; got 0"]),
+    (["agent=dqn", "agent.train_freq=0"], ["agent.train_freq must be an integer >= 1; got 0"]),
+    (["agent=dqn", "agent.exploration_final_eps=2"], ["agent.exploration_final_eps must be in [0, 1]; got 2"]),
+    (["eval.deterministic=maybe"], ["eval.deterministic must be true or false; got 'maybe'"]),
+    (["normalize_reward=maybe"], ["normalize_reward must be true or false; got 'maybe'"]),
     (["encoder.init=/nonexistent/encoder.pt"], ["encoder.init", "/nonexistent/encoder.pt", "no such file"]),
     (["resume=/nonexistent/run"], ["resume='/nonexistent/run'", "no config.yaml"]),
     (["family=atari"], ["family", "env="]),
@@ -404,9 +419,18 @@ def test_encoder_init_loads_a_pretrained_encoder_and_refuses_a_mismatched_one(tm
     err = capsys.readouterr().err.strip()
     assert err == (
         f"minc_rl.train: error: encoder.init='{tmp_path / 'nature.pt'}': it holds a 'nature' encoder; this run's "
-        "encoder is 'impala' (set encoder=nature or pretrain an 'impala' one)"
+        "encoder is 'impala' (set encoder=nature or pretrain one with backbone=impala)"
     )
     assert not (tmp_path / "mismatch" / "checkpoints").exists()
+
+
+def test_an_encoder_the_agents_do_not_take_is_refused_with_a_fix_that_exists(tmp_path):
+    """pretrain's convnet backbone has no agent encoder: the message must not suggest encoder=convnet."""
+    save_encoder(str(tmp_path / "convnet.pt"), build_backbone("convnet", (3, 64, 64)), "convnet", (3, 64, 64))
+    assert run_io.encoder_file_problem(tmp_path / "convnet.pt", "impala") == (
+        "it holds a 'convnet' encoder; this run's encoder is 'impala' (the agents do not take it; pretrain one with "
+        "backbone=impala)"
+    )
 
 
 def test_a_model_with_non_finite_parameters_is_never_checkpointed(tmp_path, one_torch_thread):
