@@ -8,6 +8,8 @@ from typing import Any
 import gymnasium
 import numpy as np
 
+from minc_rl.checks import check_int, check_unit_interval
+
 DISTRACTOR_STREAM = 0xD157  # the noise's seeds are SeedSequence(seed, spawn_key=(DISTRACTOR_STREAM,)): not the env's
 
 
@@ -27,6 +29,9 @@ class Distractors(gymnasium.ObservationWrapper):
         super().__init__(env)
         space = env.observation_space
         count = space.shape[0] if count == "same" and space.shape else count
+        check_int("distractors count", count, 0)
+        if p is not None:
+            check_unit_interval("distractors p", p)
         self.count, self.p = count, p
         self.rng = np.random.default_rng()  # replaced by the first reset(seed=...)
         is_box = isinstance(space, gymnasium.spaces.Box)

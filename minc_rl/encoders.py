@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from minc_rl.checks import check_int
+
 ENCODERS = ("impala", "nature", "minatar", "mlp")
 NATURE_MIN_SIZE = 36  # smallest image side the Nature CNN's 8/4, 4/2, 3/1 convolutions accept
 
@@ -115,6 +117,8 @@ def build_encoder(name: str, input_shape: Sequence[int], features_dim: int | Non
     """Encoder `name` ("impala", "nature", "minatar", "mlp") for inputs of shape (C, H, W) or (features,)."""
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; valid encoders: {', '.join(ENCODERS)}")
+    if features_dim is not None:
+        check_int("features_dim", features_dim, 1)  # 0 would silently mean the default
     if name == "mlp":
         in_features = int(torch.tensor(input_shape).prod())
         return MLPEncoder(in_features, features_dim=features_dim or 64)

@@ -109,8 +109,9 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def load_run(path: Path, settings: dict[str, Any] | None = None) -> Run:
+def load_run(path: str | Path, settings: dict[str, Any] | None = None) -> Run:
     """The run in `path`, its settings from config.yaml unless given (rl_evidence's copies have no config.yaml)."""
+    path = Path(path)
     try:
         if settings is None:
             if not (path / "config.yaml").is_file():
@@ -131,10 +132,10 @@ def load_run(path: Path, settings: dict[str, Any] | None = None) -> Run:
     return Run(path, settings, evaluations, progress, summary)
 
 
-def find_runs(paths: Sequence[Path]) -> list[Run]:
+def find_runs(paths: Sequence[str | Path]) -> list[Run]:
     """Every run directory (one holding evaluations.csv) at or under `paths`."""
     found: list[Path] = []
-    for path in paths:
+    for path in map(Path, paths):
         if not path.is_dir():
             raise ReportError(f"{path}: no such directory")
         found += sorted(file.parent for file in path.rglob("evaluations.csv"))
@@ -355,6 +356,8 @@ def aggregate(tables: dict[str, dict[str, Any]], baseline: str, splits: Sequence
 def analyse(runs: Sequence[Run], baseline: Sequence[str] | None = None, last: int = 3, normalise: str = "baseline",
             splits: Sequence[str] = SPLITS, reps: int = 2000, seed: int = 0) -> dict[str, Any]:
     """The report's numbers: the arms, per env the final-return table, and the aggregate across envs."""
+    if not runs:
+        raise ReportError("no runs to report (find_runs gives the runs under run or sweep directories)")
     if last < 1 or reps < 1:
         raise ReportError(f"--last and --reps must be >= 1; got {last} and {reps}")
     if not 0 <= seed < 2**32:

@@ -122,3 +122,14 @@ def test_binary_channels_on_a_vector_are_refused() -> None:
     with pytest.raises(ValueError, match=r"binary distractor channels \(with p\) need channel-first uint8 images "
                                          r"\(MinAtar\); this env's observation space is Box\(\[-4.8"):
         Distractors(gymnasium.make("CartPole-v1"), 2, 0.08)
+
+
+@pytest.mark.parametrize(("count", "p", "message"), [
+    (-1, 0.08, r"distractors count must be an integer >= 0; got -1"),
+    ("4", 0.08, r"distractors count must be an integer >= 0; got '4'"),
+    (2, 1.5, r"distractors p must be in \[0, 1\]; got 1.5"),  # every cell 255
+])
+def test_the_wrapper_itself_checks_its_arguments(count, p, message) -> None:
+    env = make_vec_env("minatar:breakout", 1).envs[0]  # MinAtar's (4, 10, 10) uint8 image
+    with pytest.raises(ValueError, match=message):
+        Distractors(env, count, p)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -629,31 +631,45 @@ def test_minc_wrong_dim_raises() -> None:
         MINCLoss(4)(torch.zeros(8, 6), torch.zeros(8, 6))
 
 
-@pytest.mark.parametrize("ema", [0.0, -0.1, 1.5, float("nan")])
+@pytest.mark.parametrize("ema", [0.0, -0.1, 1.5, float("nan"), "abc", None])
 def test_bad_ema_raises(ema: float) -> None:
-    with pytest.raises(ValueError, match=rf"ema must be in \(0, 1\]; got {ema}"):
+    with pytest.raises(ValueError, match=rf"MINCLoss ema must be in \(0, 1\]; got {re.escape(repr(ema))}"):
         MINCLoss(4, ema=ema)
 
 
-@pytest.mark.parametrize("dim", [0, -3, 2.5])
+@pytest.mark.parametrize("dim", [0, -3, 2.5, True, "8"])
 def test_bad_dim_raises(dim) -> None:
-    with pytest.raises(ValueError, match=rf"positive integer; got {dim}"):
+    with pytest.raises(ValueError, match=rf"MINCLoss dim must be an integer >= 1; got {re.escape(repr(dim))}"):
         MINCLoss(dim)
 
 
-@pytest.mark.parametrize("asymmetric", [1, "yes", None])
-def test_bad_asymmetric_raises(asymmetric) -> None:
-    with pytest.raises(ValueError, match=rf"asymmetric must be a bool \(True or False\); got {asymmetric!r}"):
-        MINCLoss(4, asymmetric=asymmetric)
+def test_a_numpy_integer_dim_is_a_dim() -> None:
+    assert MINCLoss(np.int64(8)).dim == 8
+
+
+@pytest.mark.parametrize("flag", ["lower_triangular", "symmetric", "gather_distributed", "normalize", "asymmetric"])
+@pytest.mark.parametrize("value", [1, "False", None])
+def test_a_flag_that_is_not_a_bool_raises(flag: str, value) -> None:
+    """A string "False" is truthy: taken as it is, it would silently turn the option on."""
+    with pytest.raises(ValueError, match=rf"MINCLoss {flag} must be true or false; got {re.escape(repr(value))}"):
+        MINCLoss(4, **{flag: value})
 
 
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: SpectralContrastiveLoss(mu=0), r"mu must be > 0; got 0"),
-        (lambda: spectral_contrastive_loss(torch.ones(3, 2), torch.ones(3, 2), mu=-1.0), r"mu must be > 0; got -1.0"),
-        (lambda: InfoNCELoss(temperature=0.0), r"temperature must be > 0; got 0.0"),
-        (lambda: info_nce_loss(torch.ones(3, 2), torch.ones(3, 2), temperature=-2), r"temperature must be > 0; got -2"),
+        (lambda: SpectralContrastiveLoss(mu=0), r"SpectralContrastiveLoss mu must be a finite number > 0; got 0"),
+        (lambda: SpectralContrastiveLoss(mu=float("nan")), r"mu must be a finite number > 0; got nan"),  # NaN losses
+        (lambda: SpectralContrastiveLoss(mu="1"), r"mu must be a finite number > 0; got '1'"),
+        (lambda: SpectralContrastiveLoss(gather_distributed="no"), r"gather_distributed must be true or false; got 'no'"),
+        (lambda: spectral_contrastive_loss(torch.ones(3, 2), torch.ones(3, 2), mu=-1.0),
+         r"spectral_contrastive_loss mu must be a finite number > 0; got -1.0"),
+        (lambda: InfoNCELoss(temperature=0.0), r"InfoNCELoss temperature must be a finite number > 0; got 0.0"),
+        (lambda: InfoNCELoss(temperature=float("inf")), r"temperature must be a finite number > 0; got inf"),
+        (lambda: info_nce_loss(torch.ones(3, 2), torch.ones(3, 2), temperature=-2),
+         r"info_nce_loss temperature must be a finite number > 0; got -2"),
+        (lambda: build_aux_loss("spectral", 0), r"dim must be an integer >= 1; got 0"),  # a loss without Lambda too
+        (lambda: build_aux_loss(["minc"], 8), r"unknown aux loss \['minc'\]; valid names: minc, spectral, infonce"),
     ],
 )
 def test_bad_hyperparameters_raise(build, message: str) -> None:
@@ -773,3 +789,8 @@ def test_every_aux_loss_is_order_one_in_the_dimension(name):
     assert max(abs(v) for v in values) <= 2 * math.log(256) + 2
     assert max(grads) <= 1.5 * grads[0] and max(grads) < 10
     assert abs(raw[2]) > 8 * abs(raw[0])  # the reason for the normalisation
+
+
+def test_a_loss_given_numpy_arrays_names_the_type() -> None:
+    with pytest.raises(TypeError, match=r"MINCLoss takes two torch tensors; got ndarray and ndarray"):
+        MINCLoss(8)(np.ones((4, 8)), np.ones((4, 8)))

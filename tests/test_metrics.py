@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
 
 from minc_rl.losses import MINCLoss, SpectralContrastiveLoss
 from minc_rl.metrics import (
+    dormant_fraction,
     embedding_health,
+    feature_norm,
     lambda_eigenvalues,
     normalized_embedding_std,
     offdiagonal_ratio,
     rankme,
+    srank,
 )
 
 
@@ -89,3 +93,22 @@ def test_embedding_health_without_minc_has_only_embedding_metrics() -> None:
     assert set(embedding_health(z)) == {"rankme", "embedding_std"}
     assert set(embedding_health(z, SpectralContrastiveLoss())) == {"rankme", "embedding_std"}
     assert embedding_health(z)["rankme"] == pytest.approx(3.0, rel=1e-4)
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: embedding_health(torch.randn(4, 5, 8)), r"embedding_health takes a 2-D tensor \(n, d\) of at least 2 rows; "
+                                                     r"got shape \(4, 5, 8\)"),  # it read a rank of 18 in d = 8
+    (lambda: embedding_health(torch.randn(1, 8)), r"at least 2 rows; got shape \(1, 8\)"),  # its std is NaN
+    (lambda: embedding_health(np.ones((4, 8))), r"got ndarray"),
+    (lambda: srank(torch.randn(8)), r"srank takes a 2-D tensor \(n, d\) of at least 1 rows; got shape \(8,\)"),
+    (lambda: srank(torch.randn(4, 8), delta=1.5), r"srank delta must be in \(0, 1\); got 1.5"),
+    (lambda: rankme(torch.randn(2, 3, 4)), r"rankme takes a 2-D tensor"),
+    (lambda: feature_norm(torch.randn(8)), r"feature_norm takes a 2-D tensor"),
+    (lambda: dormant_fraction(torch.randn(8)), r"dormant_fraction takes a layer's output \(N, units, ...\) of N >= 1 "
+                                               r"rows; got shape \(8,\)"),
+    (lambda: dormant_fraction(torch.randn(0, 8)), r"got shape \(0, 8\)"),
+    (lambda: dormant_fraction(torch.randn(4, 8), tau=-1), r"dormant_fraction tau must be a finite number >= 0; got -1"),
+])
+def test_metrics_refuse_what_they_would_misread(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

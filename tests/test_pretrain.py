@@ -566,6 +566,12 @@ def test_resnet_without_torchvision_names_the_extra(monkeypatch):
     assert build_encoder("nature", (3, 84, 84)).features_dim == 512
 
 
+@pytest.mark.parametrize("features_dim", [0, -1, 2.5, True])
+def test_a_bad_features_dim_is_refused_not_read_as_the_default(features_dim):
+    with pytest.raises(ValueError, match=rf"features_dim must be an integer >= 1; got {features_dim!r}"):
+        build_encoder("mlp", (8,), features_dim=features_dim)
+
+
 # ---------------------------------------------------------------- the config folder from a built wheel
 
 

@@ -186,6 +186,14 @@ def test_report_cli_writes_its_files_and_bad_input_is_one_line(study, tmp_path):
 
 
 
+def test_the_python_api_takes_str_paths_and_refuses_no_runs(study):
+    runs = report.find_runs([str(study)])
+    assert [run.path for run in runs] == [run.path for run in report.find_runs([study])]
+    assert report.load_run(str(runs[0].path)).path == runs[0].path
+    with pytest.raises(report.ReportError, match=r"no runs to report"):
+        report.analyse([], baseline=["aux=none"])
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["{empty}"], "no run directories (a directory with evaluations.csv) under {empty}"),
     (["{study}", "--baseline", "aux=foo"], "--baseline aux=foo: no arm matches"),

@@ -6,6 +6,7 @@ import inspect
 
 from torch import nn
 
+from minc_rl.checks import check_int
 from minc_rl.losses.infonce import InfoNCELoss, info_nce_loss
 from minc_rl.losses.minc import MINCLoss, minc_loss_given_cov, second_moment
 from minc_rl.losses.spectral import SpectralContrastiveLoss, spectral_contrastive_loss
@@ -24,8 +25,9 @@ def build_aux_loss(name: str, dim: int, **kwargs) -> nn.Module:
     kwargs go to the loss's constructor: ema, lower_triangular, symmetric, normalize, asymmetric (minc), mu (spectral),
     temperature (infonce), gather_distributed (all); an option the loss does not take is a ValueError.
     """
-    if name not in _LOSS_CLASSES:
+    if not isinstance(name, str) or name not in _LOSS_CLASSES:
         raise ValueError(f"unknown aux loss {name!r}; valid names: {', '.join(AUX_LOSSES)}")
+    check_int("dim", dim, 1)
     loss_class = _LOSS_CLASSES[name]
     options = [p for p in inspect.signature(loss_class.__init__).parameters if p not in ("self", "dim")]
     unknown = sorted(set(kwargs) - set(options))

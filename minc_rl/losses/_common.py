@@ -7,7 +7,9 @@ import torch.distributed as dist
 
 
 def check_pair(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
-    """Raise ValueError unless a and b are matching (B, d) batches with B >= 2."""
+    """Raise ValueError unless a and b are matching (B, d) batches with B >= 2 (TypeError unless both are tensors)."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise TypeError(f"{name} takes two torch tensors; got {type(a).__name__} and {type(b).__name__}")
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(
             f"{name} expects two 2-D tensors of shape (batch, dim); got shapes "

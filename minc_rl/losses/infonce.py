@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minc_rl.checks import check_bool, check_positive
 from minc_rl.losses._common import check_pair, distributed_world, gather_with_grad
 
 
@@ -14,8 +15,7 @@ def info_nce_loss(
 ) -> torch.Tensor:
     """NT-Xent over both directions: each of the 2B views must pick its partner among the 2B - 1 others."""
     check_pair(a, b, "info_nce_loss")
-    if temperature <= 0:
-        raise ValueError(f"info_nce_loss temperature must be > 0; got {temperature!r}")
+    check_positive("info_nce_loss temperature", temperature)
     a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
     rank, world = distributed_world() if gather_distributed else (0, 1)
     local = a.shape[0]
@@ -35,8 +35,8 @@ class InfoNCELoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = False) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"InfoNCELoss temperature must be > 0; got {temperature!r}")
+        check_positive("InfoNCELoss temperature", temperature)
+        check_bool("InfoNCELoss gather_distributed", gather_distributed)
         self.temperature = temperature
         self.gather_distributed = gather_distributed
 

@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from minc_rl.checks import check_bool, check_fraction, check_int
 from minc_rl.losses._common import check_pair, distributed_world
 
 
@@ -71,15 +72,15 @@ class MINCLoss(nn.Module):
         asymmetric: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"MINCLoss dim must be a positive integer; got {dim!r}")
-        if not 0.0 < float(ema) <= 1.0:
-            raise ValueError(f"MINCLoss ema must be in (0, 1]; got {ema!r}")
-        if not isinstance(asymmetric, bool):
-            raise ValueError(f"MINCLoss asymmetric must be a bool (True or False); got {asymmetric!r}")
+        check_int("MINCLoss dim", dim, 1)
+        check_fraction("MINCLoss ema", ema)
+        for name, flag in (("lower_triangular", lower_triangular), ("symmetric", symmetric),
+                           ("gather_distributed", gather_distributed), ("normalize", normalize),
+                           ("asymmetric", asymmetric)):
+            check_bool(f"MINCLoss {name}", flag)
         if gather_distributed and not dist.is_available():
             raise ValueError("gather_distributed=True needs torch.distributed, which this torch build lacks")
-        self.dim = dim
+        self.dim = int(dim)
         self.ema = float(ema)
         self.lower_triangular = lower_triangular
         self.symmetric = symmetric

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minc_rl.checks import check_bool, check_positive
 from minc_rl.losses._common import check_pair, distributed_world, gather_with_grad
 
 
@@ -27,8 +28,7 @@ def spectral_contrastive_loss(
     per-rank losses are scaled so that DDP's gradient average equals the global-batch gradient.
     """
     check_pair(a, b, "spectral_contrastive_loss")
-    if mu <= 0:
-        raise ValueError(f"spectral_contrastive_loss mu must be > 0; got {mu!r}")
+    check_positive("spectral_contrastive_loss mu", mu)
     a, b = clip_to_sphere(a.float(), mu), clip_to_sphere(b.float(), mu)
     rank, world = distributed_world() if gather_distributed else (0, 1)
     local = a.shape[0]
@@ -46,8 +46,8 @@ class SpectralContrastiveLoss(nn.Module):
 
     def __init__(self, mu: float = 1.0, gather_distributed: bool = False) -> None:
         super().__init__()
-        if mu <= 0:
-            raise ValueError(f"SpectralContrastiveLoss mu must be > 0; got {mu!r}")
+        check_positive("SpectralContrastiveLoss mu", mu)
+        check_bool("SpectralContrastiveLoss gather_distributed", gather_distributed)
         self.mu = mu
         self.gather_distributed = gather_distributed
 
