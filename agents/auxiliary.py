@@ -111,6 +111,8 @@ class AuxConfig:
         check_fraction("aux.ema", self.ema)
         if self.target_tau is not None:
             check_fraction("aux.target_tau (None: stop-gradient online encoder)", self.target_tau)
+        if not isinstance(self.loss_kwargs, Mapping):
+            raise ValueError(f"aux.loss_kwargs must be a mapping of the loss's options; got {self.loss_kwargs!r}")
         if self.name == "none" and self.loss_kwargs:
             raise ValueError(f"aux.loss_kwargs={dict(self.loss_kwargs)!r} were given, but aux='none' has no loss")
         for key, setting in (("ema", "aux.ema"), ("asymmetric", "aux.pairs")):
@@ -129,6 +131,9 @@ class AuxConfig:
             if unknown:
                 raise ValueError(f"unknown aux settings {unknown}; valid: {[f.name for f in dataclasses.fields(cls)]}")
             return cls(**aux)
+        if not isinstance(aux, str):
+            raise ValueError(f"aux must be a loss name ({', '.join(AUX_CHOICES)}), an AuxConfig or a mapping of its "
+                             f"settings; got {aux!r}")
         return cls(name=aux)
 
     def check_takes_state_of(self, saved: AuxConfig, where: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from torch import nn
 from minc_rl.checks import check_int
 
 ENCODERS = ("impala", "nature", "minatar", "mlp")
+ENCODER_FILE_KEYS = ("name", "input_shape", "features_dim", "state_dict")  # save_encoder's
 NATURE_MIN_SIZE = 36  # smallest image side the Nature CNN's 8/4, 4/2, 3/1 convolutions accept
 
 
@@ -127,10 +130,15 @@ def build_encoder(name: str, input_shape: Sequence[int], features_dim: int | Non
             f"encoder {name!r} needs image inputs of shape (C, H, W); got {tuple(input_shape)}; use encoder 'mlp'"
         )
     channels, height, width = input_shape
-    if name == "nature" and min(height, width) < NATURE_MIN_SIZE:
+    if width <= 4 < min(channels, height):  # (84, 84, 4) rather than (4, 84, 84)
+        raise ValueError(f"encoder {name!r} takes channel-first images (C, H, W); {tuple(input_shape)} looks "
+                         f"channel-last: give ({width}, {channels}, {height})")
+    smallest = {"nature": NATURE_MIN_SIZE, "minatar": 3}.get(name, 1)  # the MinAtar CNN's 3x3 conv is unpadded
+    if min(height, width) < smallest:
+        others = "'impala'" if name == "minatar" else "'minatar', 'impala'"
         raise ValueError(
-            f"encoder 'nature' needs images of at least {NATURE_MIN_SIZE}x{NATURE_MIN_SIZE}; the observations are "
-            f"{height}x{width} (shape {tuple(input_shape)}); use encoder='minatar', 'impala' or 'mlp'"
+            f"encoder {name!r} needs images of at least {smallest}x{smallest}; the observations are "
+            f"{height}x{width} (shape {tuple(input_shape)}); use encoder={others} or 'mlp'"
         )
     cls, default_dim = {"impala": (ImpalaCNN, 256), "nature": (NatureCNN, 512), "minatar": (MinAtarCNN, 128)}[name]
     return cls(channels, image_size=(height, width), features_dim=features_dim or default_dim)
@@ -175,9 +183,27 @@ def save_encoder(path: str, encoder: nn.Module, name: str, input_shape: Sequence
     )
 
 
+def read_encoder_file(path: str | Path) -> dict[str, Any]:
+    """The contents of an `encoder.pt` (save_encoder's keys); ValueError naming what the file holds instead."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001  (torch raises many kinds for a file it cannot read)
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"not a torch file written by minc_rl.pretrain ({type(error).__name__}: {first_line})") from None
+    if not isinstance(saved, dict) or not set(ENCODER_FILE_KEYS) <= saved.keys():
+        found = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"not an encoder.pt: it holds {found}, an encoder.pt holds {list(ENCODER_FILE_KEYS)}")
+    return saved
+
+
 def load_encoder_weights(path: str, encoder: nn.Module, name: str, input_shape: Sequence[int]) -> None:
-    """Load an `encoder.pt` into `encoder`, raising ValueError if its architecture or input shape differ."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    """Load an `encoder.pt` into `encoder`, raising ValueError if it is none or its architecture or input shape differ."""
+    try:
+        saved = read_encoder_file(path)
+    except ValueError as error:
+        raise ValueError(f"encoder file {path}: {error}") from None
     expected = (name, [int(s) for s in input_shape], int(encoder.features_dim))
     found = (saved["name"], list(saved["input_shape"]), int(saved["features_dim"]))
     if expected != found:

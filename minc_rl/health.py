@@ -144,6 +144,7 @@ class EncoderHealth(BaseCallback):
         super().__init__()
         check_int("every", every, 1)
         check_int("probe", probe, 1)
+        check_int("seed", seed, 0)
         self.every, self.probe_size, self.path = every, probe, None if path is None else Path(path)
         self.rng = np.random.default_rng(seed)
         self.probe: Observations | None = None

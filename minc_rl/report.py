@@ -358,8 +358,8 @@ def analyse(runs: Sequence[Run], baseline: Sequence[str] | None = None, last: in
     """The report's numbers: the arms, per env the final-return table, and the aggregate across envs."""
     if not runs:
         raise ReportError("no runs to report (find_runs gives the runs under run or sweep directories)")
-    if last < 1 or reps < 1:
-        raise ReportError(f"--last and --reps must be >= 1; got {last} and {reps}")
+    if any(not isinstance(value, int) or isinstance(value, bool) or value < 1 for value in (last, reps)):
+        raise ReportError(f"--last and --reps must be integers >= 1; got {last!r} and {reps!r}")
     if not 0 <= seed < 2**32:
         raise ReportError(f"--seed must be in [0, 2**32 - 1] (numpy's seeds); got {seed}")
     if normalise not in NORMALISATIONS:

@@ -143,16 +143,12 @@ def encoder_file_problem(path: Path, encoder: str) -> str | None:
     """Why `path` is not an encoder.pt for `encoder` (minc_rl.encoders.save_encoder's format), or None: a torch
     file of plain tensors with the keys name, input_shape, features_dim and state_dict, written for `encoder`,
     whose weights fit that architecture and are finite. (The input shape is checked against the env later.)"""
-    from minc_rl.encoders import ENCODERS, build_encoder
+    from minc_rl.encoders import ENCODERS, build_encoder, read_encoder_file
 
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
-        return f"not a torch file written by minc_rl.pretrain ({one_line(error)})"
-    keys = ("name", "input_shape", "features_dim", "state_dict")
-    if not isinstance(saved, dict) or not set(keys) <= saved.keys():
-        found = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
-        return f"not an encoder.pt: it holds {found}, an encoder.pt holds {list(keys)}"
+        saved = read_encoder_file(path)
+    except ValueError as error:
+        return str(error)
     if saved["name"] != encoder:
         fix = f"set encoder={saved['name']} or " if saved["name"] in ENCODERS else "the agents do not take it; "
         return (f"it holds a {saved['name']!r} encoder; this run's encoder is {encoder!r} ({fix}pretrain one with "

@@ -147,6 +147,8 @@ def test_an_agent_without_a_known_encoder_is_refused() -> None:
         agent_encoder(model)
     with pytest.raises(ValueError, match=r"every must be an integer >= 1; got 0"):
         EncoderHealth(every=0)
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0; got -1"):
+        EncoderHealth(seed=-1)
 
 
 # --- the callback in training ---------------------------------------------------------------------------------------

@@ -566,6 +566,31 @@ def test_resnet_without_torchvision_names_the_extra(monkeypatch):
     assert build_encoder("nature", (3, 84, 84)).features_dim == 512
 
 
+@pytest.mark.parametrize(("contents", "message"), [
+    (b"hello", r"not a torch file written by minc_rl.pretrain \(\w+: "),
+    ("state_dict", r"not an encoder.pt: it holds \['net.1.bias', .*\], an encoder.pt holds \['name', 'input_shape', "
+                   r"'features_dim', 'state_dict'\]"),  # a bare state dict was a KeyError: 'name'
+])
+def test_loading_a_file_that_is_no_encoder_pt_says_what_it_holds(tmp_path, contents, message):
+    encoder, path = build_encoder("mlp", (8,)), tmp_path / "encoder.pt"
+    if contents == "state_dict":
+        torch.save(encoder.state_dict(), path)
+    else:
+        path.write_bytes(contents)
+    with pytest.raises(ValueError, match=rf"encoder file {path}: {message}"):
+        load_encoder_weights(str(path), encoder, "mlp", (8,))
+
+
+@pytest.mark.parametrize(("name", "shape", "message"), [
+    ("nature", (84, 84, 4), r"encoder 'nature' takes channel-first images \(C, H, W\); \(84, 84, 4\) looks channel-last: "
+                            r"give \(4, 84, 84\)"),  # it said the images were 84x4, too small
+    ("minatar", (4, 2, 2), r"encoder 'minatar' needs images of at least 3x3; the observations are 2x2"),  # a torch error
+])
+def test_images_the_encoder_cannot_read_are_refused_with_the_fix(name, shape, message):
+    with pytest.raises(ValueError, match=message):
+        build_encoder(name, shape)
+
+
 @pytest.mark.parametrize("features_dim", [0, -1, 2.5, True])
 def test_a_bad_features_dim_is_refused_not_read_as_the_default(features_dim):
     with pytest.raises(ValueError, match=rf"features_dim must be an integer >= 1; got {features_dim!r}"):

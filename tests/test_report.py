@@ -192,6 +192,8 @@ def test_the_python_api_takes_str_paths_and_refuses_no_runs(study):
     assert report.load_run(str(runs[0].path)).path == runs[0].path
     with pytest.raises(report.ReportError, match=r"no runs to report"):
         report.analyse([], baseline=["aux=none"])
+    with pytest.raises(report.ReportError, match=r"--last and --reps must be integers >= 1; got 2.5 and 2000"):
+        report.analyse(runs, baseline=["aux=none"], last=2.5)  # a pandas error before
 
 
 @pytest.mark.parametrize("arguments, message", [
