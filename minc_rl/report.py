@@ -115,7 +115,9 @@ def load_run(path: str | Path, settings: dict[str, Any] | None = None) -> Run:
     try:
         if settings is None:
             if not (path / "config.yaml").is_file():
-                raise ReportError(f"{path} holds evaluations.csv but no config.yaml: not a run directory of minc_rl.train")
+                what = "holds evaluations.csv but no config.yaml" if (path / "evaluations.csv").is_file() else (
+                    "holds no evaluations.csv" if path.is_dir() else "is no directory")
+                raise ReportError(f"{path} {what}: not a run directory of minc_rl.train")
             settings = flatten(yaml.safe_load((path / "config.yaml").read_text()))
         evaluations = pd.DataFrame(run_io.read_evaluations(path / "evaluations.csv"), columns=run_io.EVALUATION_FIELDS)
         evaluations = evaluations.astype({"step": int, "return_mean": float})

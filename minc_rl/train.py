@@ -135,6 +135,8 @@ def check_command_line(args: list[str]) -> list[str]:
                 if value not in group_choices(key):
                     fail(f"{key}={value!r} is not valid; choose one of {', '.join(map(repr, group_choices(key)))}")
         if key == "resume" and not override.is_sweep_override() and override.value() is not None:
+            if not Path(str(override.value())).is_dir():
+                fail(f"resume={override.value()!r}: no such directory (give the run directory to continue)")
             if not (Path(str(override.value())) / "config.yaml").is_file():
                 fail(f"resume={override.value()!r} is not a run directory of minc_rl.train (it has no config.yaml)")
     config_dirs = [Path(args[i + 1]).resolve() for i, a in enumerate(args[:-1]) if a in ("-cd", "--config-dir")]

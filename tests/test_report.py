@@ -190,6 +190,10 @@ def test_the_python_api_takes_str_paths_and_refuses_no_runs(study):
     runs = report.find_runs([str(study)])
     assert [run.path for run in runs] == [run.path for run in report.find_runs([study])]
     assert report.load_run(str(runs[0].path)).path == runs[0].path
+    with pytest.raises(report.ReportError, match=rf"{study / 'nowhere'} is no directory: not a run directory"):
+        report.load_run(study / "nowhere")  # it said the directory held evaluations.csv
+    with pytest.raises(report.ReportError, match=rf"{study} holds no evaluations.csv: not a run directory"):
+        report.load_run(study)  # a sweep directory
     with pytest.raises(report.ReportError, match=r"no runs to report"):
         report.analyse([], baseline=["aux=none"])
     with pytest.raises(report.ReportError, match=r"--last and --reps must be integers >= 1; got 2.5 and 2000"):

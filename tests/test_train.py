@@ -167,7 +167,8 @@ BAD_VALUES = [
     (["eval.deterministic=maybe"], ["eval.deterministic must be true or false; got 'maybe'"]),
     (["normalize_reward=maybe"], ["normalize_reward must be true or false; got 'maybe'"]),
     (["encoder.init=/nonexistent/encoder.pt"], ["encoder.init", "/nonexistent/encoder.pt", "no such file"]),
-    (["resume=/nonexistent/run"], ["resume='/nonexistent/run'", "no config.yaml"]),
+    (["resume=/nonexistent/run"], ["resume='/nonexistent/run': no such directory (give the run directory to continue)"]),
+    (["resume=/"], ["resume='/' is not a run directory of minc_rl.train (it has no config.yaml)"]),
     (["family=atari"], ["family", "env="]),
     (["seed=-1"], ["seed must be an integer >= 0; got -1"]),
     # procgen's 64 training envs: the largest seed any env gets is seed + 1,000,000 + 63
