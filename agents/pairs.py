@@ -46,7 +46,7 @@ def select_rows(observations: th.Tensor | dict[str, th.Tensor], keep: th.Tensor)
 
 
 def check_one_step_pairs(buffer: Any, n_steps: int, remedy: str) -> None:
-    """ValueError for SB3's n-step replay buffer, whose next_observations are o_t+n: the aux loss pairs o_t with o_t+1."""
+    """ValueError for SB3's n-step replay buffer, whose next_observations are o_t+n: the aux loss pairs o_t, o_t+1."""
     if isinstance(buffer, NStepReplayBuffer):
         raise ValueError(f"n_steps={n_steps}: the n-step buffer's next_observations are o_t+n, not o_t+1; the aux loss "
                          f"needs one-step pairs (n_steps=1), {remedy}")

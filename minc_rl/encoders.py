@@ -190,8 +190,9 @@ def read_encoder_file(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as error:  # noqa: BLE001  (torch raises many kinds for a file it cannot read)
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(f"not a torch file written by minc_rl.pretrain ({type(error).__name__}: {first_line})") from None
+        from minc_rl.run_io import one_line
+
+        raise ValueError(f"not a torch file written by minc_rl.pretrain ({one_line(error)})") from None
     if not isinstance(saved, dict) or not set(ENCODER_FILE_KEYS) <= saved.keys():
         found = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
         raise ValueError(f"not an encoder.pt: it holds {found}, an encoder.pt holds {list(ENCODER_FILE_KEYS)}")
@@ -199,7 +200,7 @@ def read_encoder_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_encoder_weights(path: str, encoder: nn.Module, name: str, input_shape: Sequence[int]) -> None:
-    """Load an `encoder.pt` into `encoder`, raising ValueError if it is none or its architecture or input shape differ."""
+    """Load an `encoder.pt` into `encoder`; ValueError if it is none, or its architecture or input shape differ."""
     try:
         saved = read_encoder_file(path)
     except ValueError as error:

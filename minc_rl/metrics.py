@@ -58,7 +58,8 @@ def dormant_fraction(activations: torch.Tensor, tau: float = 0.025) -> float:
     convolution) is dormant when its mean |activation| over the batch (and positions) is <= tau times the layer's
     mean over units. A layer whose every unit is silent is all dormant."""
     if not isinstance(activations, torch.Tensor) or activations.dim() < 2 or activations.shape[0] < 1:
-        got = f"shape {tuple(activations.shape)}" if isinstance(activations, torch.Tensor) else type(activations).__name__
+        got = type(activations).__name__
+        got = f"shape {tuple(activations.shape)}" if isinstance(activations, torch.Tensor) else got
         raise ValueError(f"dormant_fraction takes a layer's output (N, units, ...) of N >= 1 rows; got {got}")
     check_nonnegative("dormant_fraction tau", tau)
     rows_and_positions = [dim for dim in range(activations.dim()) if dim != 1]
