@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS, help="the study's result dir (one subdir per condition)")
     args = parser.parse_args(argv)
+    if not args.results.is_dir():
+        parser.error(f"--results {args.results}: no such directory (it holds one subdirectory per condition)")
     reports = {}
     for condition in CONDITIONS:
         path = args.results / condition / "report" / "report.json"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -41,11 +42,12 @@ from typing import Any
 import numpy as np
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 
 from minc_rl import report, run_io
 from minc_rl.io import atomic_write
 from minc_rl.run_dir import RunDirError, RunLock
-from minc_rl.train import run_finished
+from minc_rl.train import check_command_line, check_jobs, run_finished
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "rl_evidence"
@@ -202,6 +204,24 @@ def select_jobs(
     return jobs[index::count]
 
 
+def check_before_training(args: argparse.Namespace, grid: dict[str, list[str]], jobs: list[tuple[str, str, int]]) -> None:
+    """Exit 2 with one line before the first run when a path is unusable or minc_rl.train would refuse a job's
+    settings (its own checks, here), rather than hours later or at the first run's start."""
+    for option, path in (("--runs", args.runs), ("--out", args.out)):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{option} {path}: a file, not a directory")
+    if args.python is not None and not (Path(args.python).is_file() and os.access(args.python, os.X_OK)):
+        raise ValueError(f"--python {args.python}: no such executable")
+    settings = []
+    for game, aux, seed in jobs:
+        command = train_command(args.suite, game, grid[aux], seed, args.runs / "check", args)
+        settings.append([arg for arg in command[command.index("minc_rl.train") + 1:] if not arg.startswith("hydra.")])
+    try:
+        check_jobs([check_command_line(job) for job in settings])  # valid_keys starts Hydra afresh: not inside
+    except HydraException as error:  # an --override Hydra cannot parse or compose
+        raise ValueError(f"--override: {run_io.one_line(error)}") from None
+
+
 def run(args: argparse.Namespace) -> None:
     """Train every (seed, game, variant) of the suite and grid that has not finished (this shard's share of them),
     and copy each finished run's small files (and commit them with --commit)."""
@@ -209,6 +229,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--steps and --evaluations must be >= 1; got {args.steps} and {args.evaluations}")
     grid = variants(args.suite, args.grid)
     jobs = select_jobs(args.suite, args.grid, grid, args.seeds, args.variants, args.shard)
+    check_before_training(args, grid, jobs)
     for number, (game, aux, seed) in enumerate(jobs, 1):
         name = f"[{number}/{len(jobs)}] {args.suite}:{game} aux={aux} seed={seed}"
         run_dir = (args.runs / args.suite / game / aux / f"seed{seed}").resolve()

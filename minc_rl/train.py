@@ -21,7 +21,7 @@ import sys
 import time
 from fractions import Fraction
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 import gymnasium as gym
@@ -228,10 +228,15 @@ def check_sweep_jobs(overrides: list[Any], config_dirs: list[Path]) -> None:
                 values = study_override.sweep_string_iterator() if study_override.is_discrete_sweep() else [
                     study_override.get_value_element_as_str()]
                 sweeps.append([f"{study_override.key_or_group}={v}" for v in values])
+    check_jobs([*fixed, *combination] for combination in itertools.product(*sweeps))
+
+
+def check_jobs(jobs: Iterable[list[str]]) -> None:
+    """Each job's key=value overrides composed and checked as the job itself would check them (not resume=): a bad
+    value exits 2 before anything trains."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        for combination in itertools.product(*sweeps):
-            job = [*fixed, *combination]
+        for job in jobs:
             cfg = with_family_defaults(compose(config_name="config", overrides=job).env, job)
             apply_replay_ratio(cfg, job)
             check_config(cfg)

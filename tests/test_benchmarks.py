@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 import rl_evidence  # noqa: E402
 from minc_rl.run_dir import RunLock  # noqa: E402
 
@@ -136,7 +138,8 @@ def test_run_skips_a_run_dir_another_process_is_writing(tmp_path, capsys):
     run_dir.mkdir(parents=True)
     (run_dir / "progress.csv").write_text("written by the other run\n")
     args = argparse.Namespace(suite="minatar", grid="aux", seeds=[0], variants=["none"], shard=(0, 2), steps=1000,
-                              evaluations=1, override=[], runs=tmp_path / "runs", out=tmp_path / "out", commit=False)
+                              evaluations=1, override=[], runs=tmp_path / "runs", out=tmp_path / "out", commit=False,
+                              python=None)
     with RunLock(run_dir):
         rl_evidence.run(args)  # shard 0 of 2: breakout's none only
     assert (run_dir / "progress.csv").read_text() == "written by the other run\n"
@@ -178,3 +181,20 @@ def test_representation_grid_composes_each_arm_under_each_condition(tmp_path, co
             assert cfg.agent.gradient_steps == expected["gradient_steps"]
             assert cfg.env_options.get("distractors") == expected["distractors"]
             assert (cfg.aux.pairs, cfg.aux.share) == (("state_action", 0.1) if arm == "minc-sa" else ("state", 0.01))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--override", "aux.share=2"], "minc_rl.train: error: aux.share must be in [0, 1); got 2"),
+    (["--override", "garbage"], "rl_evidence.py: error: --override: OverrideParseException: Error parsing override"),
+    (["--python", "/nonexistent/python"], "rl_evidence.py: error: --python /nonexistent/python: no such executable"),
+    (["--out", "{file}"], "rl_evidence.py: error: --out {file}: a file, not a directory"),
+])
+def test_run_refuses_bad_settings_before_its_first_run(tmp_path, extra, message):
+    """A bad --override used to surface when the first run started (a bad --out after it had trained)."""
+    (tmp_path / "file").touch()
+    command = [sys.executable, str(BENCHMARKS / "rl_evidence.py"), "run", "--suite", "minatar", "--steps", "1000",
+               "--seeds", "0", "--variants", "minc", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+               *(argument.format(file=tmp_path / "file") for argument in extra)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message.format(file=tmp_path / "file") in done.stderr.splitlines()[-1], done.stderr
+    assert not (tmp_path / "runs").exists() and done.stdout == ""

@@ -116,3 +116,10 @@ def test_the_command_writes_the_summary_of_the_conditions_it_finds(tmp_path, cap
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["clean_rr4"]["arms"]["minc"]["verdict"] == "helps" and not summary["distractors_rr1"]["complete"]
     assert (tmp_path / "summary.png").stat().st_size > 0 and text in capsys.readouterr().out
+
+
+def test_a_results_directory_that_is_not_there_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        study.main(["--results", str(tmp_path / "nowhere")])
+    assert stopped.value.code == 2 and not (tmp_path / "nowhere").exists()  # it wrote an "incomplete" summary there
+    assert f"--results {tmp_path / 'nowhere'}: no such directory" in capsys.readouterr().err
