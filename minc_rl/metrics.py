@@ -11,11 +11,15 @@ from minc_rl.checks import check_nonnegative
 from minc_rl.losses import MINCLoss
 
 
+def described(value: Any) -> str:
+    """A tensor's shape, or what else `value` is, for an error message."""
+    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def check_rows(name: str, z: Any, rows: int) -> None:
     """Raise ValueError unless `z` is a 2-D tensor (n, d) of at least `rows` rows."""
     if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] < rows:
-        got = f"shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
-        raise ValueError(f"{name} takes a 2-D tensor (n, d) of at least {rows} rows; got {got}")
+        raise ValueError(f"{name} takes a 2-D tensor (n, d) of at least {rows} rows; got {described(z)}")
 
 
 @torch.no_grad()
@@ -58,9 +62,8 @@ def dormant_fraction(activations: torch.Tensor, tau: float = 0.025) -> float:
     convolution) is dormant when its mean |activation| over the batch (and positions) is <= tau times the layer's
     mean over units. A layer whose every unit is silent is all dormant."""
     if not isinstance(activations, torch.Tensor) or activations.dim() < 2 or activations.shape[0] < 1:
-        got = type(activations).__name__
-        got = f"shape {tuple(activations.shape)}" if isinstance(activations, torch.Tensor) else got
-        raise ValueError(f"dormant_fraction takes a layer's output (N, units, ...) of N >= 1 rows; got {got}")
+        raise ValueError(f"dormant_fraction takes a layer's output (N, units, ...) of N >= 1 rows; got "
+                         f"{described(activations)}")
     check_nonnegative("dormant_fraction tau", tau)
     rows_and_positions = [dim for dim in range(activations.dim()) if dim != 1]
     score = activations.detach().abs().mean(dim=rows_and_positions, dtype=torch.float64)
