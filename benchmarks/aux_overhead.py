@@ -46,6 +46,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from minc_rl.checks import int_at_least  # noqa: E402
 from minc_rl.envs import make_vec_env  # noqa: E402  (first: it mutes legacy gym's notice before SB3 imports gym)
 import torch  # noqa: E402
 from minc_rl.agents import MincDQN, MincPPO  # noqa: E402
@@ -165,22 +166,22 @@ def main() -> None:
     parser.add_argument("--agent", choices=["ppo", "dqn"], default="ppo")
     parser.add_argument("--encoders", nargs="+", default=None, choices=["nature", "impala", "minatar"],
                         help="default: nature and impala (PPO), minatar (DQN)")
-    parser.add_argument("--dqn-steps", type=int, default=1000, help="DQN: env steps per variant per timed round")
-    parser.add_argument("--train-freq", type=int, default=1, help="DQN: env steps per gradient step (MinAtar: 1)")
+    parser.add_argument("--dqn-steps", type=int_at_least(1), default=1000, help="DQN: env steps per variant per timed round")
+    parser.add_argument("--train-freq", type=int_at_least(1), default=1, help="DQN: env steps per gradient step (MinAtar: 1)")
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
                         help="default: all (PPO: all but the DQN-only minc-every*)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed iterations per variant (median reported)")
-    parser.add_argument("--impala-rounds", type=int, default=None, help="rounds for IMPALA (default: --rounds)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed PPO iterations per variant first")
-    parser.add_argument("--impala-warmup", type=int, default=None,
+    parser.add_argument("--rounds", type=int_at_least(1), default=3, help="timed iterations per variant (median reported)")
+    parser.add_argument("--impala-rounds", type=int_at_least(1), default=None, help="rounds for IMPALA (default: --rounds)")
+    parser.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed PPO iterations per variant first")
+    parser.add_argument("--impala-warmup", type=int_at_least(0), default=None,
                         help="warm-up iterations for IMPALA (default: --warmup); 0 saves ~1 min per variant on a CPU, "
                         "where one iteration takes ~1 min and the first-call overhead is under 1%% of it")
-    parser.add_argument("--iterations", type=int, default=1, help="PPO iterations per timed turn")
-    parser.add_argument("--n-envs", type=int, default=64)
-    parser.add_argument("--n-steps", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=2048)
-    parser.add_argument("--n-epochs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--iterations", type=int_at_least(1), default=1, help="PPO iterations per timed turn")
+    parser.add_argument("--n-envs", type=int_at_least(1), default=64)
+    parser.add_argument("--n-steps", type=int_at_least(1), default=32)
+    parser.add_argument("--batch-size", type=int_at_least(2), default=2048)
+    parser.add_argument("--n-epochs", type=int_at_least(1), default=3)
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--train-only", action="store_true",
                         help="time PPO's update alone (train() on a filled buffer), without collecting rollouts")

@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from rl_evidence import ROOT, run_finished, run_training  # noqa: E402  (benchmarks/ is the script's folder)
 
+from minc_rl.checks import int_at_least  # noqa: E402
 from minc_rl.io import atomic_write  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,9 +88,9 @@ def main() -> None:
     parser.add_argument("--shares", nargs="+", type=float, default=[0.01, 0.03, 0.1, 0.3])
     parser.add_argument("--pairs", default="state", choices=["state", "state_action"], help="aux.pairs")
     parser.add_argument("--game", default="breakout", help="MinAtar game")
-    parser.add_argument("--steps", type=int, default=10_000, help="env steps per run (DQN learns after 5,000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--steps", type=int_at_least(1), default=10_000, help="env steps per run (DQN learns after 5,000)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
+    parser.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads per run")
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "aux_update_share", help="run directories")
     parser.add_argument("--out", type=Path, default=RESULTS / "aux_update_share.json")
     args = parser.parse_args()

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from minc_rl.checks import int_at_least, positive_number
 from minc_rl.io import atomic_write
 from minc_rl.pretrain import compose_config, pretrain
 
@@ -38,24 +41,29 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 128, 512])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run, equal for every run")
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--batch-sizes", type=int_at_least(2), nargs="+", default=[16, 32, 128, 512])
+    parser.add_argument("--seeds", type=int_at_least(0), nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int_at_least(1), default=200, help="optimizer steps per run, equal for every run")
+    parser.add_argument("--lr", type=positive_number, default=3e-4)
+    parser.add_argument("--threads", type=int_at_least(1), default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="1 seed, B in {16, 128}, 40 steps; no files written")
     parser.add_argument("--out", type=Path, default=RESULTS / "batch_sweep")
     return parser.parse_args()
 
 
 def run_digits(overrides: list[str], steps: int, lr: float, seed: int, at_start: bool) -> dict:
-    """One digits pretraining run (AdamW, fixed lr, `steps` steps, evaluated at the end); returns its summary."""
+    """One digits pretraining run (AdamW, fixed lr, `steps` steps, evaluated at the end); returns its summary.
+    A stop signal during the run (pretrain catches it to checkpoint) ends the whole sweep, as it would outside one."""
     cfg = compose_config([
         "data=digits", *overrides, f"steps={steps}", f"seed={seed}", f"lr={lr}", "lr_scaling=none",
         "optimizer=adamw", "progress=false", "device=cpu", "eval.every=1000000", f"eval.at_start={str(at_start).lower()}",
     ])
     with tempfile.TemporaryDirectory() as out_dir:
-        return pretrain(cfg, out_dir)
+        summary = pretrain(cfg, out_dir)
+    if summary["interrupted"]:
+        print(f"{Path(sys.argv[0]).name}: interrupted ({summary['interrupted']}); no results written", flush=True)
+        raise SystemExit(128 + signal.Signals[summary["interrupted"]])
+    return summary
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

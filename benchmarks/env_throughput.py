@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from minc_rl.checks import int_at_least
 from minc_rl.envs import ProcgenVecEnv, make_vec_env
 from minc_rl.envs.spec import PROCGEN_DEFAULTS
 from tqdm import tqdm
@@ -83,21 +84,21 @@ def summary(sps: dict[str, list[float]]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few short blocks, to check the script runs")
-    parser.add_argument("--procgen-envs", type=int, default=64)
+    parser.add_argument("--procgen-envs", type=int_at_least(1), default=64)
     parser.add_argument(
         "--procgen-threads",
-        type=int,
+        type=int_at_least(0),
         default=0,
         help="procgen num_threads for all variants; 0 steps in the calling thread, so CPU time is exact and the "
         "comparison is free of thread-pool wake-up noise (the wrapper's own cost does not depend on it)",
     )
-    parser.add_argument("--atari-envs", type=int, default=8)
-    parser.add_argument("--minatar-envs", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=200, help="vector steps per timed block")
+    parser.add_argument("--atari-envs", type=int_at_least(1), default=8)
+    parser.add_argument("--minatar-envs", type=int_at_least(1), default=64)
+    parser.add_argument("--steps", type=int_at_least(1), default=200, help="vector steps per timed block")
     parser.add_argument(
-        "--blocks", type=int, default=10, help="timed blocks per variant (procgen; a third for the rest)"
+        "--blocks", type=int_at_least(3), default=10, help="timed blocks per variant (procgen; a third for the rest)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:

@@ -40,6 +40,8 @@ import torch  # noqa: E402
 from procgen import ProcgenGym3Env  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from minc_rl.checks import int_at_least  # noqa: E402
+from minc_rl.envs.spec import PROCGEN_GAMES  # noqa: E402
 from minc_rl.encoders import ProjectionHead, build_encoder  # noqa: E402
 from minc_rl.losses import (  # noqa: E402
     InfoNCELoss,
@@ -61,14 +63,15 @@ LOSSES = {  # MINC on raw embeddings, as results/grad_variance.json was measured
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--game", default="coinrun")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512, 2048])
-    parser.add_argument("--minibatches", type=int, default=16, help="K independent minibatches per batch size")
-    parser.add_argument("--envs", type=int, default=64, help="parallel procgen environments")
-    parser.add_argument("--steps", type=int, default=384, help="random-policy steps per environment")
+    parser.add_argument("--game", default="coinrun", choices=PROCGEN_GAMES, metavar="GAME",
+                        help="procgen game (default: coinrun)")
+    parser.add_argument("--batch-sizes", type=int_at_least(2), nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--minibatches", type=int_at_least(2), default=16, help="K independent minibatches per batch size")
+    parser.add_argument("--envs", type=int_at_least(1), default=64, help="parallel procgen environments")
+    parser.add_argument("--steps", type=int_at_least(1), default=384, help="random-policy steps per environment")
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="B in {32, 64}, K = 4, 16 envs x 24 steps")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/grad_variance[_quick].json)")
     args = parser.parse_args()

@@ -32,6 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
+from minc_rl.checks import int_at_least
 from minc_rl.envs import make_vec_env  # first: it mutes legacy gym's notice before SB3 imports gym
 import numpy as np  # noqa: I001
 import torch
@@ -129,9 +130,9 @@ def main() -> None:
     """Parse the command line, measure, print a table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per copy (one probe each)")
-    parser.add_argument("--every", type=int, default=5_000, help="env steps per round (rounded up to whole rollouts)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--rounds", type=int_at_least(1), default=3, help="timed rounds per copy (one probe each)")
+    parser.add_argument("--every", type=int_at_least(1), default=5_000, help="env steps per round (rounded up to whole rollouts)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 500 steps, DQN only")
     parser.add_argument("--out", type=Path, default=RESULTS / "health_cost.json")
     args = parser.parse_args()

@@ -28,6 +28,7 @@ from matplotlib.ticker import NullLocator  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from minc_rl.checks import int_at_least, positive_number  # noqa: E402
 from minc_rl.losses import AUX_LOSSES, build_aux_loss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,19 +38,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 4096, 8192])
-    parser.add_argument("--dims", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--batch-sizes", type=int_at_least(2), nargs="+", default=[256, 1024, 4096, 8192])
+    parser.add_argument("--dims", type=int_at_least(1), nargs="+", default=[128, 512, 2048])
     parser.add_argument(
         "--configs", nargs="+", default=None,
         help="device:dtype pairs; default cpu:float32, plus cuda:float32 cuda:bfloat16 when CUDA is available",
     )
-    parser.add_argument("--min-rounds", type=int, default=3, help="timed rounds per cell, unless over budget")
-    parser.add_argument("--max-rounds", type=int, default=15)
-    parser.add_argument("--cell-budget", type=float, default=10.0, help="seconds per cell after which rounds stop")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--min-rounds", type=int_at_least(1), default=3, help="timed rounds per cell, unless over budget")
+    parser.add_argument("--max-rounds", type=int_at_least(1), default=15)
+    parser.add_argument("--cell-budget", type=positive_number, default=10.0, help="seconds per cell after which rounds stop")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="B in {256, 1024}, d = 128, CPU fp32 only")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/loss_core[_quick].json)")
     args = parser.parse_args()
+    if args.min_rounds > args.max_rounds:
+        parser.error(f"--min-rounds {args.min_rounds} is above --max-rounds {args.max_rounds}")
     if args.quick:
         args.batch_sizes, args.dims, args.configs = [256, 1024], [128], args.configs or ["cpu:float32"]
     if args.configs is None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from minatar.gym import BaseEnv
 
+from minc_rl.checks import int_at_least
 from minc_rl.envs import MINATAR_GAMES
 from minc_rl.io import atomic_write
 
@@ -40,8 +41,8 @@ def main() -> None:
     """Measure each game, print and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--games", nargs="+", choices=MINATAR_GAMES, default=["breakout", "space_invaders"])
-    parser.add_argument("--steps", type=int, default=20_000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int_at_least(1), default=20_000)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "minatar_density.json")
     args = parser.parse_args()
     results = {"steps": args.steps, "seed": args.seed, "games": {}}

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from batch_sweep import RESULTS, mean_std, run_digits
 
+from minc_rl.checks import int_at_least, positive_number
 from minc_rl.io import atomic_write
 
 EMAS = (0.01, 0.05, 0.2, 1.0)
@@ -54,11 +55,11 @@ def name(cell: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run, equal for every run")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--seeds", type=int_at_least(0), nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int_at_least(1), default=150, help="optimizer steps per run, equal for every run")
+    parser.add_argument("--batch-size", type=int_at_least(2), default=128)
+    parser.add_argument("--lr", type=positive_number, default=3e-4)
+    parser.add_argument("--threads", type=int_at_least(1), default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="1 seed, 4 cells, 40 steps; no files written")
     parser.add_argument("--out", type=Path, default=RESULTS / "minc_ablation")
     args = parser.parse_args()

@@ -45,6 +45,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
 from minc_rl import report, run_io
+from minc_rl.checks import int_at_least
 from minc_rl.io import atomic_write
 from minc_rl.run_dir import RunDirError, RunLock
 from minc_rl.train import check_command_line, check_jobs, run_finished
@@ -225,8 +226,6 @@ def check_before_training(args: argparse.Namespace, grid: dict[str, list[str]], 
 def run(args: argparse.Namespace) -> None:
     """Train every (seed, game, variant) of the suite and grid that has not finished (this shard's share of them),
     and copy each finished run's small files (and commit them with --commit)."""
-    if args.steps < 1 or args.evaluations < 1:
-        raise ValueError(f"--steps and --evaluations must be >= 1; got {args.steps} and {args.evaluations}")
     grid = variants(args.suite, args.grid)
     jobs = select_jobs(args.suite, args.grid, grid, args.seeds, args.variants, args.shard)
     check_before_training(args, grid, jobs)
@@ -453,9 +452,9 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="train the suite's runs (resuming unfinished ones)")
     run_parser.add_argument("--suite", choices=list(SUITES), required=True)
-    run_parser.add_argument("--steps", type=int, required=True, help="environment steps per run (total_steps)")
-    run_parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    run_parser.add_argument("--evaluations", type=int, default=10,
+    run_parser.add_argument("--steps", type=int_at_least(1), required=True, help="environment steps per run (total_steps)")
+    run_parser.add_argument("--seeds", type=int_at_least(0), nargs="+", default=[0, 1, 2])
+    run_parser.add_argument("--evaluations", type=int_at_least(1), default=10,
                             help="evaluations (and checkpoints) per run: eval.every = checkpoint.every = steps / this")
     run_parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                             help="extra minc_rl.train override for every run (repeatable), e.g. n_envs=8")
@@ -477,9 +476,9 @@ def main() -> None:
     aggregate_parser = commands.add_parser("aggregate", help="tables, JSON and learning curves from `run`'s copies")
     aggregate_parser.add_argument("--results", type=Path, default=RESULTS)
     aggregate_parser.add_argument(
-        "--last", type=int, default=3, help="final return = mean over each run's last LAST evaluations (less noise)"
+        "--last", type=int_at_least(1), default=3, help="final return = mean over each run's last LAST evaluations (less noise)"
     )
-    aggregate_parser.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the IQM and "
+    aggregate_parser.add_argument("--reps", type=int_at_least(1), default=2000, help="bootstrap resamples of the IQM and "
                                   "probability-of-improvement intervals (minc_rl.report's --reps)")
     args = parser.parse_args()
     try:

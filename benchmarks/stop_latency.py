@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from minc_rl.checks import positive_number
+
 RESULTS = Path(__file__).resolve().parent / "results" / "stop_latency.json"
 MARKER = "UPDATE_STARTS"
 
@@ -72,7 +74,7 @@ def measure(args: argparse.Namespace) -> dict:
 def main() -> None:
     """Parse the command line, measure, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--delay", type=float, default=3.0, help="seconds into the update before the signal")
+    parser.add_argument("--delay", type=positive_number, default=3.0, help="seconds into the update before the signal")
     parser.add_argument("--signal", choices=["TERM", "INT", "USR2"], default="TERM")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

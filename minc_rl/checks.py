@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -52,3 +54,29 @@ def check_positive(name: str, value: Any) -> None:
     """Raise ValueError unless `value` is a finite number > 0."""
     if not _is_number(value) or not 0.0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse `type=`: the text as an integer >= low, else argparse's usage error naming the bad text."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}")
+        return value
+
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse `type=`: the text as a finite number > 0, else argparse's usage error naming the bad text."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text!r}")
+    return value

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import rl_evidence  # noqa: E402
+from minc_rl.checks import int_at_least, positive_number  # noqa: E402
 from minc_rl.run_dir import RunLock  # noqa: E402
 
 
@@ -188,6 +193,7 @@ def test_representation_grid_composes_each_arm_under_each_condition(tmp_path, co
     (["--override", "garbage"], "rl_evidence.py: error: --override: OverrideParseException: Error parsing override"),
     (["--python", "/nonexistent/python"], "rl_evidence.py: error: --python /nonexistent/python: no such executable"),
     (["--out", "{file}"], "rl_evidence.py: error: --out {file}: a file, not a directory"),
+    (["--evaluations", "0"], "rl_evidence.py run: error: argument --evaluations: must be an integer >= 1; got '0'"),
 ])
 def test_run_refuses_bad_settings_before_its_first_run(tmp_path, extra, message):
     """A bad --override used to surface when the first run started (a bad --out after it had trained)."""
@@ -198,3 +204,54 @@ def test_run_refuses_bad_settings_before_its_first_run(tmp_path, extra, message)
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and message.format(file=tmp_path / "file") in done.stderr.splitlines()[-1], done.stderr
     assert not (tmp_path / "runs").exists() and done.stdout == ""
+
+
+def test_command_line_number_types_take_valid_text_and_name_the_bad():
+    parser = argparse.ArgumentParser(prog="bench", exit_on_error=False)
+    parser.add_argument("--rounds", type=int_at_least(1))
+    parser.add_argument("--warmup", type=int_at_least(0))
+    parser.add_argument("--lr", type=positive_number)
+    args = parser.parse_args(["--rounds", "3", "--warmup", "0", "--lr", "3e-4"])
+    assert (args.rounds, args.warmup, args.lr) == (3, 0, 3e-4)
+    for option, text, message in [("--rounds", "0", "must be an integer >= 1; got '0'"),
+                                  ("--rounds", "1.5", "must be an integer >= 1; got '1.5'"),
+                                  ("--warmup", "-1", "must be an integer >= 0; got '-1'"),
+                                  ("--lr", "0", "must be a finite number > 0; got '0'"),
+                                  ("--lr", "inf", "must be a finite number > 0; got 'inf'"),
+                                  ("--lr", "nan", "must be a finite number > 0; got 'nan'"),
+                                  ("--lr", "abc", "must be a finite number > 0; got 'abc'")]:
+        with pytest.raises(argparse.ArgumentError, match=re.escape(f"argument {option}: {message}")):
+            parser.parse_args([option, text])
+
+
+@pytest.mark.parametrize(("script", "arguments", "message"), [
+    ("minatar_density.py", ["--steps", "0"], "argument --steps: must be an integer >= 1; got '0'"),
+    ("batch_sweep.py", ["--batch-sizes", "16", "1"], "argument --batch-sizes: must be an integer >= 2; got '1'"),
+    ("loss_core.py", ["--min-rounds", "5", "--max-rounds", "2"], "--min-rounds 5 is above --max-rounds 2"),
+    ("grad_variance.py", ["--game", "coinrn"], "argument --game: invalid choice: 'coinrn' (choose from 'bigfish',"),
+])
+def test_benchmarks_refuse_bad_counts_before_any_work(tmp_path, script, arguments, message):
+    """--threads 0, --rounds 0 and the like used to start (and crash or print empty tables); a typo'd procgen game
+    aborted the process inside procgen's C++."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *arguments, "--out", str(tmp_path / "out.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"{script}: error: {message}" in done.stderr.splitlines()[-1], done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stop_signal_during_a_sweep_run_ends_the_sweep():
+    """pretrain catches SIGTERM to checkpoint; batch_sweep (and minc_ablation, which shares run_digits) went on to the
+    next run as if nothing had happened."""
+    import batch_sweep
+
+    default = signal.getsignal(signal.SIGTERM)
+
+    def signal_once_pretrain_listens() -> None:
+        while signal.getsignal(signal.SIGTERM) is default:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_once_pretrain_listens, daemon=True).start()
+    with pytest.raises(SystemExit) as stopped:
+        batch_sweep.run_digits(["loss=minc", "batch_size=16"], steps=100_000, lr=3e-4, seed=0, at_start=False)
+    assert stopped.value.code == 128 + signal.SIGTERM
