@@ -11,6 +11,7 @@ from minc_rl.checks import check_choice
 from minc_rl.encoders import ENCODERS, NATURE_MIN_SIZE, build_encoder
 
 ENCODER_CHOICES = ("auto", *ENCODERS)
+ENCODED_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 
 
 class NotAnImageError(ValueError, AssertionError):
@@ -25,6 +26,11 @@ def encoder_input_shape(observation_space: gym.Space) -> tuple[int, ...]:
         raise ValueError(
             f"MincExtractor encodes a single observation; got {observation_space}. For Dict observations use "
             "MultiInputPolicy (SB3's CombinedExtractor, which MincPPO / MincDQN keep) or your own extractor"
+        )
+    if not isinstance(observation_space, ENCODED_SPACES):
+        raise ValueError(
+            f"MincExtractor encodes Box, Discrete, MultiDiscrete or MultiBinary observations (those SB3's "
+            f"preprocessing knows); got {observation_space}"
         )
     if not isinstance(observation_space, gym.spaces.Box):
         return (int(get_flattened_obs_dim(observation_space)),)

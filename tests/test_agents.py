@@ -738,6 +738,10 @@ def test_extractor_and_policy_mismatches_raise_clear_errors():
     with pytest.raises(ValueError, match=r"MincExtractor encodes a single observation; got Dict\(.*\)\. For Dict "
                                          r"observations use MultiInputPolicy \(SB3's CombinedExtractor"):
         MincExtractor(gymnasium.spaces.Dict({"a": gymnasium.spaces.Discrete(3)}))
+    for space in (gymnasium.spaces.Tuple((gymnasium.spaces.Discrete(3),)), gymnasium.spaces.Text(5)):
+        with pytest.raises(ValueError, match=r"MincExtractor encodes Box, Discrete, MultiDiscrete or MultiBinary "
+                                             r"observations \(those SB3's preprocessing knows\); got (Tuple|Text)\("):
+            MincExtractor(space, encoder="mlp")
     float_images = gymnasium.spaces.Box(-5.0, 5.0, (3, 36, 36), np.float32)  # e.g. VecNormalize'd observations
     with pytest.raises(ValueError, match=r"encoder='nature' is a CNN for images, but Box\(-5.0, 5.0, \(3, 36, 36\)"
                                          r", float32\) is not an image space as SB3 defines it"):
