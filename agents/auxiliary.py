@@ -586,9 +586,14 @@ class MincAuxMixin:
     def load(cls, path: Any, env: Any = None, device: Any = "auto", custom_objects: dict[str, Any] | None = None,
              print_system_info: bool = False, force_reset: bool = True, **kwargs: Any) -> Any:
         """SB3's load; `aux=` may change the settings that the saved aux state does not depend on (share, lr, every,
-        source, ...), and a change of one it does (the loss, dim, mode, pairs, ...) is a ValueError naming it."""
+        source, ...), and a change of one it does (the loss, dim, mode, pairs, ...) is a ValueError naming it. A file
+        of the other algorithm (a PPO model into MincDQN) is a ValueError too, where SB3 fails inside its setup."""
+        data, _, _ = load_from_zip_file(path, device=device, custom_objects=custom_objects)
+        policy_class, base = data.get("policy_class"), cls.policy_aliases["MlpPolicy"]
+        if isinstance(policy_class, type) and not issubclass(policy_class, base):
+            raise ValueError(f"{cls.__name__}.load({str(path)!r}): the file's policy class {policy_class.__name__} is "
+                             f"not a {base.__name__}, so it holds another algorithm's model; load it with that class")
         if "aux" in kwargs:
-            data, _, _ = load_from_zip_file(path, device=device, custom_objects=custom_objects)
             kwargs["aux"] = cls.aux_config(kwargs["aux"])
             kwargs["aux"].check_takes_state_of(AuxConfig.of(data["aux"]), f"{cls.__name__}.load({str(path)!r}, aux=...)")
         return super().load(path, env=env, device=device, custom_objects=custom_objects,  # type: ignore[misc]

@@ -671,6 +671,9 @@ def test_load_takes_aux_settings_the_saved_state_fits(tmp_path):
     assert loaded.aux == AuxConfig(batch=16, share=0.1, **SMALL_AUX) and loaded.aux_learner is not None
     with pytest.raises(ValueError, match=r"aux=...\): the saved aux state .* aux.name='spectral' \(saved: 'minc'\)"):
         MincPPO.load(tmp_path / "m.zip", aux="spectral")
+    with pytest.raises(ValueError, match=r"MincDQN.load\('.*m.zip'\): the file's policy class ActorCriticPolicy is not "
+                                         r"a DQNPolicy, so it holds another algorithm's model"):
+        MincDQN.load(tmp_path / "m.zip")  # SB3's own DQN.load fails with "'ActorCriticPolicy' object has no attribute 'q_net'"
 
 
 # ------------------------------------------------------------------------------------------- bad input
