@@ -46,7 +46,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from minc_rl.checks import int_at_least  # noqa: E402
+from minc_rl.checks import int_at_least, output_file  # noqa: E402
 from minc_rl.envs import make_vec_env  # noqa: E402  (first: it mutes legacy gym's notice before SB3 imports gym)
 import torch  # noqa: E402
 from minc_rl.agents import MincDQN, MincPPO  # noqa: E402
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true",
                         help="time PPO's update alone (train() on a filled buffer), without collecting rollouts")
     parser.add_argument("--quick", action="store_true", help="smoke run: Nature CNN, 8 envs, tiny rollouts")
-    parser.add_argument("--out", type=Path, default=None, help="default: results/aux_overhead[_train_only].json")
+    parser.add_argument("--out", type=output_file, default=None, help="default: results/aux_overhead[_train_only].json")
     args = parser.parse_args()
     suffix = "_dqn" if args.agent == "dqn" else "_train_only" if args.train_only else ""
     args.out = args.out or RESULTS / f"aux_overhead{suffix}.json"

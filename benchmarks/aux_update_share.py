@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from rl_evidence import ROOT, run_finished, run_training  # noqa: E402  (benchmarks/ is the script's folder)
 
-from minc_rl.checks import int_at_least  # noqa: E402
+from minc_rl.checks import int_at_least, output_file  # noqa: E402
 from minc_rl.io import atomic_write  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads per run")
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "aux_update_share", help="run directories")
-    parser.add_argument("--out", type=Path, default=RESULTS / "aux_update_share.json")
+    parser.add_argument("--out", type=output_file, default=RESULTS / "aux_update_share.json")
     args = parser.parse_args()
     bad = [share for share in args.shares if not 0.0 < share < 1.0]
     if bad or args.steps <= 5_000:

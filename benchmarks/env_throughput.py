@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from minc_rl.checks import int_at_least
+from minc_rl.checks import int_at_least, output_file
 from minc_rl.envs import ProcgenVecEnv, make_vec_env
 from minc_rl.envs.spec import PROCGEN_DEFAULTS
 from tqdm import tqdm
@@ -99,7 +99,7 @@ def main() -> None:
         "--blocks", type=int_at_least(3), default=10, help="timed blocks per variant (procgen; a third for the rest)"
     )
     parser.add_argument("--seed", type=int_at_least(0), default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=output_file, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
         args.steps, args.blocks = 30, 3

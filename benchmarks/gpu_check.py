@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minc_rl.checks import output_file
 from minc_rl.envs import make_vec_env  # noqa: I001  first: it mutes legacy gym's notice before SB3 imports gym
 import torch
 from loss_core import DTYPES, bench_cell, timed
@@ -91,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU with one torch thread (steady on a "
                         "busy machine), well under a minute")
-    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check.json", help="the JSON (default: %(default)s)")
+    parser.add_argument("--out", type=output_file, default=RESULTS / "gpu_check.json", help="the JSON (default: %(default)s)")
     return parser.parse_args(argv)
 
 

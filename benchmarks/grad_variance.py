@@ -40,9 +40,10 @@ import torch  # noqa: E402
 from procgen import ProcgenGym3Env  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from minc_rl.checks import int_at_least  # noqa: E402
-from minc_rl.envs.spec import PROCGEN_GAMES  # noqa: E402
+from minc_rl.checks import int_at_least, output_file  # noqa: E402
 from minc_rl.encoders import ProjectionHead, build_encoder  # noqa: E402
+from minc_rl.envs.spec import PROCGEN_GAMES  # noqa: E402
+from minc_rl.io import atomic_write  # noqa: E402
 from minc_rl.losses import (  # noqa: E402
     InfoNCELoss,
     MINCLoss,
@@ -73,7 +74,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="B in {32, 64}, K = 4, 16 envs x 24 steps")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/grad_variance[_quick].json)")
+    parser.add_argument("--out", type=output_file, default=None, help="JSON path (default results/grad_variance[_quick].json)")
     args = parser.parse_args()
     if args.quick:
         args.batch_sizes, args.minibatches, args.envs, args.steps = [32, 64], 4, 16, 24
@@ -260,8 +261,7 @@ def main() -> None:
     for goal, entry in goals.items():
         print(f"- {goal}: {entry['value']:.3f} (goal {entry['goal']}: {'met' if entry['met'] else 'NOT met'})")
     report["goals"] = goals
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     plot(report["results"], args.out.with_suffix(".png"))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
 

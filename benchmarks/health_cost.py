@@ -32,7 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
-from minc_rl.checks import int_at_least
+from minc_rl.checks import int_at_least, output_file
 from minc_rl.envs import make_vec_env  # first: it mutes legacy gym's notice before SB3 imports gym
 import numpy as np  # noqa: I001
 import torch
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--every", type=int_at_least(1), default=5_000, help="env steps per round (rounded up to whole rollouts)")
     parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 500 steps, DQN only")
-    parser.add_argument("--out", type=Path, default=RESULTS / "health_cost.json")
+    parser.add_argument("--out", type=output_file, default=RESULTS / "health_cost.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -28,7 +28,8 @@ from matplotlib.ticker import NullLocator  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from minc_rl.checks import int_at_least, positive_number  # noqa: E402
+from minc_rl.checks import int_at_least, output_file, positive_number  # noqa: E402
+from minc_rl.io import atomic_write  # noqa: E402
 from minc_rl.losses import AUX_LOSSES, build_aux_loss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cell-budget", type=positive_number, default=10.0, help="seconds per cell after which rounds stop")
     parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="B in {256, 1024}, d = 128, CPU fp32 only")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/loss_core[_quick].json)")
+    parser.add_argument("--out", type=output_file, default=None, help="JSON path (default results/loss_core[_quick].json)")
     args = parser.parse_args()
     if args.min_rounds > args.max_rounds:
         parser.error(f"--min-rounds {args.min_rounds} is above --max-rounds {args.max_rounds}")
@@ -194,8 +195,8 @@ def main() -> None:
         "load_average_before_after": [load_before, os.getloadavg()],
         "args": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "goals": report, "results": results}, indent=1))
+    document = json.dumps({"meta": meta, "goals": report, "results": results}, indent=1)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(document))
     plot(results, args.out.with_suffix(".png"))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
 

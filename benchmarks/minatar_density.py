@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from minatar.gym import BaseEnv
 
-from minc_rl.checks import int_at_least
+from minc_rl.checks import int_at_least, output_file
 from minc_rl.envs import MINATAR_GAMES
 from minc_rl.io import atomic_write
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--games", nargs="+", choices=MINATAR_GAMES, default=["breakout", "space_invaders"])
     parser.add_argument("--steps", type=int_at_least(1), default=20_000)
     parser.add_argument("--seed", type=int_at_least(0), default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "minatar_density.json")
+    parser.add_argument("--out", type=output_file, default=RESULTS / "minatar_density.json")
     args = parser.parse_args()
     results = {"steps": args.steps, "seed": args.seed, "games": {}}
     for game in args.games:

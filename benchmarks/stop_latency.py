@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from minc_rl.checks import positive_number
+from minc_rl.checks import output_file, positive_number
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stop_latency.json"
 MARKER = "UPDATE_STARTS"
@@ -76,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--delay", type=positive_number, default=3.0, help="seconds into the update before the signal")
     parser.add_argument("--signal", choices=["TERM", "INT", "USR2"], default="TERM")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=output_file, default=RESULTS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra minc_rl.train overrides (after --)")
     args = parser.parse_args()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -80,3 +81,15 @@ def positive_number(text: str) -> float:
     if not 0.0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text!r}")
     return value
+
+
+def output_file(text: str) -> Path:
+    """An argparse `type=`: a file path the results can be written to (not a directory, no file among its folders),
+    checked before the work rather than after it."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path, e.g. {path / 'results.json'}")
+    folder = next(folder for folder in path.absolute().parents if folder.exists())
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {folder} is a file, not a folder")
+    return path

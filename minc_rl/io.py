@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
+def _temporary_beside(path: Path) -> str:
+    """A new empty file in path's folder (made if missing) with the permissions open() gives under the umask
+    (tempfile.mkstemp's 0600 kept a run's files from the rest of a cluster group)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     """Call write(tmp_path), then rename tmp_path over `path` (same folder, so the rename is atomic)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    tmp = _temporary_beside(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -34,9 +41,7 @@ def atomic_write_all(writes: list[tuple[str | os.PathLike, Any]]) -> list[Path]:
     try:
         for path, write in writes:
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(handle)
+            tmp = _temporary_beside(path)
             staged.append((tmp, path))
             write(tmp)
         for tmp, path in staged:

@@ -18,7 +18,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import rl_evidence  # noqa: E402
-from minc_rl.checks import int_at_least, positive_number  # noqa: E402
+from minc_rl.checks import int_at_least, output_file, positive_number  # noqa: E402
 from minc_rl.run_dir import RunLock  # noqa: E402
 
 
@@ -224,17 +224,33 @@ def test_command_line_number_types_take_valid_text_and_name_the_bad():
             parser.parse_args([option, text])
 
 
+def test_output_file_refuses_a_folder_or_a_path_through_a_file(tmp_path):
+    """minatar_density.py --out <folder> failed after its work (IsADirectoryError)."""
+    (tmp_path / "taken").touch()
+    assert output_file(str(tmp_path / "new" / "deeper" / "out.json")) == tmp_path / "new" / "deeper" / "out.json"
+    assert output_file(str(tmp_path / "taken")) == tmp_path / "taken"  # overwritten, as a rerun does
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"{str(tmp_path)!r} is a directory; give a file path, "
+                                                                   f"e.g. {tmp_path / 'results.json'}")):
+        output_file(str(tmp_path))
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"{tmp_path / 'taken'} is a file, not a folder")):
+        output_file(str(tmp_path / "taken" / "out.json"))
+
+
 @pytest.mark.parametrize(("script", "arguments", "message"), [
     ("minatar_density.py", ["--steps", "0"], "argument --steps: must be an integer >= 1; got '0'"),
     ("batch_sweep.py", ["--batch-sizes", "16", "1"], "argument --batch-sizes: must be an integer >= 2; got '1'"),
     ("loss_core.py", ["--min-rounds", "5", "--max-rounds", "2"], "--min-rounds 5 is above --max-rounds 2"),
     ("grad_variance.py", ["--game", "coinrn"], "argument --game: invalid choice: 'coinrn' (choose from 'bigfish',"),
+    ("health_cost.py", ["--out", "{tmp}"], "argument --out: '{tmp}' is a directory; give a file path"),
 ])
 def test_benchmarks_refuse_bad_counts_before_any_work(tmp_path, script, arguments, message):
     """--threads 0, --rounds 0 and the like used to start (and crash or print empty tables); a typo'd procgen game
     aborted the process inside procgen's C++."""
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *arguments, "--out", str(tmp_path / "out.json")],
+    arguments = [argument.format(tmp=tmp_path) for argument in arguments]
+    out = [] if "--out" in arguments else ["--out", str(tmp_path / "out.json")]
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *arguments, *out],
                           capture_output=True, text=True, timeout=120)
+    message = message.format(tmp=tmp_path)
     assert done.returncode == 2 and f"{script}: error: {message}" in done.stderr.splitlines()[-1], done.stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -29,6 +29,7 @@ from minc_rl import run_io, train
 from minc_rl.agents import MincPPO
 from minc_rl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
+from minc_rl.io import atomic_write, atomic_write_all
 from minc_rl.run_callbacks import CheckpointError, Checkpoints, Evaluation, StopOnSignal
 from minc_rl.run_dir import RunLock
 from train_cli import ENV, run_in_process
@@ -379,6 +380,25 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_leaves_no_or
     assert snapshot(tmp_path) == before  # no step_16 .pkl without its .zip, no temporary file
     assert run_io.checkpoint_problem(first, vecnormalize=True) is None
     env.close()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_atomic_writes_give_files_the_permissions_of_a_plain_open(tmp_path, umask):
+    """tempfile.mkstemp's 0600 made config.yaml, summary.json, checkpoints and plots unreadable to the rest of a
+    cluster group, beside 0644 files that SB3 and pandas wrote."""
+    previous = os.umask(umask)
+    try:
+        single = atomic_write(tmp_path / "one.json", lambda tmp: Path(tmp).write_text("{}"))
+        pair = atomic_write_all([(tmp_path / "a.csv", lambda tmp: Path(tmp).write_text("a")),
+                                 (tmp_path / "b.csv", lambda tmp: Path(tmp).write_text("b"))])
+        with open(tmp_path / "plain.txt", "w"):
+            pass
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert [path.stat().st_mode & 0o777 for path in (single, *pair)] == [expected] * 3
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.csv", "b.csv", "one.json", "plain.txt"]
 
 
 # --- a prompt stop: inside a PPO update ----------------------------------------------------------------------------
