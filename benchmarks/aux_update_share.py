@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from rl_evidence import ROOT, run_finished, run_training  # noqa: E402  (benchmarks/ is the script's folder)
 
 from minc_rl.checks import int_at_least, output_file  # noqa: E402
+from minc_rl.envs import MINATAR_GAMES  # noqa: E402
 from minc_rl.io import atomic_write  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=["minc", "spectral"], choices=["minc", "spectral", "infonce"])
     parser.add_argument("--shares", nargs="+", type=float, default=[0.01, 0.03, 0.1, 0.3])
     parser.add_argument("--pairs", default="state", choices=["state", "state_action"], help="aux.pairs")
-    parser.add_argument("--game", default="breakout", help="MinAtar game")
+    parser.add_argument("--game", default="breakout", choices=MINATAR_GAMES, help="MinAtar game")
     parser.add_argument("--steps", type=int_at_least(1), default=10_000, help="env steps per run (DQN learns after 5,000)")
     parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads per run")
