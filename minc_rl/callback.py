@@ -1,4 +1,5 @@
-"""MincAuxCallback: trains an auxiliary loss on the features extractor of stock SB3 algorithms (PPO, A2C, DQN, ...)."""
+"""MincAuxCallback: trains an auxiliary loss on the features extractor of stock SB3 algorithms (PPO, A2C, DQN, SAC,
+TD3, ...)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.buffers import DictRolloutBuffer, ReplayBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 from minc_rl.agents.auxiliary import AuxConfig, AuxLearner
 from minc_rl.agents.pairs import (
@@ -63,14 +66,29 @@ class SavedAuxState:
         self.learner, self.saved = None, state
 
 
+def trained_extractor(network: BasePolicy) -> BaseFeaturesExtractor:
+    """The features extractor the aux loss trains: DQN's Q-network's, an actor-critic's (the actor's when they are
+    apart), or SAC's / TD3's when the actor and critic share it; a ValueError when they do not."""
+    actor, critic = getattr(network, "actor", None), getattr(network, "critic", None)
+    if actor is not None and critic is not None:  # SAC, TD3 (and DDPG): policy_kwargs share_features_extractor
+        if actor.features_extractor is not critic.features_extractor:
+            raise ValueError(
+                f"MincAuxCallback trains one features extractor, and this {type(network).__name__} has two, the "
+                "actor's and the critic's (share_features_extractor=False, SAC's and TD3's default); pass "
+                "policy_kwargs=dict(share_features_extractor=True) for one that both use"
+            )
+        return actor.features_extractor
+    return getattr(network, "pi_features_extractor", None) or network.features_extractor
+
+
 class MincAuxCallback(BaseCallback):
     """After each rollout, `gradient_steps` aux steps (aux.mode='separate': the aux optimizer over the policy's
     features extractor and a projection head) on aux.batch pairs (o_t, o_t+1) from the algorithm's buffer.
 
     For algorithms without a MINC subclass, and for any features extractor. On-policy algorithms (PPO, A2C) draw
     pairs from the rollout buffer (o_t+1 in the same episode; the last step pairs with the observation after the
-    rollout), off-policy ones (DQN) from the replay buffer once learning has started. Logs the train/aux_* keys
-    of MincPPO / MincDQN. The head, Lambda and the aux optimizer live in `self.learner` (an nn.Module) and travel
+    rollout), off-policy ones (DQN; SAC and TD3 whose actor and critic share the extractor) from the replay buffer
+    once learning has started. Logs the train/aux_* keys of MincPPO / MincDQN. The head, Lambda and the aux optimizer live in `self.learner` (an nn.Module) and travel
     with the model: `model.save` writes them into the zip (`model.minc_aux_state`, SavedAuxState), and a callback
     given to `learn` of the loaded model continues from them (its settings must fit them: AuxConfig's
     check_takes_state_of).
@@ -88,7 +106,7 @@ class MincAuxCallback(BaseCallback):
     def _init_callback(self) -> None:
         network = getattr(self.model, "q_net", None)  # DQN's online Q-network holds its extractor
         network = self.model.policy if network is None else network
-        extractor = getattr(network, "pi_features_extractor", None) or network.features_extractor
+        extractor = trained_extractor(network)
         check_one_step_pairs(getattr(self.model, "replay_buffer", None), getattr(self.model, "n_steps", 1),
                              "or no MincAuxCallback")
         if self.learner is None:  # a second learn() keeps the head, Lambda and optimizer

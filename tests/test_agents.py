@@ -20,7 +20,7 @@ from minc_rl.agents.pairs import (PairDictRolloutBuffer, gather_successors, roll
 from minc_rl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
 from omegaconf import OmegaConf
-from stable_baselines3 import A2C, DQN, PPO
+from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
 from stable_baselines3.common.env_util import make_atari_env
 from stable_baselines3.common.envs import BitFlippingEnv, FakeImageEnv, IdentityEnv
 from stable_baselines3.common.logger import KVWriter, Logger
@@ -549,6 +549,25 @@ def test_callback_trains_stock_a2c_and_dqn_on_any_extractor(algo):
     assert steps == 2 * rollouts if algo == "a2c" else 0 < steps < 2 * rollouts and steps % 2 == 0
     assert torch.isfinite(callback.learner.loss.cov).all() and callback.learner.loss.cov.abs().sum() > 0
     assert any(not torch.equal(before[k], v) for k, v in extractor.state_dict().items())
+
+
+@pytest.mark.parametrize("algo", [SAC, TD3])
+def test_callback_trains_sac_and_td3_through_their_shared_extractor_and_refuses_two(algo):
+    """SAC's and TD3's policies hold no `features_extractor` of their own: the callback failed with an
+    AttributeError on None. With share_features_extractor=True it trains the one the actor and critic use, here on
+    state-action pairs with Box actions."""
+    env = gymnasium.make("Pendulum-v1")
+    with pytest.raises(ValueError, match=rf"MincAuxCallback trains one features extractor, and this {algo.__name__}"
+                                         r"Policy has two, the actor's and the critic's \(share_features_extractor="):
+        algo("MlpPolicy", env, learning_starts=0, seed=0).learn(2, callback=MincAuxCallback())
+    kwargs = dict(features_extractor_class=MincExtractor, share_features_extractor=True)
+    model = algo("MlpPolicy", env, learning_starts=50, batch_size=32, seed=0, policy_kwargs=kwargs)
+    callback = MincAuxCallback(dict(batch=16, pairs="state_action"), gradient_steps=2)
+    model.learn(100, callback=callback)
+    assert callback.learner.extractor is model.policy.actor.features_extractor is model.policy.critic.features_extractor
+    steps = int(callback.learner.loss.steps)  # 2 aux steps after each env step once learning has started
+    assert 0 < steps <= 2 * 50 and steps % 2 == 0
+    assert torch.isfinite(callback.learner.loss.cov_b).all() and callback.learner.loss.cov_b.abs().sum() > 0
 
 
 def test_callback_settings_raise_clear_errors():
