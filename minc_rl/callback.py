@@ -88,10 +88,10 @@ class MincAuxCallback(BaseCallback):
     For algorithms without a MINC subclass, and for any features extractor. On-policy algorithms (PPO, A2C) draw
     pairs from the rollout buffer (o_t+1 in the same episode; the last step pairs with the observation after the
     rollout), off-policy ones (DQN; SAC and TD3 whose actor and critic share the extractor) from the replay buffer
-    once learning has started. Logs the train/aux_* keys of MincPPO / MincDQN. The head, Lambda and the aux optimizer live in `self.learner` (an nn.Module) and travel
-    with the model: `model.save` writes them into the zip (`model.minc_aux_state`, SavedAuxState), and a callback
-    given to `learn` of the loaded model continues from them (its settings must fit them: AuxConfig's
-    check_takes_state_of).
+    once learning has started. Logs the train/aux_* keys of MincPPO / MincDQN. The head, Lambda and the aux
+    optimizer live in `self.learner` (an nn.Module) and travel with the model: `model.save` writes them into the
+    zip (`model.minc_aux_state`, SavedAuxState), and a callback given to `learn` of the loaded model continues from
+    them (its settings must fit them: AuxConfig's check_takes_state_of).
     """
 
     def __init__(self, aux: str | AuxConfig | Mapping[str, Any] = "minc", gradient_steps: int = 4, verbose: int = 0) -> None:

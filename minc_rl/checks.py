@@ -58,28 +58,28 @@ def check_positive(name: str, value: Any) -> None:
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse `type=`: the text as an integer >= low, else argparse's usage error naming the bad text."""
+    """An argparse `type=`: the text as an integer >= low (check_int's bound), else argparse's usage error naming
+    the bad text."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
+            check_int("", value, low)
         except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}") from None
         return value
 
     return parse
 
 
 def positive_number(text: str) -> float:
-    """An argparse `type=`: the text as a finite number > 0, else argparse's usage error naming the bad text."""
+    """An argparse `type=`: the text as a finite number > 0 (check_positive's bound), else argparse's usage error
+    naming the bad text."""
     try:
         value = float(text)
+        check_positive("", value)
     except ValueError:
-        value = math.nan
-    if not 0.0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text!r}") from None
     return value
 
 
