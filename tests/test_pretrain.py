@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -129,9 +130,14 @@ def test_entry_point_mistakes_are_one_line_with_exit_code_2(digits_run, tmp_path
         ("minc_rl.pretrain", "device=cuda", "steps=1"): "device='cuda', but this torch",
         ("minc_rl.pretrain", "data=procgen", "data.games=[coinrun,nope]", "device=cpu"): "unknown procgen game(s) ['nope']",
     }
-    for (program, *overrides), message in cases.items():
-        done = subprocess.run([sys.executable, "-m", program, *overrides, f"hydra.run.dir={tmp_path / 'out'}"],
+    def run(index: int, program: str, *overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", program, *overrides, f"hydra.run.dir={tmp_path / f'out{index}'}"],
                               capture_output=True, text=True, env=subprocess_env(), timeout=120)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # each case is a fresh interpreter importing torch
+        runs = [pool.submit(run, index, *case) for index, case in enumerate(cases)]
+    for ((program, *overrides), message), future in zip(cases.items(), runs):
+        done = future.result()
         assert done.returncode == 2, (overrides, done.stderr[-2000:])
         (line,) = done.stderr.strip().splitlines()
         assert line.startswith(f"{program}: error: ") and message in line, line
