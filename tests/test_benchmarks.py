@@ -150,7 +150,7 @@ def test_run_skips_a_run_dir_another_process_is_writing(tmp_path, capsys):
     (run_dir / "progress.csv").write_text("written by the other run\n")
     args = argparse.Namespace(suite="minatar", grid="aux", seeds=[0], variants=["none"], shard=(0, 2), steps=1000,
                               evaluations=1, override=[], runs=tmp_path / "runs", out=tmp_path / "out", commit=False,
-                              python=None)
+                              python=None, games=None)
     with RunLock(run_dir):
         rl_evidence.run(args)  # shard 0 of 2: breakout's none only
     assert (run_dir / "progress.csv").read_text() == "written by the other run\n"
@@ -177,7 +177,7 @@ def test_representation_grid_composes_each_arm_under_each_condition(tmp_path, co
     grid = rl_evidence.variants("minatar", "representation")
     assert grid == {"none": ["aux=none"], "minc": ["aux=minc"],
                     "minc-sa": ["aux=minc", "aux.pairs=state_action", "aux.share=0.1"]}
-    args = argparse.Namespace(steps=50_000, evaluations=10, override=condition, python=None)
+    args = argparse.Namespace(steps=50_000, evaluations=10, override=condition, python=None, games=None)
     commands = {arm: rl_evidence.train_command("minatar", "breakout", overrides, 3, tmp_path / arm, args)
                 for arm, overrides in grid.items()}
     tasks = {arm: [a for a in train.check_command_line(command[3:]) if not a.startswith("hydra.")]  # as train's main
