@@ -40,12 +40,12 @@ from stable_baselines3.common.utils import polyak_update
 from torch import nn
 from torch.nn import functional as F
 
-from minc_rl.augment import random_shift
-from minc_rl.checks import check_choice, check_fraction, check_int, check_positive
-from minc_rl.encoders import ProjectionHead, load_encoder_weights
-from minc_rl.extractor import ENCODER_CHOICES, MincExtractor
+from minc_rl.ssl.augment import random_shift
+from minc_rl.common.checks import check_choice, check_fraction, check_int, check_positive
+from minc_rl.ssl.encoders import ProjectionHead, load_encoder_weights
+from minc_rl.rl.extractor import ENCODER_CHOICES, MincExtractor
 from minc_rl.losses import AUX_LOSSES, build_aux_loss, spectral_contrastive_loss
-from minc_rl.metrics import embedding_health
+from minc_rl.ssl.metrics import embedding_health
 
 AUX_CHOICES = ("none", *AUX_LOSSES)
 AUX_MODES = ("joint", "separate", "decoupled")
@@ -619,7 +619,7 @@ class MincAuxMixin:
         raise NotImplementedError
 
     def load_pretrained_encoder(self, path: str) -> None:
-        """Load an `encoder.pt` (minc_rl.encoders.save_encoder) into the MincExtractor's encoder and its target."""
+        """Load an `encoder.pt` (minc_rl.ssl.encoders.save_encoder) into the MincExtractor's encoder and its target."""
         extractor = self.aux_extractor
         if not isinstance(extractor, MincExtractor):
             raise ValueError(f"encoder.init needs a MincExtractor as the features extractor; got {type(extractor).__name__}")

@@ -1,4 +1,29 @@
-"""minc_rl: MINC (Mutual Information Non-Contrastive) representation learning for RL and image SSL."""
+"""minc_rl: MINC (Mutual Information Non-Contrastive) representation learning for RL and image SSL.
+
+The package is a house of rooms, each a sub-package with one job. A room imports only the rooms listed before it
+(tests/test_layout.py holds the house to this order, and to having no import circle):
+
+    common    the ground floor: value checks with one-line errors, atomic file writes, the command-line
+              checks every entry point shares, run-directory ownership (lock, fresh run, resume)
+    configs   Hydra YAML of train and pretrain (the top-level configs/ folder)          imports no room
+    losses    the loss core: MINC, the spectral contrastive loss, InfoNCE               imports common
+    envs      procgen / Atari / MinAtar / gymnasium behind one spec (top-level envs/)   imports common
+    ssl       representation learning on images: encoders and the encoder.pt format, backbones,
+              augmentations, embedding metrics, data sets, linear evaluation, the pretraining run
+                                                                                        imports common, losses, envs
+    rl        under the SB3 agents: the aux settings (AuxConfig, light), MincExtractor, EncoderHealth
+                                                                                        imports common, losses, ssl
+    agents    MincPPO, MincDQN, MincAuxCallback: how the aux loss joins SB3 (top-level agents/)
+                                                                                        imports the rooms above
+    runs      an RL training run and a study of runs: config checks (light), the run, its files and
+              callbacks, the report                                                     imports every room above
+
+The entry points sit at the top, beside the rooms, and stay thin: `python -m minc_rl.train`, `.pretrain`,
+`.linear_eval` and `.report` check their command line before torch is imported, then hand over to runs/ or ssl/.
+
+Public names: minc_rl.losses, minc_rl.agents (MincPPO, MincDQN), minc_rl.envs, and here MincExtractor,
+MincAuxCallback and EncoderHealth (imported on first use, so that `import minc_rl` stays light).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +39,7 @@ with contextlib.suppress(ImportError), contextlib.redirect_stderr(io.StringIO())
 __version__ = "0.1.0"
 __all__ = ["EncoderHealth", "MincAuxCallback", "MincExtractor"]
 
-_LAZY = {"MincExtractor": "minc_rl.extractor", "MincAuxCallback": "minc_rl.callback", "EncoderHealth": "minc_rl.health"}
+_LAZY = {"MincExtractor": "minc_rl.rl.extractor", "MincAuxCallback": "minc_rl.agents.callback", "EncoderHealth": "minc_rl.rl.health"}
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,7 @@ train(). train() composes the run's config (configs/train/ plus the family defau
 every value (exit code 2 and one line, before anything is built), builds the vector envs (minc_rl.envs) and the
 agent (minc_rl.agents, whose train() method holds the gradient step), and runs model.learn() with callbacks for
 the progress bar, evaluation, checkpoints and Ctrl-C / SIGTERM. Then it writes the last checkpoint, summary.json
-and learning_curve.png; minc_rl.run_io holds those file formats.
+and learning_curve.png; minc_rl.runs.run_io holds those file formats.
 """
 
 from __future__ import annotations
@@ -42,20 +42,21 @@ from stable_baselines3.common.utils import LinearSchedule, check_for_correct_spa
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 import minc_rl.configs
-from minc_rl import cli
-from minc_rl import run_io
-from minc_rl.checks import (
-    check_bool, check_choice, check_int, check_nonnegative, check_positive, check_unit_interval,
+from minc_rl.common import cli
+from minc_rl.runs import run_io
+from minc_rl.common.checks import (
+    check_bool, check_choice, check_int, check_nonnegative, check_positive, check_unit_interval, one_line,
 )
-from minc_rl.run_dir import (
+from minc_rl.common.run_dir import (
     RunDirError, RunLock, check_fresh, check_writable, resume_argument, saved_config_with, writable_problem,
 )
 from minc_rl.agents import MincDQN, MincPPO
 from minc_rl.agents.auxiliary import AuxConfig
-from minc_rl.extractor import ENCODER_CHOICES
-from minc_rl.health import EncoderHealth
+from minc_rl.rl.extractor import ENCODER_CHOICES
+from minc_rl.rl.health import EncoderHealth
+from minc_rl.ssl.encoders import encoder_file_problem
 from minc_rl.envs import make_eval_env, make_vec_env, parse_spec, validate_spec
-from minc_rl.run_callbacks import CheckpointError, Checkpoints, Evaluation, LatestValues, ProgressBar, StopOnSignal
+from minc_rl.runs.run_callbacks import CheckpointError, Checkpoints, Evaluation, LatestValues, ProgressBar, StopOnSignal
 
 CONFIG_DIR = Path(minc_rl.configs.__file__).parent / "train"
 AGENTS = {"ppo": MincPPO, "dqn": MincDQN}
@@ -431,13 +432,13 @@ def check_config(cfg: DictConfig) -> None:
         fail(f"encoder.init={cfg.encoder.init!r}: no such file (give an encoder.pt written by minc_rl.pretrain)")
     check_seed(cfg)
     if cfg.encoder.init is not None:
-        problem = run_io.encoder_file_problem(Path(cfg.encoder.init), cfg.encoder.name)
+        problem = encoder_file_problem(Path(cfg.encoder.init), cfg.encoder.name)
         if problem is not None:
             fail(f"encoder.init={cfg.encoder.init!r}: {problem}")
 
 
 def check(function: Callable[..., None], *args: Any) -> None:
-    """A check of minc_rl.checks; its ValueError becomes fail()'s one line."""
+    """A check of minc_rl.common.checks; its ValueError becomes fail()'s one line."""
     try:
         function(*args)
     except ValueError as error:
@@ -504,7 +505,7 @@ def checkpoint_fits(cfg: DictConfig, env: VecEnv) -> Callable[[dict[str, Any]], 
             check_for_correct_spaces(agent._wrap_env(env, verbose=0), data["observation_space"], data["action_space"])
             aux.check_takes_state_of(AuxConfig.of(data.get("aux", "none")), "this run's aux")
         except ValueError as error:
-            return f"it does not fit this run (env={cfg.env}): {run_io.one_line(error)}"
+            return f"it does not fit this run (env={cfg.env}): {one_line(error)}"
         return None
 
     return fits
@@ -709,7 +710,7 @@ def load_model(cfg: DictConfig, env: VecEnv, checkpoint: Path, run_dir: Path) ->
         try:
             model.load_replay_buffer(replay)
         except Exception as error:  # noqa: BLE001  a damaged pickle raises anything
-            fail(f"resume={cfg.resume!r}: {replay} cannot be read ({run_io.one_line(error)}); "
+            fail(f"resume={cfg.resume!r}: {replay} cannot be read ({one_line(error)}); "
                  "move it away to resume with an empty replay buffer")  # fmt: skip
     run_io.truncate_evaluations(run_dir / "evaluations.csv", model.num_timesteps)
     log.info("resuming %s at step %d", checkpoint, model.num_timesteps)
@@ -791,7 +792,7 @@ def run_summary(
     """What summary.json holds: the run's identity, its wall time (summed over resumed sessions), its speed (this
     session's steps over its learn() time, periodic evaluations and checkpoints included), its final returns
     (training episodes: the last 100; evaluation: the last one of each split), its final aux metrics and its
-    final encoder health (minc_rl.health)."""
+    final encoder health (minc_rl.rl.health)."""
     previous = run_io.read_summary(run_dir / "summary.json") if cfg.resume else {}
     final_eval: dict[str, float] = {}
     for row in run_io.read_evaluations(run_dir / "evaluations.csv"):

@@ -18,8 +18,8 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import rl_evidence  # noqa: E402
-from minc_rl.checks import int_at_least, output_file, positive_number  # noqa: E402
-from minc_rl.run_dir import RunLock  # noqa: E402
+from minc_rl.common.checks import int_at_least, output_file, positive_number  # noqa: E402
+from minc_rl.common.run_dir import RunLock  # noqa: E402
 
 
 def fake_run(seed: int, returns: list[float]) -> dict:

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from rliable import library as rly
 from rliable import metrics
 
-from minc_rl import report, run_io
+from minc_rl.runs import report, run_io
 from minc_rl.train import CONFIG_DIR
 from train_cli import ENV, run_in_process
 

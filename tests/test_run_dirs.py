@@ -25,13 +25,14 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecNormalize
 
-from minc_rl import run_io, train
+from minc_rl import train
+from minc_rl.runs import run_io
 from minc_rl.agents import MincPPO
-from minc_rl.encoders import build_encoder, save_encoder
+from minc_rl.ssl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
-from minc_rl.io import atomic_write, atomic_write_all
-from minc_rl.run_callbacks import CheckpointError, Checkpoints, Evaluation, StopOnSignal
-from minc_rl.run_dir import RunLock
+from minc_rl.common.io import atomic_write, atomic_write_all
+from minc_rl.runs.run_callbacks import CheckpointError, Checkpoints, Evaluation, StopOnSignal
+from minc_rl.common.run_dir import RunLock
 from train_cli import ENV, run_in_process
 
 # A CartPole PPO run with the MLP encoder and MINC: 2 envs x 32 steps per rollout, a few seconds per run.
@@ -155,7 +156,7 @@ def test_two_runs_cannot_share_a_directory_and_a_killed_holder_leaves_no_lock(mo
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from minc_rl.run_dir import RunLock; RunLock(sys.argv[1]).acquire(); "
+        [sys.executable, "-c", "import sys; from minc_rl.common.run_dir import RunLock; RunLock(sys.argv[1]).acquire(); "
          "print('locked', flush=True); import time; time.sleep(600)", str(run_dir)],
         stdout=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip

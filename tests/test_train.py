@@ -19,10 +19,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from minc_rl import run_callbacks, run_io, train
-from minc_rl.backbones import build_backbone
+from minc_rl import train
+from minc_rl.runs import run_callbacks, run_io
+from minc_rl.ssl.backbones import build_backbone
 from minc_rl.agents import MincDQN, MincPPO
-from minc_rl.encoders import build_encoder, save_encoder
+from minc_rl.ssl.encoders import build_encoder, encoder_file_problem, save_encoder
 from minc_rl.envs import make_vec_env
 from train_cli import ENV, run_in_process
 
@@ -428,7 +429,7 @@ def test_encoder_init_loads_a_pretrained_encoder_and_refuses_a_mismatched_one(tm
 def test_an_encoder_the_agents_do_not_take_is_refused_with_a_fix_that_exists(tmp_path):
     """pretrain's convnet backbone has no agent encoder: the message must not suggest encoder=convnet."""
     save_encoder(str(tmp_path / "convnet.pt"), build_backbone("convnet", (3, 64, 64)), "convnet", (3, 64, 64))
-    assert run_io.encoder_file_problem(tmp_path / "convnet.pt", "impala") == (
+    assert encoder_file_problem(tmp_path / "convnet.pt", "impala") == (
         "it holds a 'convnet' encoder; this run's encoder is 'impala' (the agents do not take it; pretrain one with "
         "backbone=impala)"
     )

@@ -1,4 +1,5 @@
-"""Value checks shared by the library API and the entry points: each raises ValueError naming the bad value."""
+"""Value checks shared by the library API and the entry points: each raises ValueError naming the bad value; and
+one_line, an exception as one line of an error message."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as `Type: first line of its message`."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
