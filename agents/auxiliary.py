@@ -31,15 +31,18 @@ from typing import Any, NamedTuple
 import gymnasium as gym
 import numpy as np
 import torch as th
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.preprocessing import is_image_space_channels_first, preprocess_obs
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor
 from stable_baselines3.common.utils import polyak_update
+from stable_baselines3.common.vec_env import VecEnv, VecTransposeImage
 from torch import nn
 from torch.nn import functional as F
 
+from minc_rl.agents.selfpred import LATENT_LOSSES, build_latent_loss, latent_model
 from minc_rl.ssl.augment import random_shift
 from minc_rl.common.checks import check_choice, check_fraction, check_int, check_positive
 from minc_rl.ssl.encoders import ProjectionHead, load_encoder_weights
@@ -47,13 +50,14 @@ from minc_rl.rl.extractor import ENCODER_CHOICES, MincExtractor
 from minc_rl.losses import AUX_LOSSES, build_aux_loss, spectral_contrastive_loss
 from minc_rl.ssl.metrics import embedding_health
 
-AUX_CHOICES = ("none", *AUX_LOSSES)
+AUX_CHOICES = ("none", *AUX_LOSSES, "selfpred")
 AUX_MODES = ("joint", "separate", "decoupled")
 AUGMENT_CHOICES = ("none", "shift")
 PAIR_CHOICES = ("state", "state_action")
 SOURCE_CHOICES = ("replay", "td")
+TARGET_CHOICES = ("stop_gradient", "ema", "q_target", "none")
 # the settings a saved aux state (head, Lambda, target encoder, aux optimizer) is built for
-STATE_SETTINGS = ("name", "mode", "dim", "head_hidden", "pairs", "linear_critic")
+STATE_SETTINGS = ("name", "mode", "dim", "head_hidden", "pairs", "linear_critic", "latent_loss", "reward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +80,11 @@ class AuxConfig:
     pairs: str = "state"  # state: phi(o_t) against phi(o_t+1); state_action: phi(o_t, a_t) against mu(o_t+1)
     linear_critic: bool = False  # MincDQN, state_action pairs: Q(s, a) = phi(s, a)^T w + c, phi learned by the aux loss
     log_update_share: bool = False  # log the aux share of the encoder's parameter update (UpdateShareMeter)
+    weight: float | None = None  # joint: a fixed weight w of the aux gradient at the encoder's output in place of share
+    horizon: int = 5  # selfpred: the rollout's length K
+    latent_loss: str = "mse"  # selfpred: mse (Voelcker et al.) | cosine (SPR) | minc (prediction as phi, target as mu)
+    reward: bool = True  # selfpred: predict r_t+k from (z_t+k, a_t+k) as well (MSE, weight 1)
+    target: str | None = None  # what embeds o_t+k (None: ema when target_tau is set, else stop_gradient; TARGET_CHOICES)
     loss_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. spectral: mu; infonce: temperature
 
     def __post_init__(self) -> None:
@@ -83,6 +92,7 @@ class AuxConfig:
         check_choice("aux.mode", self.mode, AUX_MODES)
         check_choice("aux.augment", self.augment, AUGMENT_CHOICES)
         check_choice("aux.pairs", self.pairs, PAIR_CHOICES)
+        self._check_selfpred()
         if self.source is not None:
             check_choice("aux.source", self.source, SOURCE_CHOICES)
         for key in ("linear_critic", "log_update_share"):
@@ -118,8 +128,36 @@ class AuxConfig:
         for key, setting in (("ema", "aux.ema"), ("asymmetric", "aux.pairs")):
             if key in self.loss_kwargs:
                 raise ValueError(f"aux.loss_kwargs may not set {key!r} (got {self.loss_kwargs[key]!r}); set {setting}")
-        if self.name != "none":
+        if self.name not in ("none", "selfpred"):
             self.build_loss()  # an option the loss does not take fails here, before any network is built
+
+    def _check_selfpred(self) -> None:
+        """The settings of the self-prediction loss (and aux.target and aux.weight, which the pair losses take too)."""
+        check_int("aux.horizon", self.horizon, 1)
+        check_choice("aux.latent_loss", self.latent_loss, LATENT_LOSSES)
+        if not isinstance(self.reward, bool):
+            raise ValueError(f"aux.reward must be true or false; got {self.reward!r}")
+        if self.weight is not None:
+            check_positive("aux.weight (null: aux.share sets the balance)", self.weight)
+        if self.target is not None:
+            check_choice("aux.target", self.target, TARGET_CHOICES)
+        if self.target is not None and (self.target == "ema") != (self.target_tau is not None):
+            raise ValueError(f"aux.target={self.target!r} and aux.target_tau={self.target_tau!r}: an EMA target needs "
+                             "its rate (aux.target=ema with aux.target_tau in (0, 1]), and only it takes one")
+        if self.name == "selfpred":
+            if self.pairs != "state" or self.linear_critic or self.augment != "none" or self.loss_kwargs:
+                raise ValueError("aux=selfpred rolls its own latent model from o_t; aux.pairs, aux.linear_critic, "
+                                 "aux.augment and aux.loss_kwargs are the pair losses' settings: leave them at their "
+                                 f"defaults (got pairs={self.pairs!r}, linear_critic={self.linear_critic!r}, "
+                                 f"augment={self.augment!r}, loss_kwargs={dict(self.loss_kwargs)!r})")
+        elif self.target == "none":
+            raise ValueError(f"aux.target='none' (the online encoder with gradient on both sides) is built for "
+                             f"aux=selfpred; aux={self.name!r} embeds o_t+1 without gradient")
+
+    @property
+    def target_kind(self) -> str:
+        """What embeds o_t+k: aux.target, or from aux.target_tau when unset (ema with a rate, else stop_gradient)."""
+        return self.target or ("stop_gradient" if self.target_tau is None else "ema")
 
     @classmethod
     def of(cls, aux: str | AuxConfig | Mapping[str, Any]) -> AuxConfig:
@@ -141,7 +179,7 @@ class AuxConfig:
         there is a target encoder); the others (share, lr, every, source, ...) may change between runs."""
         differ = [f"aux.{key}={getattr(self, key)!r} (saved: {getattr(saved, key)!r})"
                   for key in STATE_SETTINGS if getattr(self, key) != getattr(saved, key)]
-        if (self.target_tau is None) != (saved.target_tau is None):
+        if (self.target_kind == "ema") != (saved.target_kind == "ema"):
             differ.append(f"aux.target_tau={self.target_tau!r} (saved: {saved.target_tau!r})")
         if differ:
             raise ValueError(
@@ -159,13 +197,21 @@ class AuxConfig:
             raise ValueError(f"aux.loss_kwargs: {error}") from None
 
 
+Route = tuple[th.Tensor, th.Tensor]  # an encoder output with its graph, and the detached copy the loss saw
+
+
 class AuxBatch(NamedTuple):
-    """The pairs of one gradient step: o_t, o_t+1, where o_t's features are in the step's features tensor, and a_t."""
+    """The pairs of one gradient step: o_t, o_t+1, where o_t's features are in the step's features tensor, and a_t.
+    For aux=selfpred the K steps after o_t (agents.selfpred.Sequences): o_t+1..o_t+K and a_t..a_t+K-1 (B, K, ...),
+    r_t..r_t+K-1 and the masks of real transitions (`alive`) and true successors (`held`)."""
 
     observations: th.Tensor | dict[str, th.Tensor]
     next_observations: th.Tensor | dict[str, th.Tensor]
-    rows: th.Tensor
+    rows: th.Tensor | None
     actions: th.Tensor
+    rewards: th.Tensor | None = None
+    alive: th.Tensor | None = None
+    held: th.Tensor | None = None
 
 
 class StateActionHead(nn.Module):
@@ -287,7 +333,7 @@ class AuxLearner(nn.Module):
 
     def __init__(
         self, config: AuxConfig, extractor: BaseFeaturesExtractor, observation_space: gym.Space, normalize_images: bool,
-        action_space: gym.Space | None = None,
+        action_space: gym.Space | None = None, target_extractor: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if config.augment == "shift" and not (
@@ -297,7 +343,8 @@ class AuxLearner(nn.Module):
         self.config = config
         self.observation_space = observation_space
         self.normalize_images = normalize_images
-        self.channels_last = config.augment == "shift" and not is_image_space_channels_first(observation_space)
+        channels_last = getattr(extractor, "channels_last", not is_image_space_channels_first(observation_space))
+        self.channels_last = config.augment == "shift" and channels_last
         object.__setattr__(self, "extractor", extractor)  # the policy's module: not a submodule of this one
         if not any(p.requires_grad for p in extractor.parameters()):
             warnings.warn(
@@ -306,17 +353,27 @@ class AuxLearner(nn.Module):
                 "extractor that learns (MincExtractor, the default of MlpPolicy / CnnPolicy, or your own)",
                 stacklevel=2,
             )
+        if config.target_kind == "q_target" and target_extractor is None:
+            raise ValueError("aux.target='q_target' embeds o_t+k with the target Q-network's encoder: MincDQN's; this "
+                             "agent has none (choose stop_gradient, ema or none)")
         with th.random.fork_rng(devices=[]):  # the seed's RL run stays as it is without the aux loss
             size = (extractor.features_dim, config.dim, config.head_hidden)
-            if config.pairs == "state":  # phi for both views; no mu
-                self.head: nn.Module = ProjectionHead(*size)
-                self.next_head: nn.Module | None = None
+            self.next_head: nn.Module | None = None
+            if config.name == "selfpred":
+                self.head: nn.Module = latent_model(extractor.features_dim, action_space, config)
+                self.loss = build_latent_loss(config.latent_loss, extractor.features_dim, config.dim, config.ema,
+                                              target_has_gradient=config.target_kind == "none")
+            elif config.pairs == "state":  # phi for both views; no mu
+                self.head = ProjectionHead(*size)
             else:
                 self.head = StateActionHead(extractor.features_dim, action_space, config.dim, config.head_hidden)
                 self.next_head = ProjectionHead(*size)
-        self.loss = config.build_loss()
-        self.target = None if config.target_tau is None else copy.deepcopy(extractor).requires_grad_(False)
-        heads = [*self.head.parameters(), *(self.next_head.parameters() if self.next_head is not None else [])]
+        if config.name != "selfpred":
+            self.loss = config.build_loss()
+        self.target = copy.deepcopy(extractor).requires_grad_(False) if config.target_kind == "ema" else None
+        object.__setattr__(self, "q_target", target_extractor if config.target_kind == "q_target" else None)
+        heads = [*self.head.parameters(), *(self.next_head.parameters() if self.next_head is not None else []),
+                 *self.loss.parameters()]
         trained = [*heads, *(extractor.parameters() if config.mode != "joint" else [])]
         self.optimizer = th.optim.Adam(trained, lr=config.lr, foreach=True)  # one kernel per op: 2x faster on CPU heads
         encoder = [p for p in extractor.parameters() if p.requires_grad]
@@ -334,6 +391,8 @@ class AuxLearner(nn.Module):
         self.dropped = 0
         self.masked = 0  # pairs left out because the buffer does not hold their successor (agents.pairs.successor_rows)
         self.last_pair: tuple[th.Tensor, th.Tensor] | None = None
+        self.latent_losses: list[th.Tensor] = []
+        self.reward_losses: list[th.Tensor] = []
 
     def features(self, observations: th.Tensor | dict[str, th.Tensor], encoder: nn.Module | None = None) -> th.Tensor:
         """Features of raw observations by the online extractor (or `encoder`), after SB3's preprocessing and the
@@ -371,6 +430,57 @@ class AuxLearner(nn.Module):
         self.last_pair = (a.detach(), b.detach())
         return loss
 
+    def batch_loss(self, features: th.Tensor, batch: AuxBatch) -> tuple[th.Tensor | None, list[Route]]:
+        """The aux loss of the step's batch from o_t's `features` (pair_loss, or selfpred_loss for aux=selfpred), and
+        the routes of any other gradient into the encoder (the targets' of aux.target='none')."""
+        if self.config.name == "selfpred":
+            return self.selfpred_loss(features, batch)
+        return self.pair_loss(features, batch.next_observations, batch.actions), []
+
+    def selfpred_loss(self, features: th.Tensor, batch: AuxBatch) -> tuple[th.Tensor | None, list[Route]]:
+        """Latent self-prediction: the model rolled out K steps from o_t's `features` along a_t..a_t+K-1, each
+        prediction against the target's embedding of o_t+k where `held` (and of o_t itself, k = 0, when the target
+        is a network of its own: ema or q_target, as Voelcker et al.), plus the rewards where `alive`; None (dropped)
+        when non-finite or no step is valid. The targets are embedded in one forward of all K steps."""
+        batch_size = len(features)
+        actions = batch.actions.long()
+        rollout = self.head.rollout(features, actions)  # (B, K, features): z_t+1..z_t+K
+        kind, routes = self.config.target_kind, []
+        own_network = kind in ("ema", "q_target")
+        observations = batch.next_observations.flatten(0, 1)  # (B K, ...): o_t+1..o_t+K of every row
+        if own_network:
+            observations = th.cat([batch.observations, observations])  # o_t first
+        if kind == "none":
+            embedded = self.features(observations)
+            targets = embedded.detach().requires_grad_(True)
+            routes.append((embedded, targets))
+        else:
+            with th.no_grad():
+                targets = self.features(observations, self.target if kind == "ema" else self.q_target)
+        predictions, held = rollout.flatten(0, 1), batch.held.reshape(-1)
+        if own_network:
+            predictions, held = th.cat([features, predictions]), th.cat([held.new_ones(batch_size), held])
+        self.pairs.append(int(held.sum()))
+        if int(held.sum()) < 2:
+            self.dropped += 1
+            return None, []
+        predicted, target = predictions[held], targets[held]
+        latent = self.loss(predicted, target)
+        loss = latent
+        if self.config.reward:
+            latents = th.cat([features[:, None], rollout[:, :-1]], dim=1)  # z_t, then the predictions z_t+1..z_t+K-1
+            reward = (self.head.rewards(latents, actions) - batch.rewards)[batch.alive].pow(2).mean()
+            loss = latent + reward
+        if not th.isfinite(loss):
+            self.dropped += 1
+            return None, []
+        self.losses.append(loss.detach())
+        self.latent_losses.append(latent.detach())
+        if self.config.reward:
+            self.reward_losses.append(reward.detach())
+        self.last_pair = (predicted.detach(), target.detach())
+        return loss, routes
+
     def rl_view(self, features: th.Tensor) -> th.Tensor:
         """The features the RL heads see: in joint and decoupled mode a detached copy, whose gradient `update`
         routes into the encoder itself."""
@@ -397,7 +507,7 @@ class AuxLearner(nn.Module):
             rl_norm = _output_grad_norm(features)
             rl_loss.backward()
             start, middle = self._measured_rl_step(optimizer, parameters, max_grad_norm)
-            aux_norm = self.aux_step(batch.observations, batch.next_observations, batch.actions)
+            aux_norm = self.aux_step(batch)
             if aux_norm is not None:
                 self._log_share(rl_norm[0], aux_norm, rl_norm[0], aux_norm)
             if meter is not None:
@@ -407,17 +517,20 @@ class AuxLearner(nn.Module):
         g_rl = rl_features.grad if rl_features.grad is not None else th.zeros_like(features)
         aux_features = self.features(batch.observations) if self.config.augment != "none" else features[batch.rows]
         aux_input = aux_features.detach().requires_grad_(True)
-        aux_loss = self.pair_loss(aux_input, batch.next_observations, batch.actions)
+        aux_loss, routes = self.batch_loss(aux_input, batch)
         if aux_loss is not None:
-            aux_loss.backward()  # into the head; aux_input.grad is g_aux
-        g_aux = aux_input.grad if aux_input.grad is not None else th.zeros_like(aux_input)
+            aux_loss.backward()  # into the head; aux_input.grad is g_aux (and each route's leaf gets its gradient)
+        aux_outputs = [aux_features, *(output for output, _ in routes)]
+        aux_grads = [leaf.grad if leaf.grad is not None else th.zeros_like(leaf) for leaf in
+                     (aux_input, *(leaf for _, leaf in routes))]
+        g_aux = aux_grads[0] if not routes else th.cat([grad.flatten() for grad in aux_grads])
         if self.config.mode == "joint":
             scale = self._joint_scale(g_rl, g_aux)
             if meter is None:
-                _backward_into_encoder([features, aux_features], [g_rl, scale * g_aux])
+                _backward_into_encoder([features, *aux_outputs], [g_rl, *(scale * grad for grad in aux_grads)])
             else:  # the aux part first, for the meter to keep apart; the graph stays for the RL part
                 start = meter.gradients()
-                _backward_into_encoder([aux_features], [scale * g_aux], retain_graph=True)
+                _backward_into_encoder(aux_outputs, [scale * grad for grad in aux_grads], retain_graph=True)
                 aux_gradients = [after - before for after, before in zip(meter.gradients(), start)]
                 _backward_into_encoder([features], [g_rl])
             self._rl_step(optimizer, parameters, max_grad_norm)
@@ -425,31 +538,36 @@ class AuxLearner(nn.Module):
                 self.log_update(*meter.joint(optimizer, aux_gradients, self.rl_step_kept[-1] if max_grad_norm else 1.0))
         else:  # decoupled: the RL step leaves the encoder alone (its gradient is None), then the aux step moves it
             start, middle = self._measured_rl_step(optimizer, parameters, max_grad_norm)
-            _backward_into_encoder([aux_features], [g_aux])
+            _backward_into_encoder(aux_outputs, aux_grads)
             self._log_share(th.zeros(()), g_aux.norm(), g_rl.norm(), g_aux.norm())
         if aux_loss is not None:
             self._aux_step()
         if meter is not None and self.config.mode == "decoupled":
             self.log_update(*meter.changes(start, middle))
 
-    def aux_step(self, observations: Any, next_observations: Any, actions: th.Tensor) -> th.Tensor | None:
-        """One step of the aux optimizer on fresh features of these pairs; the norm of the aux gradient at the
+    def aux_step(self, batch: AuxBatch) -> th.Tensor | None:
+        """One step of the aux optimizer on fresh features of the batch's o_t; the norm of the aux gradient at the
         encoder's output, or None when the loss was dropped."""
         self.optimizer.zero_grad()
-        features = self.features(observations)
+        features = self.features(batch.observations)
         norm = _output_grad_norm(features)
-        loss = self.pair_loss(features, next_observations, actions)
+        loss, routes = self.batch_loss(features, batch)
         if loss is None:
             return None
         loss.backward()
+        _backward_into_encoder([output for output, _ in routes], [leaf.grad for _, leaf in routes])
         self._aux_step()
         return norm[0]
 
     def _joint_scale(self, g_rl: th.Tensor, g_aux: th.Tensor) -> th.Tensor:
-        """s with ||s g_aux|| = share / (1 - share) ||g_rl||, so that the aux gradient is `share` of the sum of norms."""
-        share = self.config.share
+        """s with ||s g_aux|| = share / (1 - share) ||g_rl||, so that the aux gradient is `share` of the sum of norms
+        (or s = aux.weight when set)."""
+        share, weight = self.config.share, self.config.weight
         rl_norm, aux_norm = g_rl.norm(), g_aux.norm()
-        scale = share / (1.0 - share) * rl_norm / aux_norm.clamp_min(1e-12)
+        if weight is not None:  # a fixed weight, as a sum of the two losses would give (Voelcker et al.: 1)
+            scale = th.tensor(float(weight), device=aux_norm.device)
+        else:
+            scale = share / (1.0 - share) * rl_norm / aux_norm.clamp_min(1e-12)
         self._log_share(rl_norm, scale * aux_norm, rl_norm, aux_norm)
         return scale
 
@@ -495,7 +613,8 @@ class AuxLearner(nn.Module):
         logger.record("train/aux_pairs", float(np.mean(self.pairs)))
         logger.record("train/aux_dropped", self.dropped)
         logger.record("train/aux_masked", self.masked)
-        for key, values in (("aux_loss", self.losses), ("aux_grad_share", self.shares),
+        for key, values in (("aux_loss", self.losses), ("aux_latent_loss", self.latent_losses),
+                            ("aux_reward_loss", self.reward_losses), ("aux_grad_share", self.shares),
                             ("aux_grad_share_raw", self.raw_shares), ("rl_step_kept", self.rl_step_kept),
                             ("aux_update_share", self.update_shares), ("aux_update_cos", self.update_cosines)):
             if values:
@@ -503,10 +622,17 @@ class AuxLearner(nn.Module):
         if self.last_pair is not None:
             a, b = (F.normalize(z.float(), dim=1) for z in self.last_pair)
             logger.record("train/aux_scl_estimate", float(spectral_contrastive_loss(a, b)))
-            views = th.cat([a, b]) if self.next_head is None else a  # state-action pairs: phi's health, not mu's
+            # state-action pairs: phi's health, not mu's; selfpred: the predictions' (a collapse shows there)
+            views = a if self.next_head is not None or self.config.name == "selfpred" else th.cat([a, b])
             for key, value in embedding_health(views, self.loss).items():
                 logger.record(f"train/aux_{key}", value)
         self._reset_statistics()
+
+
+def declares_channels_first(env: Any) -> bool:
+    """Whether a VecEnv's image observations say they are channel-first (`channels_first`, MinAtar's): then its
+    layout is not guessed from the smallest axis, as SB3 guesses it."""
+    return isinstance(env, VecEnv) and env.has_attr("channels_first") and all(env.get_attr("channels_first"))
 
 
 def _backward_into_encoder(outputs: list[th.Tensor], grads: list[th.Tensor], retain_graph: bool = False) -> None:
@@ -534,12 +660,25 @@ class MincAuxMixin:
     has_linear_critic = False  # whether aux.linear_critic is built for this agent (MincDQN)
     takes_td_settings = False  # whether aux.every and aux.source apply to this agent's TD steps (MincDQN)
 
+    @staticmethod
+    def _wrap_env(env: Any, verbose: int = 0, monitor_wrapper: bool = True) -> VecEnv:
+        """SB3's _wrap_env, without the VecTransposeImage that SB3 adds to images it takes for channel-last when
+        the env says they are channel-first (a 10 x 10 MinAtar image with more than 10 channels)."""
+        with warnings.catch_warnings():
+            if declares_channels_first(env):  # SB3's guess, which the next line undoes
+                warnings.filterwarnings("ignore", message="Treating image space as channels-last")
+            wrapped = BaseAlgorithm._wrap_env(env, verbose, monitor_wrapper)
+        if isinstance(wrapped, VecTransposeImage) and declares_channels_first(wrapped.venv):
+            return wrapped.venv
+        return wrapped
+
     def _init_aux(
         self, policy: str | type[BasePolicy], aux: str | AuxConfig | Mapping[str, Any], encoder: str,
-        sb3_kwargs: dict[str, Any],
+        sb3_kwargs: dict[str, Any], env: Any = None,
     ) -> dict[str, Any]:
         """Check and store the aux settings; return sb3_kwargs with MincExtractor(encoder) as the default extractor
-        of single-observation policies (MlpPolicy, CnnPolicy). MultiInputPolicy keeps SB3's CombinedExtractor."""
+        of single-observation policies (MlpPolicy, CnnPolicy), told the image layout when `env` declares it.
+        MultiInputPolicy keeps SB3's CombinedExtractor."""
         self.aux = self.aux_config(aux)
         if self.aux.linear_critic and not self.has_linear_critic:
             raise ValueError(f"aux.linear_critic is built for MincDQN (Q(s, a) = phi(s, a)^T w); {type(self).__name__} "
@@ -547,6 +686,9 @@ class MincAuxMixin:
         if self.aux.every != 1 and not self.takes_td_settings:
             raise ValueError(f"aux.every={self.aux.every} thins MincDQN's aux steps; {type(self).__name__} takes one on "
                              "every gradient step (aux.every=1)")
+        if self.aux.name == "selfpred" and not self.takes_td_settings:
+            raise ValueError(f"aux=selfpred reads K-step sequences from MincDQN's replay buffer; {type(self).__name__} "
+                             "has no such buffer yet (use MincDQN, or a pair loss: minc, spectral, infonce)")
         if self.aux.source is not None and not self.takes_td_settings:
             raise ValueError(f"aux.source={self.aux.source!r} picks where MincDQN's pairs come from (its TD batch or "
                              f"the replay buffer); {type(self).__name__} takes them from its own minibatch (leave "
@@ -560,7 +702,9 @@ class MincAuxMixin:
         extractor_class = kwargs.get("features_extractor_class")
         if extractor_class is None and not multi_input:
             extractor_class = kwargs["features_extractor_class"] = MincExtractor
-            kwargs["features_extractor_kwargs"] = {"encoder": encoder, **kwargs.get("features_extractor_kwargs", {})}
+            layout = {"channels_first": True} if declares_channels_first(env) else {}
+            kwargs["features_extractor_kwargs"] = {"encoder": encoder, **layout,
+                                                   **kwargs.get("features_extractor_kwargs", {})}
             kwargs.setdefault("net_arch", [])  # linear heads on the encoder, like SB3's CnnPolicy on NatureCNN
         elif encoder != "auto":
             chosen = (f"policy_kwargs sets features_extractor_class={extractor_class.__name__}" if extractor_class
@@ -605,7 +749,7 @@ class MincAuxMixin:
         if self.aux.name != "none":
             network = self._aux_network
             learner = AuxLearner(self.aux, self.aux_extractor, network.observation_space, network.normalize_images,
-                                 self.action_space)  # type: ignore[attr-defined]
+                                 self.action_space, self.aux_target_extractor)  # type: ignore[attr-defined]
             self.aux_learner = learner.to(self.device)  # type: ignore[attr-defined]
             if self.aux.log_update_share and self.aux.mode == "joint":
                 check_update_share_optimizer(self.policy.optimizer)  # type: ignore[attr-defined]
@@ -617,6 +761,11 @@ class MincAuxMixin:
     @property
     def _aux_network(self) -> Any:
         raise NotImplementedError
+
+    @property
+    def aux_target_extractor(self) -> nn.Module | None:
+        """The encoder of the agent's own target network (aux.target='q_target'), or None where it has none."""
+        return None
 
     def load_pretrained_encoder(self, path: str) -> None:
         """Load an `encoder.pt` (minc_rl.ssl.encoders.save_encoder) into the MincExtractor's encoder and its target."""

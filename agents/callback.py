@@ -12,7 +12,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-from minc_rl.agents.auxiliary import AuxConfig, AuxLearner
+from minc_rl.agents.auxiliary import AuxBatch, AuxConfig, AuxLearner
 from minc_rl.agents.pairs import (
     check_one_step_pairs, ends_without_successor, observations_to_torch, sample_rollout_pairs, select_rows,
     successor_rows,
@@ -33,6 +33,9 @@ def separate_config(aux: str | AuxConfig | Mapping[str, Any]) -> AuxConfig:
         )
     if config.name == "none":
         raise ValueError("MincAuxCallback needs an aux loss; aux='none' leaves it nothing to train")
+    if config.name == "selfpred":
+        raise ValueError("aux=selfpred reads K-step sequences of MincDQN's SequenceReplayBuffer: use MincDQN, not the "
+                         "callback")
     if config.linear_critic:
         raise ValueError("aux.linear_critic replaces the Q-network's last layer: use MincDQN, not the callback")
     if config.every != 1:
@@ -158,7 +161,7 @@ class MincAuxCallback(BaseCallback):
             pairs = self._sample_pairs()
             if pairs is None:
                 break
-            self.learner.aux_step(*pairs)
+            self.learner.aux_step(AuxBatch(pairs[0], pairs[1], None, pairs[2]))
         policy.set_training_mode(False)  # rollouts are collected in evaluation mode
         if meter is not None:  # the RL part: the algorithm's updates since the last aux steps
             if self._after_aux is not None:

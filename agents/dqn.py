@@ -10,13 +10,18 @@ import numpy as np
 import torch as th
 from stable_baselines3 import DQN
 from stable_baselines3.common.buffers import ReplayBuffer
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, create_mlp
 from stable_baselines3.common.utils import get_parameters_by_name
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
+from torch import nn
 from torch.nn import functional as F
 
 from minc_rl.agents.auxiliary import AuxBatch, AuxConfig, LinearCritic, MincAuxMixin
 from minc_rl.agents.pairs import check_one_step_pairs, ends_without_successor, select_rows, successor_rows
+from minc_rl.agents.selfpred import SequenceReplayBuffer
+from minc_rl.common.checks import check_bool, check_choice, check_positive
+
+TD_LOSSES = {"huber": F.smooth_l1_loss, "mse": F.mse_loss}
 
 
 def concat_observations(first: Any, second: Any) -> Any:
@@ -24,6 +29,21 @@ def concat_observations(first: Any, second: Any) -> Any:
     if isinstance(first, dict):
         return {key: th.cat([first[key], second[key]]) for key in first}
     return th.cat([first, second])
+
+
+class DuelingHead(nn.Module):
+    """Q(s, a) = V(s) + A(s, a) - mean_a' A(s, a') (Wang et al. 2016): two MLPs (SB3's create_mlp with the policy's
+    net_arch and activation_fn) on the encoder's features."""
+
+    def __init__(self, features_dim: int, actions: int, net_arch: list[int], activation_fn: type[nn.Module]) -> None:
+        super().__init__()
+        self.value = nn.Sequential(*create_mlp(features_dim, 1, net_arch, activation_fn))
+        self.advantage = nn.Sequential(*create_mlp(features_dim, actions, net_arch, activation_fn))
+
+    def forward(self, features: th.Tensor) -> th.Tensor:
+        """Q-values (B, |A|) of encoder features."""
+        advantage = self.advantage(features)
+        return self.value(features) + advantage - advantage.mean(dim=1, keepdim=True)
 
 
 class MincDQN(MincAuxMixin, DQN):
@@ -41,6 +61,12 @@ class MincDQN(MincAuxMixin, DQN):
 
     With aux.linear_critic, Q(s, a) = phi(s, a)^T w + c on the aux loss's state-action embedding (before its unit
     normalisation): the TD loss trains w and c, the aux loss trains phi and the encoder.
+
+    With aux="selfpred" the replay buffer is a SequenceReplayBuffer and each aux step rolls the latent model out
+    aux.horizon steps from the batch's o_t (agents.selfpred). Options beyond SB3's DQN, all off by default (SB3's DQN):
+    `double_q` (Double DQN: the online network picks the next action, the target network values it), `dueling`
+    (DuelingHead on the policy's net_arch), `td_loss` ("huber", SB3's, or "mse"), `encoder_lr` (the encoder's Adam
+    learning rate, its own parameter group; None: learning_rate; a schedule scales both alike).
     """
 
     has_linear_critic = True
@@ -52,17 +78,59 @@ class MincDQN(MincAuxMixin, DQN):
         env: Any,
         aux: str | AuxConfig | Mapping[str, Any] = "minc",
         encoder: str = "auto",
+        double_q: bool = False,
+        dueling: bool = False,
+        td_loss: str = "huber",
+        encoder_lr: float | None = None,
         **sb3_kwargs: Any,
     ) -> None:
         self.successors_missing = False  # whether an episode ended without its terminal_observation (successor_rows)
-        super().__init__(policy, env, **self._init_aux(policy, aux, encoder, sb3_kwargs))
+        check_bool("double_q", double_q)
+        check_bool("dueling", dueling)
+        check_choice("td_loss", td_loss, tuple(TD_LOSSES))
+        if encoder_lr is not None:
+            check_positive("encoder_lr (None: learning_rate)", encoder_lr)
+        self.double_q, self.dueling, self.td_loss, self.encoder_lr = double_q, dueling, td_loss, encoder_lr
+        super().__init__(policy, env, **self._init_aux(policy, aux, encoder, sb3_kwargs, env))
 
     def _setup_model(self) -> None:
+        selfpred = self.aux.name == "selfpred"
+        if selfpred and self.replay_buffer_class not in (None, SequenceReplayBuffer):
+            raise ValueError(f"aux=selfpred reads K-step sequences from a SequenceReplayBuffer; replay_buffer_class="
+                             f"{self.replay_buffer_class.__name__} holds none (leave replay_buffer_class unset)")
+        if selfpred:
+            self.replay_buffer_class = SequenceReplayBuffer
         super()._setup_model()
         if self.aux.name != "none":
             check_one_step_pairs(self.replay_buffer, self.n_steps, "or aux='none'")
+        if self.dueling:
+            network = self.q_net
+            self.q_net.q_net = DuelingHead(network.features_dim, int(self.action_space.n), network.net_arch,
+                                           network.activation_fn).to(self.device)
+            self.q_net_target.q_net = copy.deepcopy(self.q_net.q_net)
         if self.aux.linear_critic:
             self._use_linear_critic()
+        if self.dueling or self.aux.linear_critic or self.encoder_lr is not None:
+            self._rebuild_optimizer()
+
+    def _rebuild_optimizer(self) -> None:
+        """The RL optimizer over the online Q-network as it is now (dueling or linear-critic head), without the aux
+        head's phi (the aux loss trains it); the encoder in a parameter group of its own when encoder_lr is set."""
+        excluded = {id(p) for p in self.aux_learner.head.parameters()} if self.aux.linear_critic else set()
+        parameters = [p for p in self.q_net.parameters() if id(p) not in excluded]
+        groups = [{"params": parameters}]
+        if self.encoder_lr is not None:
+            encoder = {id(p) for p in self.q_net.features_extractor.parameters()}
+            groups = [{"params": [p for p in parameters if id(p) in encoder], "lr": self.encoder_lr},
+                      {"params": [p for p in parameters if id(p) not in encoder]}]
+        policy = self.policy
+        policy.optimizer = policy.optimizer_class(groups, lr=self.lr_schedule(1), **policy.optimizer_kwargs)
+
+    def _update_learning_rate(self, optimizers: Any) -> None:
+        super()._update_learning_rate(optimizers)
+        if self.encoder_lr is not None:  # the encoder's group keeps its own rate, scaled as the schedule scales
+            scale = self.lr_schedule(self._current_progress_remaining) / self.lr_schedule(1)
+            self.policy.optimizer.param_groups[0]["lr"] = self.encoder_lr * scale
 
     def _store_transition(self, replay_buffer: ReplayBuffer, buffer_action: np.ndarray, new_obs: Any,
                           reward: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]]) -> None:
@@ -72,17 +140,12 @@ class MincDQN(MincAuxMixin, DQN):
 
     def _use_linear_critic(self) -> None:
         """Replace the Q-networks' last layer by LinearCritic over the aux head's phi (the target network gets a
-        copy, updated as SB3 updates the rest of it); the RL optimizer holds w and c, not phi."""
+        copy, updated as SB3 updates the rest of it); the RL optimizer holds w and c, not phi (_rebuild_optimizer)."""
         self.q_net.q_net = LinearCritic(self.aux_learner.head)
         self.q_net_target.q_net = copy.deepcopy(self.q_net.q_net)
         self.q_net_target.set_training_mode(False)
         self.batch_norm_stats = get_parameters_by_name(self.q_net, ["running_"])  # the head's BatchNorm, too
         self.batch_norm_stats_target = get_parameters_by_name(self.q_net_target, ["running_"])
-        phi = {id(p) for p in self.aux_learner.head.parameters()}
-        policy = self.policy
-        policy.optimizer = policy.optimizer_class(
-            [p for p in self.q_net.parameters() if id(p) not in phi], lr=self.lr_schedule(1), **policy.optimizer_kwargs
-        )
 
     @property
     def aux_extractor(self) -> BaseFeaturesExtractor:
@@ -92,6 +155,11 @@ class MincDQN(MincAuxMixin, DQN):
     @property
     def _aux_network(self) -> QNetwork:
         return self.q_net
+
+    @property
+    def aux_target_extractor(self) -> nn.Module:
+        """The target Q-network's encoder, copied from the online one with the Q target (aux.target='q_target')."""
+        return self.q_net_target.features_extractor
 
     def load_pretrained_encoder(self, path: str) -> None:
         """Load an `encoder.pt` into the online encoder and copy it to the target Q-network."""
@@ -109,6 +177,10 @@ class MincDQN(MincAuxMixin, DQN):
         if pairs is None:
             return None
         rows = th.arange(first_row, first_row + len(pairs.rewards), device=self.device)
+        if self.aux.name == "selfpred":
+            steps = self.replay_buffer.sequences(self.aux.horizon, self.successors_missing, self._vec_normalize_env)
+            return AuxBatch(pairs.observations, steps.next_observations, rows, steps.actions, steps.rewards,
+                            steps.alive, steps.held)
         keep = successor_rows(pairs, self.replay_buffer, self.successors_missing)
         if keep is None:
             return AuxBatch(pairs.observations, pairs.next_observations, rows, pairs.actions)
@@ -129,7 +201,11 @@ class MincDQN(MincAuxMixin, DQN):
 
             with th.no_grad():
                 next_q_values = self.q_net_target(replay_data.next_observations)
-                next_q_values, _ = next_q_values.max(dim=1)
+                if self.double_q:  # the online network picks the action, the target network values it
+                    next_actions = self.q_net(replay_data.next_observations).argmax(dim=1, keepdim=True)
+                    next_q_values = next_q_values.gather(1, next_actions)
+                else:
+                    next_q_values, _ = next_q_values.max(dim=1)
                 next_q_values = next_q_values.reshape(-1, 1)
                 target_q_values = replay_data.rewards + (1 - replay_data.dones) * discounts * next_q_values
 
@@ -148,7 +224,7 @@ class MincDQN(MincAuxMixin, DQN):
                 rl_features = learner.rl_view(features)
                 current_q_values = self.q_net.q_net(rl_features[:batch_size])
             current_q_values = th.gather(current_q_values, dim=1, index=replay_data.actions.long())
-            loss = F.smooth_l1_loss(current_q_values, target_q_values)
+            loss = TD_LOSSES[self.td_loss](current_q_values, target_q_values)
             losses.append(loss.item())
 
             done_steps += 1

@@ -51,7 +51,7 @@ class MincPPO(MincAuxMixin, PPO):
         encoder: str = "auto",
         **sb3_kwargs: Any,
     ) -> None:
-        super().__init__(policy, env, **self._init_aux(policy, aux, encoder, sb3_kwargs))
+        super().__init__(policy, env, **self._init_aux(policy, aux, encoder, sb3_kwargs, env))
 
     @property
     def aux_extractor(self) -> BaseFeaturesExtractor:

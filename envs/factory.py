@@ -31,8 +31,12 @@ class MinAtarImage(gymnasium.ObservationWrapper):
 
     255 makes SB3 take it for an image and scale it to {0, 1}. Channel-first because SB3 guesses the channel
     axis as the smallest one: seaquest's channel-last (10, 10, 10) would silently pass as channel-first, and
-    SB3's VecTransposeImage refuses it. As (C, 10, 10) every game is read right and SB3 adds no transpose.
+    SB3's VecTransposeImage refuses it. Past 10 channels (distractor channels) SB3's guess takes a 10-pixel side
+    for the channels whatever the layout, so the image says what it is: `channels_first`, which MincPPO and
+    MincDQN read (agents.auxiliary.declares_channels_first) instead of guessing.
     """
+
+    channels_first = True
 
     def __init__(self, env: gymnasium.Env) -> None:
         super().__init__(env)

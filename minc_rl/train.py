@@ -515,6 +515,8 @@ def build_model(cfg: DictConfig, env: VecEnv) -> BaseAlgorithm:
     """MincPPO or MincDQN (every agent key but NOT_SB3_KEYS goes to SB3 as is) with cfg.aux's loss on cfg.encoder."""
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.agent).items() if k not in NOT_SB3_KEYS}
     kwargs.update({key: schedule(key, kwargs[key]) for key in SCHEDULES if key in kwargs})
+    if isinstance((kwargs.get("policy_kwargs") or {}).get("activation_fn"), str):
+        kwargs["policy_kwargs"]["activation_fn"] = activation(kwargs["policy_kwargs"]["activation_fn"])
     if cfg.agent.name == "ppo":
         kwargs["batch_size"] = ppo_batch_size(cfg)
     if cfg.agent.get("exploration_steps") is not None:  # SB3 takes the epsilon anneal as a fraction of the run
@@ -539,6 +541,15 @@ def build_model(cfg: DictConfig, env: VecEnv) -> BaseAlgorithm:
         except ValueError as error:
             fail(str(error))
     return model
+
+
+def activation(name: str) -> type[torch.nn.Module]:
+    """The torch.nn activation class `name` names (agent.policy_kwargs.activation_fn: ELU, ReLU, Tanh, ...)."""
+    found = getattr(torch.nn, name, None)
+    if not (isinstance(found, type) and issubclass(found, torch.nn.Module) and found.__module__.endswith("activation")):
+        valid = sorted(n for n, c in vars(torch.nn).items() if isinstance(c, type) and c.__module__.endswith("activation"))
+        fail(f"agent.policy_kwargs.activation_fn={name!r} is not a torch.nn activation; valid: {', '.join(valid)}")
+    return found
 
 
 def start_wandb(cfg: DictConfig, run_dir: Path) -> Any:

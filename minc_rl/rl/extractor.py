@@ -19,9 +19,10 @@ class NotAnImageError(ValueError, AssertionError):
     as SB3's NatureCNN raises in the same case, so code written against SB3's CnnPolicy catches it too."""
 
 
-def encoder_input_shape(observation_space: gym.Space) -> tuple[int, ...]:
-    """Shape the encoder sees: (C, H, W) for 3-D boxes (channels-last ones are transposed), the box's shape for
-    other boxes, and for Discrete / MultiDiscrete / MultiBinary the size of SB3's one-hot preprocessing."""
+def encoder_input_shape(observation_space: gym.Space, channels_first: bool | None = None) -> tuple[int, ...]:
+    """Shape the encoder sees: (C, H, W) for 3-D boxes (channels-last ones are transposed; `channels_first` None:
+    SB3's guess, the smallest axis is the channels'), the box's shape for other boxes, and for Discrete /
+    MultiDiscrete / MultiBinary the size of SB3's one-hot preprocessing."""
     if isinstance(observation_space, gym.spaces.Dict):
         raise ValueError(
             f"MincExtractor encodes a single observation; got {observation_space}. For Dict observations use "
@@ -35,7 +36,9 @@ def encoder_input_shape(observation_space: gym.Space) -> tuple[int, ...]:
     if not isinstance(observation_space, gym.spaces.Box):
         return (int(get_flattened_obs_dim(observation_space)),)
     shape = tuple(int(s) for s in observation_space.shape)
-    if len(shape) == 3 and not is_image_space_channels_first(observation_space):
+    if channels_first is None:
+        channels_first = len(shape) != 3 or is_image_space_channels_first(observation_space)
+    if len(shape) == 3 and not channels_first:
         return (shape[2], shape[0], shape[1])
     return shape
 
@@ -58,7 +61,8 @@ class MincExtractor(BaseFeaturesExtractor):
     loss to whatever features extractor the policy has; this one is their convenient default. Images arrive
     scaled to [0, 1] by SB3's preprocessing; channels-last boxes are transposed here. Discrete, MultiDiscrete and
     MultiBinary observations arrive one-hot encoded by SB3's preprocessing and go through the MLP; Dict
-    observations are MultiInputPolicy's (SB3's CombinedExtractor).
+    observations are MultiInputPolicy's (SB3's CombinedExtractor). `channels_first` says where an image's channels
+    are (None: SB3's guess from the smallest axis, which a 10 x 10 image of more than 10 channels defeats).
     """
 
     def __init__(
@@ -67,10 +71,11 @@ class MincExtractor(BaseFeaturesExtractor):
         encoder: str = "auto",
         features_dim: int | None = None,
         normalized_image: bool = False,
+        channels_first: bool | None = None,
     ) -> None:
         if features_dim is not None and (not isinstance(features_dim, int) or features_dim < 1):
             raise ValueError(f"features_dim must be a positive integer or None; got {features_dim!r}")
-        input_shape = encoder_input_shape(observation_space)
+        input_shape = encoder_input_shape(observation_space, channels_first)
         encoder_name = resolve_encoder(encoder, input_shape)
         if encoder_name != "mlp" and not is_image_space(observation_space, normalized_image=normalized_image):
             raise NotAnImageError(  # as strict as SB3's NatureCNN
