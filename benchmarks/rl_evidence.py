@@ -48,7 +48,8 @@ from minc_rl.runs import report, run_io
 from minc_rl.common.checks import int_at_least, one_line
 from minc_rl.common.io import atomic_write
 from minc_rl.common.run_dir import RunDirError, RunLock
-from minc_rl.train import check_command_line, check_jobs, run_finished
+from minc_rl.runs.train_config import check_command_line, check_jobs
+from minc_rl.runs.training import run_finished
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "rl_evidence"

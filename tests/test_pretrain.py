@@ -611,10 +611,10 @@ def test_pretrain_configs_resolve_from_the_built_wheel(installed):
     script = (
         "import json, sys\n"
         f"sys.path.insert(0, {str(installed)!r})\n"
-        "from minc_rl.ssl.linear_eval import config_dir\n"
+        "from minc_rl.configs import config_dir\n"
         "from minc_rl.ssl.pretraining import compose_config\n"
         "cfg = compose_config(['data=procgen', 'loss=spectral'])\n"
-        "print(json.dumps({'dir': config_dir(), 'backbone': cfg.backbone, 'mu': cfg.loss.mu}))\n"
+        "print(json.dumps({'dir': str(config_dir('pretrain')), 'backbone': cfg.backbone, 'mu': cfg.loss.mu}))\n"
     )
     done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
