@@ -197,8 +197,10 @@ class AuxLearner(nn.Module):
         self.config = config
         self.observation_space = observation_space
         self.normalize_images = normalize_images
-        channels_last = getattr(extractor, "channels_last", not is_image_space_channels_first(observation_space))
-        self.channels_last = config.augment == "shift" and channels_last
+        self.channels_last = config.augment == "shift" and (
+            extractor.channels_last if isinstance(extractor, MincExtractor)
+            else not is_image_space_channels_first(observation_space)
+        )
         object.__setattr__(self, "extractor", extractor)  # the policy's module: not a submodule of this one
         if not any(p.requires_grad for p in extractor.parameters()):
             warnings.warn(

@@ -188,6 +188,15 @@ class MincDQN(MincAuxMixin, DQN):
         return AuxBatch(select_rows(pairs.observations, keep), select_rows(pairs.next_observations, keep), rows[keep],
                         pairs.actions[keep])
 
+    def next_q_values(self, next_observations: Any) -> th.Tensor:
+        """The bootstrap values (B, 1) of the next observations: the target network's max (SB3's DQN), or with
+        double_q its value of the online network's greedy action (van Hasselt et al. 2016)."""
+        next_q_values = self.q_net_target(next_observations)
+        if self.double_q:
+            next_actions = self.q_net(next_observations).argmax(dim=1, keepdim=True)
+            return next_q_values.gather(1, next_actions)
+        return next_q_values.max(dim=1)[0].reshape(-1, 1)
+
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
         """SB3 2.9's DQN.train, with the aux loss joined to each TD step."""
         self.policy.set_training_mode(True)
@@ -200,13 +209,7 @@ class MincDQN(MincAuxMixin, DQN):
             discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
 
             with th.no_grad():
-                next_q_values = self.q_net_target(replay_data.next_observations)
-                if self.double_q:  # the online network picks the action, the target network values it
-                    next_actions = self.q_net(replay_data.next_observations).argmax(dim=1, keepdim=True)
-                    next_q_values = next_q_values.gather(1, next_actions)
-                else:
-                    next_q_values, _ = next_q_values.max(dim=1)
-                next_q_values = next_q_values.reshape(-1, 1)
+                next_q_values = self.next_q_values(replay_data.next_observations)
                 target_q_values = replay_data.rewards + (1 - replay_data.dones) * discounts * next_q_values
 
             if learner is None:

@@ -102,7 +102,8 @@ CALIBRATED = {
     # issue 16: phi(o_t, a_t) against mu(o_t+1); its rule was written before the smaller shares
     "minc-state-action": (["aux=minc", "aux.pairs=state_action"], FIRST_SETTINGS),
 }
-GRIDS = {"aux": (), "pairs": (), "td-pairs": (), "representation": (), "calibration": ("minc", "spectral"),
+GRIDS = {"aux": (), "pairs": (), "td-pairs": (), "representation": (), "replication": (),
+         "calibration": ("minc", "spectral"),
          "calibration-pairs": ("minc-state-action",)}
 # issue 24: DQN's aux pairs from the TD batch (aux.source=td) against today's replay pairs, at the calibrated shares
 TD_PAIRS = {"none": ["aux=none"], "minc": ["aux=minc", "aux.source=replay"], "minc-td": ["aux=minc", "aux.source=td"],
@@ -111,7 +112,15 @@ TD_PAIRS = {"none": ["aux=none"], "minc": ["aux=minc", "aux.source=replay"], "mi
 # distractors) comes with --override and has its own --runs and --out
 REPRESENTATION = {"none": ["aux=none"], "minc": ["aux=minc"],
                   "minc-sa": ["aux=minc", "aux.pairs=state_action", "aux.share=0.1"]}
-FIXED_GRIDS = {"td-pairs": TD_PAIRS, "representation": REPRESENTATION}  # grids whose variants are written out
+# issue 39: the positive control, Voelcker et al.'s agent (configs/train/study/selfpred_replication.yaml) with and
+# without latent self-prediction (stage 1), MINC as the self-prediction loss with and without a target (stage 2), and
+# plain DQN on clean observations (the manipulation check); README_selfpred_replication.md holds the rule
+PUBLISHED = "+study=selfpred_replication"
+REPLICATION = {"none": [PUBLISHED, "aux=none"], "selfpred": [PUBLISHED, "aux=selfpred"],
+               "none-clean": [PUBLISHED, "aux=none", "env_options.distractors.channels=0"],
+               "minc-sg": [PUBLISHED, "aux=selfpred", "aux.latent_loss=minc"],
+               "minc-free": [PUBLISHED, "aux=selfpred", "aux.latent_loss=minc", "aux.target=none"]}
+FIXED_GRIDS = {"td-pairs": TD_PAIRS, "representation": REPRESENTATION, "replication": REPLICATION}  # written out
 
 
 def calibrated_choice(suite: str, loss: str, results: Path = CALIBRATION_RESULTS) -> list[str]:
@@ -194,14 +203,20 @@ def commit_copies(paths: list[Path], message: str) -> None:
 
 def select_jobs(
     suite: str, grid_name: str, grid: dict[str, list[str]], seeds: list[int], only: list[str] | None,
-    shard: tuple[int, int],
+    shard: tuple[int, int], games: list[str] | None = None,
 ) -> list[tuple[str, str, int]]:
-    """This shard's (game, variant, seed) jobs, seed by seed, of the grid's variants (all, or only those named)."""
+    """This shard's (game, variant, seed) jobs, seed by seed, of the grid's variants (all, or only those named) on
+    the suite's games (all, or only those named)."""
     unknown = sorted(set(only or []) - set(grid))
     if unknown:
         raise ValueError(f"--variants {' '.join(unknown)}: not in the {grid_name} grid; choose from {', '.join(grid)}")
+    unknown = sorted(set(games or []) - set(SUITES[suite]["games"]))
+    if unknown:
+        raise ValueError(f"--games {' '.join(unknown)}: not in the {suite} suite; choose from "
+                         f"{', '.join(SUITES[suite]['games'])}")
     names = [name for name in grid if not only or name in only]
-    jobs = [(game, name, seed) for seed in seeds for game in SUITES[suite]["games"] for name in names]
+    chosen = [game for game in SUITES[suite]["games"] if not games or game in games]
+    jobs = [(game, name, seed) for seed in seeds for game in chosen for name in names]
     index, count = shard
     return jobs[index::count]
 
@@ -228,7 +243,7 @@ def run(args: argparse.Namespace) -> None:
     """Train every (seed, game, variant) of the suite and grid that has not finished (this shard's share of them),
     and copy each finished run's small files (and commit them with --commit)."""
     grid = variants(args.suite, args.grid)
-    jobs = select_jobs(args.suite, args.grid, grid, args.seeds, args.variants, args.shard)
+    jobs = select_jobs(args.suite, args.grid, grid, args.seeds, args.variants, args.shard, args.games)
     check_before_training(args, grid, jobs)
     for number, (game, aux, seed) in enumerate(jobs, 1):
         name = f"[{number}/{len(jobs)}] {args.suite}:{game} aux={aux} seed={seed}"
@@ -468,6 +483,8 @@ def main() -> None:
                             "td-pairs: issue 24's; representation: issue 25's arms (the condition via --override)")
     run_parser.add_argument("--variants", nargs="+", metavar="NAME",
                             help="run only these variants of the grid (default: all), e.g. --variants none")
+    run_parser.add_argument("--games", nargs="+", metavar="GAME",
+                            help="run only these games of the suite (default: all), e.g. --games space_invaders")
     run_parser.add_argument("--shard", type=shard_spec, default=(0, 1), metavar="I/N",
                             help="run only every N-th job starting at I (parallel processes on disjoint jobs)")
     run_parser.add_argument("--commit", action="store_true", help="git commit each run's copied files as it finishes")

@@ -701,7 +701,7 @@ def test_load_takes_aux_settings_the_saved_state_fits(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(aux="barlow"), r"aux='barlow' is not valid; choose one of 'none', 'minc', 'spectral', 'infonce'"),
+        (dict(aux="barlow"), r"aux='barlow' is not valid; choose one of 'none', 'minc', 'spectral', 'infonce', 'selfpred'"),
         (dict(aux=dict(mode="phase")), r"aux.mode='phase' is not valid; choose one of 'joint', 'separate', 'decoupled'"),
         (dict(aux=dict(augment="crop")), r"aux.augment='crop' is not valid; choose one of 'none', 'shift'"),
         (dict(encoder="resnet"), r"encoder='resnet' is not valid; choose one of 'auto', 'impala', 'nature', 'minatar', 'mlp'"),
@@ -724,7 +724,7 @@ def test_load_takes_aux_settings_the_saved_state_fits(tmp_path):
         (dict(aux=dict(name="none", loss_kwargs=dict(mu=2.0))), r"aux='none' has no loss"),
         (dict(aux=dict(coef=1.0)), r"unknown aux settings \['coef'\]; valid: \['name', 'mode', 'share'"),
         (dict(aux=dict(augment="shift")), r"aux.augment='shift' needs image observations; the observation space is Box"),
-        (dict(aux=None), r"aux must be a loss name \(none, minc, spectral, infonce\), an AuxConfig or a mapping of its "
+        (dict(aux=None), r"aux must be a loss name \(none, minc, spectral, infonce, selfpred\), an AuxConfig or a mapping of its "
                          r"settings; got None"),
         (dict(aux=dict(loss_kwargs=["mu", 2.0])), r"aux.loss_kwargs must be a mapping of the loss's options; got \['mu'"),
         (dict(aux=dict(loss_kwargs=dict(symmetric="no"))), r"MINCLoss symmetric must be true or false; got 'no'"),

@@ -96,6 +96,12 @@ def test_shards_split_the_jobs_disjointly_and_variants_filter_them():
                          ("breakout", "none", 1), ("space_invaders", "none", 1)]
     with pytest.raises(ValueError, match="nonee.*choose from none, minc, spectral"):
         rl_evidence.select_jobs("minatar", "aux", aux, [0], ["nonee"], (0, 1))
+    replication = rl_evidence.variants("minatar", "replication")
+    only_space_invaders = rl_evidence.select_jobs("minatar", "replication", replication, [0, 1], ["none", "selfpred"],
+                                                  (0, 1), ["space_invaders"])
+    assert only_space_invaders == [("space_invaders", arm, seed) for seed in (0, 1) for arm in ("none", "selfpred")]
+    with pytest.raises(ValueError, match="--games pong: not in the minatar suite; choose from breakout, space_invaders"):
+        rl_evidence.select_jobs("minatar", "replication", replication, [0], None, (0, 1), ["pong"])
 
 
 def test_pairs_calibration_grid_tunes_state_action_minc_with_its_rules_four_settings():

@@ -114,7 +114,7 @@ def test_help_lists_groups_and_choices(monkeypatch, capsys):
         run_in_process(monkeypatch, "--help")
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for line in ("agent: dqn, ppo", "aux: infonce, minc, none, spectral", "encoder: impala, minatar, mlp, nature"):
+    for line in ("agent: dqn, ppo", "aux: infonce, minc, none, selfpred, spectral", "encoder: impala, minatar, mlp, nature"):
         assert line in out
     assert "env=procgen:coinrun" in out and "hydra/launcher=submitit_slurm" in out and "aux.share" in out
 
@@ -139,8 +139,8 @@ BAD_VALUES = [
     (["env=minatar:pong"], ["'pong'", "breakout", "space_invaders"]),
     (["env=atari:Pongg"], ["'Pongg'", "Pong"]),
     (["agent=a2c"], ["agent='a2c'", "'dqn', 'ppo'"]),
-    (["aux=foo"], ["aux='foo'", "'infonce', 'minc', 'none', 'spectral'"]),
-    (["-m", "aux=none,foo"], ["aux='foo'", "'infonce', 'minc', 'none', 'spectral'"]),
+    (["aux=foo"], ["aux='foo'", "'infonce', 'minc', 'none', 'selfpred', 'spectral'"]),
+    (["-m", "aux=none,foo"], ["aux='foo'", "'infonce', 'minc', 'none', 'selfpred', 'spectral'"]),
     (["encoder=resnet"], ["encoder='resnet'", "'impala', 'minatar', 'mlp', 'nature'"]),
     (["aux.share=-1"], ["aux.share", "[0, 1)", "-1"]),
     (["aux.mode=phase"], ["aux.mode='phase'", "'joint', 'separate', 'decoupled'"]),
