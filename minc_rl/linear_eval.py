@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from minc_rl.common.cli import check_overrides
+from minc_rl.common.cli import answer_help, check_overrides
 from minc_rl.configs import config_dir
 
 PROGRAM = "minc_rl.linear_eval"
@@ -31,6 +31,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """`python -m minc_rl.linear_eval checkpoint=<path>`: the command line checked before Hydra starts."""
+    answer_help(CONFIG_DIR, "linear_eval", sys.argv[1:])
     check_overrides(PROGRAM, sys.argv[1:], CONFIG_DIR, "linear_eval", groups=(), required=("checkpoint",))
     hydra_main()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from minc_rl.common.cli import check_overrides
+from minc_rl.common.cli import answer_help, check_overrides
 from minc_rl.configs import config_dir
 
 PROGRAM = "minc_rl.pretrain"
@@ -39,6 +39,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """`python -m minc_rl.pretrain data=digits loss=minc`, or under torchrun: the command line checked before Hydra."""
+    answer_help(CONFIG_DIR, "config", sys.argv[1:])
     check_overrides(PROGRAM, sys.argv[1:], CONFIG_DIR, "config", groups=("data", "loss"))
     hydra_main()
 

@@ -17,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from minc_rl.common.cli import answer_help
 from minc_rl.runs.train_config import CONFIG_DIR, check_command_line, checked_config
 
 
@@ -33,6 +34,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main() -> None:
     """Console entry point."""
     sys.argv[1:] = check_command_line(sys.argv[1:])
+    answer_help(CONFIG_DIR, "config", sys.argv[1:])
     train()
 
 
