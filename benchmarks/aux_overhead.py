@@ -12,6 +12,9 @@ interleaved.
     python benchmarks/aux_overhead.py --agent dqn --variants none minc-replay minc-td minc-td-state-action --train-freq 4 \
         --rounds 6 --threads 1 --out benchmarks/results/aux_overhead_td_dqn_tf4.json   # TD pairs (aux.source=td)
 
+    python benchmarks/aux_overhead.py --agent dqn --variants none minc selfpred selfpred-minc --rounds 4 --threads 1 \
+        --out benchmarks/results/aux_overhead_selfpred_dqn.json              # latent self-prediction, K = 5
+
 For DQN, `minc` (and the variants that do not name a source) is MincDQN's default: TD pairs since issue 24. The
 results measured before it, where `minc` is replay pairs, name the code version they ran (docs/benchmarks.md);
 `minc-replay` measures replay pairs today.
@@ -72,6 +75,9 @@ VARIANTS = {
     "minc-td": dict(name="minc", source="td"),  # DQN only: the aux pairs are the TD batch's own (DQN's default)
     "minc-td-state-action": dict(name="minc", source="td", pairs="state_action"),
     "spectral-td": dict(name="spectral", source="td"),
+    "selfpred": dict(name="selfpred"),  # DQN only: latent self-prediction, K = 5, reward prediction (issue 39)
+    "selfpred-q-target": dict(name="selfpred", target="q_target"),  # its targets by the target Q-network's encoder
+    "selfpred-minc": dict(name="selfpred", latent_loss="minc"),  # MINC as the self-prediction loss
     "minc@2048": dict(name="minc", batch=2048),
     "spectral@2048": dict(name="spectral", batch=2048),
 }

@@ -772,7 +772,7 @@ def test_extractor_and_policy_mismatches_raise_clear_errors():
 
 
 def test_constants_and_defaults():
-    assert AUX_CHOICES == ("none", "minc", "spectral", "infonce") and AUGMENT_CHOICES == ("none", "shift")
+    assert AUX_CHOICES == ("none", "minc", "spectral", "infonce", "selfpred") and AUGMENT_CHOICES == ("none", "shift")
     assert AUX_MODES == ("joint", "separate", "decoupled")
     extractor = MincExtractor(make_vec_env("procgen:coinrun", 1).observation_space)  # every argument has a default
     assert (extractor.encoder_name, extractor.input_shape, extractor.features_dim) == ("nature", (3, 64, 64), 512)
