@@ -150,7 +150,7 @@ def test_run_skips_a_run_dir_another_process_is_writing(tmp_path, capsys):
     (run_dir / "progress.csv").write_text("written by the other run\n")
     args = argparse.Namespace(suite="minatar", grid="aux", seeds=[0], variants=["none"], shard=(0, 2), steps=1000,
                               evaluations=1, override=[], runs=tmp_path / "runs", out=tmp_path / "out", commit=False,
-                              python=None)
+                              python=None, games=None)
     with RunLock(run_dir):
         rl_evidence.run(args)  # shard 0 of 2: breakout's none only
     assert (run_dir / "progress.csv").read_text() == "written by the other run\n"
