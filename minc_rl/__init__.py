@@ -5,21 +5,23 @@ The package is a house of rooms, each a sub-package with one job. A room imports
 
     common    the ground floor: value checks with one-line errors, atomic file writes, the command-line
               checks every entry point shares, run-directory ownership (lock, fresh run, resume)
+                                                                                        imports no room
     configs   Hydra YAML of train and pretrain (the top-level configs/ folder)          imports no room
     losses    the loss core: MINC, the spectral contrastive loss, InfoNCE               imports common
     envs      procgen / Atari / MinAtar / gymnasium behind one spec (top-level envs/)   imports common
     ssl       representation learning on images: encoders and the encoder.pt format, backbones,
               augmentations, embedding metrics, data sets, linear evaluation, the pretraining run
-                                                                                        imports common, losses, envs
-    rl        under the SB3 agents: the aux settings (AuxConfig, light), MincExtractor, EncoderHealth
-                                                                                        imports common, losses, ssl
-    agents    MincPPO, MincDQN, MincAuxCallback: how the aux loss joins SB3 (top-level agents/)
-                                                                                        imports the rooms above
-    runs      an RL training run and a study of runs: config checks (light), the run, its files and
-              callbacks, the report                                                     imports every room above
+                                                                      imports common, configs, losses, envs
+    rl        under the SB3 agents: their settings (AuxConfig, encoder names; no torch), MincExtractor,
+              EncoderHealth                                                 imports common, losses, ssl
+    agents    MincPPO, MincDQN, MincAuxCallback, latent self-prediction: how the aux loss joins SB3
+              (top-level agents/)                                           imports common, losses, ssl, rl
+    runs      an RL training run and a study of runs: config checks (no torch), the run, its files and
+              callbacks, the report                                         imports every room above
 
-The entry points sit at the top, beside the rooms, and stay thin: `python -m minc_rl.train`, `.pretrain`,
-`.linear_eval` and `.report` check their command line before torch is imported, then hand over to runs/ or ssl/.
+The entry points sit at the top, beside the rooms, and stay thin. `python -m minc_rl.train`, `.pretrain` and
+`.linear_eval` answer --help and check their command line before torch is imported, then hand over to
+runs.training, ssl.pretraining or ssl.linear_eval; `python -m minc_rl.report` is runs.report's command line.
 
 Public names: minc_rl.losses, minc_rl.agents (MincPPO, MincDQN), minc_rl.envs, and here MincExtractor,
 MincAuxCallback and EncoderHealth (imported on first use, so that `import minc_rl` stays light).
