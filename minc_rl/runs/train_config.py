@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import OverrideParseException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 import minc_rl.configs
@@ -122,9 +122,12 @@ def check_command_line(args: list[str]) -> list[str]:
     check_keys(overrides, config_dirs)
     multirun = any(a in ("-m", "--multirun") for a in args)
     check_run_dir_argument(overrides, multirun)
+    passed_on = [f"++{a}" if a.startswith(tuple(f"{k}." for k in PASSED_ON)) else a for a in args]
     if multirun:
         check_sweep_jobs(overrides, config_dirs)
-    return [f"++{a}" if a.startswith(tuple(f"{k}." for k in PASSED_ON)) else a for a in args]
+    elif not any(a in cli.HELP_FLAGS for a in args):
+        check_single_job(overrides, passed_on, config_dirs)
+    return passed_on
 
 
 def check_keys(overrides: list[Any], config_dirs: list[Path]) -> None:
@@ -227,16 +230,40 @@ def check_sweep_jobs(overrides: list[Any], config_dirs: list[Path]) -> None:
     check_jobs([*fixed, *combination] for combination in itertools.product(*sweeps))
 
 
+def check_single_job(overrides: list[Any], args: list[str], config_dirs: list[Path]) -> None:
+    """A single run's config checked as the run will check it, before Hydra starts (whose start-up with its
+    launcher plugins would otherwise come first): a bad value exits 2 at once. Not resume= (the saved config
+    decides), and not what Hydra reports itself (a config it cannot compose)."""
+    if any(o.key_or_group == "resume" for o in overrides):
+        return
+    job = [a for a in args if "=" in a and not a.startswith(("-", "hydra."))]
+    try:
+        check_jobs([[*searchpath_override(config_dirs), *job]])
+    except HydraException:
+        GlobalHydra.instance().clear()
+
+
 def check_jobs(jobs: Iterable[list[str]]) -> None:
     """Each job's key=value overrides composed and checked as the job itself would check them (not resume=): a bad
     value exits 2 before anything trains."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         for job in jobs:
-            cfg = with_family_defaults(compose(config_name="config", overrides=job).env, job)
+            cfg = with_family_defaults(job_env(job), job)
             apply_replay_ratio(cfg, job)
             check_config(cfg)
     GlobalHydra.instance().clear()
+
+
+def job_env(job: list[str]) -> str:
+    """The env= a job's overrides compose to: the command line's, else config.yaml's when no +study may set it,
+    else (a study) the composed config's. Inside initialize_config_dir."""
+    given = [o.split("=", 1)[1] for o in job if o.lstrip("+").startswith("env=")]
+    if given:
+        return given[-1]
+    if not any(o.lstrip("+").startswith(("study=", "hydra.searchpath=")) for o in job):
+        return OmegaConf.load(CONFIG_DIR / "config.yaml").env
+    return compose(config_name="config", overrides=job).env
 
 
 def resume_hint(run_dir: Path) -> str | None:
