@@ -231,7 +231,8 @@ class AuxLearner(nn.Module):
         heads = [*self.head.parameters(), *(self.next_head.parameters() if self.next_head is not None else []),
                  *self.loss.parameters()]
         trained = [*heads, *(extractor.parameters() if config.mode != "joint" else [])]
-        self.optimizer = th.optim.Adam(trained, lr=config.lr, foreach=True)  # one kernel per op: 2x faster on CPU heads
+        # fused: one kernel for every parameter, 1.7x faster than foreach on the CPU head (docs/benchmarks.md)
+        self.optimizer = th.optim.Adam(trained, lr=config.lr, fused=True)
         encoder = [p for p in extractor.parameters() if p.requires_grad]
         self.update_meter = UpdateShareMeter(encoder) if config.log_update_share and encoder else None
         self._reset_statistics()
@@ -369,13 +370,13 @@ class AuxLearner(nn.Module):
             if meter is not None:
                 self.log_update(*meter.changes(start, middle))
             return
-        rl_loss.backward()  # into the RL heads; rl_features.grad is g_rl at the encoder's output
-        g_rl = rl_features.grad if rl_features.grad is not None else th.zeros_like(features)
         aux_features = self.features(batch.observations) if self.config.augment != "none" else features[batch.rows]
         aux_input = aux_features.detach().requires_grad_(True)
         aux_loss, routes = self.batch_loss(aux_input, batch)
-        if aux_loss is not None:
-            aux_loss.backward()  # into the head; aux_input.grad is g_aux (and each route's leaf gets its gradient)
+        # one backward pass into the RL heads and the aux head (their graphs start at detached features):
+        # rl_features.grad is g_rl at the encoder's output, aux_input.grad g_aux (and each route's leaf its gradient)
+        th.autograd.backward([rl_loss] if aux_loss is None else [rl_loss, aux_loss])
+        g_rl = rl_features.grad if rl_features.grad is not None else th.zeros_like(features)
         aux_outputs = [aux_features, *(output for output, _ in routes)]
         aux_grads = [leaf.grad if leaf.grad is not None else th.zeros_like(leaf) for leaf in
                      (aux_input, *(leaf for _, leaf in routes))]
@@ -483,6 +484,17 @@ class AuxLearner(nn.Module):
             for key, value in embedding_health(views, self.loss).items():
                 logger.record(f"train/aux_{key}", value)
         self._reset_statistics()
+
+
+def with_foreach(optimizer: th.optim.Optimizer) -> th.optim.Optimizer:
+    """`optimizer` set to foreach=True (one kernel per operation over every parameter) where torch's optimizer takes
+    it and none was chosen: on a CPU the same update bit for bit as the per-parameter loop SB3's Adam runs there,
+    in less time; the aux step's share of the agent's cost (docs/benchmarks.md, issue 40)."""
+    if "foreach" in optimizer.defaults and optimizer.defaults["foreach"] is None:
+        optimizer.defaults["foreach"] = True
+        for group in optimizer.param_groups:
+            group["foreach"] = True
+    return optimizer
 
 
 def declares_channels_first(env: Any) -> bool:
@@ -607,6 +619,7 @@ class MincAuxMixin:
             learner = AuxLearner(self.aux, self.aux_extractor, network.observation_space, network.normalize_images,
                                  self.action_space, self.aux_target_extractor)  # type: ignore[attr-defined]
             self.aux_learner = learner.to(self.device)  # type: ignore[attr-defined]
+            with_foreach(self.policy.optimizer)  # type: ignore[attr-defined]
             if self.aux.log_update_share and self.aux.mode == "joint":
                 check_update_share_optimizer(self.policy.optimizer)  # type: ignore[attr-defined]
 

@@ -16,7 +16,7 @@ from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 from torch import nn
 from torch.nn import functional as F
 
-from minc_rl.agents.auxiliary import AuxBatch, AuxConfig, LinearCritic, MincAuxMixin
+from minc_rl.agents.auxiliary import AuxBatch, AuxConfig, LinearCritic, MincAuxMixin, with_foreach
 from minc_rl.agents.pairs import check_one_step_pairs, ends_without_successor, select_rows, successor_rows
 from minc_rl.agents.selfpred import SequenceReplayBuffer
 from minc_rl.common.checks import check_bool, check_choice, check_positive
@@ -125,6 +125,8 @@ class MincDQN(MincAuxMixin, DQN):
                       {"params": [p for p in parameters if id(p) not in encoder]}]
         policy = self.policy
         policy.optimizer = policy.optimizer_class(groups, lr=self.lr_schedule(1), **policy.optimizer_kwargs)
+        if self.aux_learner is not None:
+            with_foreach(policy.optimizer)
 
     def _update_learning_rate(self, optimizers: Any) -> None:
         super()._update_learning_rate(optimizers)

@@ -177,7 +177,7 @@ def test_representation_grid_composes_each_arm_under_each_condition(tmp_path, co
     grid = rl_evidence.variants("minatar", "representation")
     assert grid == {"none": ["aux=none"], "minc": ["aux=minc"],
                     "minc-sa": ["aux=minc", "aux.pairs=state_action", "aux.share=0.1"]}
-    args = argparse.Namespace(steps=50_000, evaluations=10, override=condition, python=None)
+    args = argparse.Namespace(steps=50_000, evaluations=10, override=condition, python=None, games=None)
     commands = {arm: rl_evidence.train_command("minatar", "breakout", overrides, 3, tmp_path / arm, args)
                 for arm, overrides in grid.items()}
     tasks = {arm: [a for a in train_config.check_command_line(command[3:]) if not a.startswith("hydra.")]  # as train's main

@@ -17,6 +17,27 @@ def second_moment(a: torch.Tensor) -> torch.Tensor:
     return a.T @ a / a.shape[0]
 
 
+class _MincDirection(torch.autograd.Function):
+    """MINC's value and its GHA gradient in one graph node: a handful of kernels, where autograd through a surrogate
+    took dozens (the aux step of an agent runs it on a few dozen rows, where each kernel's fixed cost is the cost)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, b: torch.Tensor, cov: torch.Tensor,
+                lower_triangular: bool) -> torch.Tensor:
+        a32, b32, cov = a.detach().float(), b.detach().float(), cov.detach().float()
+        batch = a32.shape[0]
+        mixing = torch.tril(cov) if lower_triangular else cov
+        a_cov, a_mixed = (a32 @ torch.cat([cov, mixing.T], dim=1)).tensor_split(2, dim=1)  # a Lambda, a M^T: one matmul
+        ctx.save_for_backward((a_mixed - b32).mul_(2.0 / batch))  # dl/da_i = -(2/B) (b_i - M a_i)
+        ctx.dtype = a.dtype
+        return (a32 * (a_cov - 2.0 * b32)).sum() / batch
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad_a,) = ctx.saved_tensors
+        return (grad * grad_a).to(ctx.dtype), None, None, None
+
+
 def minc_loss_given_cov(
     a: torch.Tensor, b: torch.Tensor, cov: torch.Tensor, lower_triangular: bool = True
 ) -> torch.Tensor:
@@ -25,13 +46,7 @@ def minc_loss_given_cov(
     Value: -(2/B) sum_i a_i.b_i + (1/B) sum_i a_i^T Lambda a_i (the SCL estimate).
     Gradient: dl/da_i = -(2/B) (b_i - M a_i) with M = tril(Lambda) or Lambda, and none into b or cov.
     """
-    a32, b32, cov = a.float(), b.detach().float(), cov.detach().float()
-    batch = a32.shape[0]
-    value = (-2.0 * (a32 * b32).sum() + ((a32 @ cov) * a32).sum()).detach() / batch
-    mixing = torch.tril(cov) if lower_triangular else cov
-    pull = (b32 - a32.detach() @ mixing.T).detach()  # b_i - M a_i
-    surrogate = -2.0 * (a32 * pull).sum() / batch
-    return value + surrogate - surrogate.detach()
+    return _MincDirection.apply(a, b, cov, lower_triangular)
 
 
 class MINCLoss(nn.Module):
@@ -127,7 +142,7 @@ class MINCLoss(nn.Module):
         if self.asymmetric:
             moments = torch.stack([second_moment(a), second_moment(b)])
         elif self.symmetric:
-            moments = ((second_moment(a) + second_moment(b)) / 2)[None]
+            moments = second_moment(torch.cat([a, b]))[None]  # the mean of the two views' moments
         else:
             moments = second_moment(a)[None]
             if not torch.isfinite(b).all():
@@ -157,10 +172,13 @@ class MINCLoss(nn.Module):
                     ema_sum.mul_(1.0 - self.ema).add_(moment, alpha=self.ema)
                 self.steps += 1
             if self.training or int(self.steps) > 0:
-                covs = (self.cov, self.cov_b)
+                covs = (self.cov, self.cov_b) if self.asymmetric else (self.cov,)
             else:  # eval before any training step: this batch's moments, no collective (ranks may evaluate alone)
                 covs = tuple(self._batch_moments(a, b, all_reduce=False))
             cov_a, cov_b = covs[0], covs[-1]
+            if self.symmetric and not self.asymmetric:  # both directions share Lambda: one call on the stacked views
+                # l([a; b], [b; a]) over 2B rows is (l(a, b) + l(b, a)) / 2, value and gradient
+                return minc_loss_given_cov(torch.cat([a, b]), torch.cat([b, a]), cov_a, self.lower_triangular)
             loss = minc_loss_given_cov(a, b, cov_b, self.lower_triangular)
             if self.symmetric:
                 loss = (loss + minc_loss_given_cov(b, a, cov_a, self.lower_triangular)) / 2
