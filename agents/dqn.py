@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from minc_rl.agents.auxiliary import AuxBatch, AuxConfig, LinearCritic, MincAuxMixin, with_foreach
 from minc_rl.agents.pairs import check_one_step_pairs, ends_without_successor, select_rows, successor_rows
 from minc_rl.agents.selfpred import SequenceReplayBuffer
-from minc_rl.checks import check_bool, check_choice, check_positive
+from minc_rl.common.checks import check_bool, check_choice, check_positive
 
 TD_LOSSES = {"huber": F.smooth_l1_loss, "mse": F.mse_loss}
 

@@ -21,8 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from minc_rl.losses import MINCLoss
-
-LATENT_LOSSES = ("mse", "cosine", "minc")
+from minc_rl.rl.settings import LATENT_LOSSES
 
 
 class Sequences(NamedTuple):

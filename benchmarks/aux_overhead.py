@@ -49,7 +49,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from minc_rl.checks import int_at_least, output_file  # noqa: E402
+from minc_rl.common.checks import int_at_least, output_file  # noqa: E402
 from minc_rl.envs import make_vec_env  # noqa: E402  (first: it mutes legacy gym's notice before SB3 imports gym)
 import torch  # noqa: E402
 from minc_rl.agents import MincDQN, MincPPO  # noqa: E402
@@ -57,7 +57,7 @@ from stable_baselines3 import DQN, PPO  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from minc_rl import MincExtractor  # noqa: E402
-from minc_rl.io import atomic_write  # noqa: E402
+from minc_rl.common.io import atomic_write  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # name -> the aux settings (minc_rl.agents.AuxConfig); None marks stock SB3 PPO / DQN

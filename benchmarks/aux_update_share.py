@@ -32,9 +32,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from rl_evidence import ROOT, run_finished, run_training  # noqa: E402  (benchmarks/ is the script's folder)
 
-from minc_rl.checks import int_at_least, output_file  # noqa: E402
+from minc_rl.common.checks import int_at_least, output_file  # noqa: E402
 from minc_rl.envs import MINATAR_GAMES  # noqa: E402
-from minc_rl.io import atomic_write  # noqa: E402
+from minc_rl.common.io import atomic_write  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 KEYS = {"update_share": "train/aux_update_share", "update_cos": "train/aux_update_cos",

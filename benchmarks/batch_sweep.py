@@ -1,6 +1,6 @@
 """MINC vs SCL vs InfoNCE on digits across batch sizes: linear-probe and kNN accuracy (the paper's batch-size claim).
 
-Every run is `minc_rl.pretrain.pretrain` (the entry point's training function) on the same recipe: ConvNet
+Every run is `minc_rl.ssl.pretraining.pretrain` (the entry point's training function) on the same recipe: ConvNet
 backbone, BN-terminated 64-d head, AdamW at a fixed lr (no batch scaling), the losses' default options, and
 the same number of optimizer steps at every batch size (larger batches see proportionally more images).
 Runs are interleaved (seed -> batch size -> loss). Claims tested: MINC >= SCL at every batch size, and MINC
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from minc_rl.checks import int_at_least, positive_number
-from minc_rl.io import atomic_write
-from minc_rl.pretrain import compose_config, pretrain
+from minc_rl.common.checks import int_at_least, positive_number
+from minc_rl.common.io import atomic_write
+from minc_rl.ssl.pretraining import compose_config, pretrain
 
 # label -> overrides; ema 0.05 was MINC's first default, ema 0.2 (the default since the ablation) its best cell
 VARIANTS = {

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from minc_rl.checks import int_at_least, output_file
+from minc_rl.common.checks import int_at_least, output_file
 from minc_rl.envs import ProcgenVecEnv, make_vec_env
 from minc_rl.envs.spec import PROCGEN_DEFAULTS
 from tqdm import tqdm
 
-from minc_rl.io import atomic_write
+from minc_rl.common.io import atomic_write
 
 RESULTS = Path(__file__).parent / "results" / "env_throughput.json"
 

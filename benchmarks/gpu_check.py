@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minc_rl.checks import output_file
+from minc_rl.common.checks import output_file
 from minc_rl.envs import make_vec_env  # noqa: I001  first: it mutes legacy gym's notice before SB3 imports gym
 import torch
 from loss_core import DTYPES, bench_cell, timed
@@ -43,11 +43,11 @@ from tqdm import tqdm
 
 from minc_rl import MincExtractor
 from minc_rl.agents import MincPPO
-from minc_rl.backbones import build_backbone
-from minc_rl.encoders import ProjectionHead
-from minc_rl.io import atomic_write
+from minc_rl.ssl.backbones import build_backbone
+from minc_rl.ssl.encoders import ProjectionHead
+from minc_rl.common.io import atomic_write
 from minc_rl.losses import build_aux_loss
-from minc_rl.pretrain import SSLModel, build_optimizer
+from minc_rl.ssl.pretraining import SSLModel, build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GAME = "procgen:starpilot"

@@ -40,10 +40,10 @@ import torch  # noqa: E402
 from procgen import ProcgenGym3Env  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from minc_rl.checks import int_at_least, output_file  # noqa: E402
-from minc_rl.encoders import ProjectionHead, build_encoder  # noqa: E402
+from minc_rl.common.checks import int_at_least, output_file  # noqa: E402
+from minc_rl.ssl.encoders import ProjectionHead, build_encoder  # noqa: E402
 from minc_rl.envs.spec import PROCGEN_GAMES  # noqa: E402
-from minc_rl.io import atomic_write  # noqa: E402
+from minc_rl.common.io import atomic_write  # noqa: E402
 from minc_rl.losses import (  # noqa: E402
     InfoNCELoss,
     MINCLoss,

@@ -1,4 +1,4 @@
-"""What minc_rl.health.EncoderHealth costs (a probe of 512 observations, the default, every 5,000 env steps: the
+"""What minc_rl.rl.health.EncoderHealth costs (a probe of 512 observations, the default, every 5,000 env steps: the
 health.every a 50,000-step run with 10 evaluations gets, since health.every defaults to eval.every), side by side in
 one run: two copies of one agent with the same seed, one with the callback, trained in alternating rounds (the
 order swapping every round, so the load of other processes falls on both alike).
@@ -32,15 +32,15 @@ import statistics
 import time
 from pathlib import Path
 
-from minc_rl.checks import int_at_least, output_file
+from minc_rl.common.checks import int_at_least, output_file
 from minc_rl.envs import make_vec_env  # first: it mutes legacy gym's notice before SB3 imports gym
 import numpy as np  # noqa: I001
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from minc_rl.agents import MincDQN, MincPPO
-from minc_rl.health import EncoderHealth, agent_encoder, encoder_health
-from minc_rl.io import atomic_write
+from minc_rl.rl.health import EncoderHealth, agent_encoder, encoder_health
+from minc_rl.common.io import atomic_write
 
 RESULTS = Path(__file__).parent / "results"
 PROBE = 512  # configs/train/config.yaml's health.probe

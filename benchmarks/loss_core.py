@@ -28,8 +28,8 @@ from matplotlib.ticker import NullLocator  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from minc_rl.checks import int_at_least, output_file, positive_number  # noqa: E402
-from minc_rl.io import atomic_write  # noqa: E402
+from minc_rl.common.checks import int_at_least, output_file, positive_number  # noqa: E402
+from minc_rl.common.io import atomic_write  # noqa: E402
 from minc_rl.losses import AUX_LOSSES, build_aux_loss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

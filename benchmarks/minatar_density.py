@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from minatar.gym import BaseEnv
 
-from minc_rl.checks import int_at_least, output_file
+from minc_rl.common.checks import int_at_least, output_file
 from minc_rl.envs import MINATAR_GAMES
-from minc_rl.io import atomic_write
+from minc_rl.common.io import atomic_write
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,6 +1,6 @@
 """Which MINC knobs matter: ema x final BatchNorm x lower_triangular, plus an EMA target encoder, on digits at B=128.
 
-Every run is `minc_rl.pretrain.pretrain` with the batch-sweep recipe (ConvNet, 64-d head, AdamW at a fixed lr,
+Every run is `minc_rl.ssl.pretraining.pretrain` with the batch-sweep recipe (ConvNet, 64-d head, AdamW at a fixed lr,
 the same number of steps per run); cells are interleaved within each seed. Per cell: linear-probe and kNN
 accuracy, RankMe of the held-out embeddings, and how many seeds collapsed (held-out RankMe < 2).
 The target-encoder cells send the b view through an EMA copy (momentum 0.99) of backbone + head and use the
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from batch_sweep import RESULTS, mean_std, run_digits
 
-from minc_rl.checks import int_at_least, positive_number
-from minc_rl.io import atomic_write
+from minc_rl.common.checks import int_at_least, positive_number
+from minc_rl.common.io import atomic_write
 
 EMAS = (0.01, 0.05, 0.2, 1.0)
 

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from minc_rl.io import atomic_write  # noqa: E402
+from minc_rl.common.io import atomic_write  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "representation_study"
 CONDITIONS = ("clean_rr1", "clean_rr4", "distractors_rr1")

@@ -44,11 +44,12 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
-from minc_rl import report, run_io
-from minc_rl.checks import int_at_least
-from minc_rl.io import atomic_write
-from minc_rl.run_dir import RunDirError, RunLock
-from minc_rl.train import check_command_line, check_jobs, run_finished
+from minc_rl.runs import report, run_io
+from minc_rl.common.checks import int_at_least, one_line
+from minc_rl.common.io import atomic_write
+from minc_rl.common.run_dir import RunDirError, RunLock
+from minc_rl.runs.train_config import check_command_line, check_jobs
+from minc_rl.runs.training import run_finished
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "rl_evidence"
@@ -235,7 +236,7 @@ def check_before_training(args: argparse.Namespace, grid: dict[str, list[str]], 
     try:
         check_jobs([check_command_line(job) for job in settings])  # valid_keys starts Hydra afresh: not inside
     except HydraException as error:  # an --override Hydra cannot parse or compose
-        raise ValueError(f"--override: {run_io.one_line(error)}") from None
+        raise ValueError(f"--override: {one_line(error)}") from None
 
 
 def run(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from minc_rl.checks import output_file, positive_number
+from minc_rl.common.checks import output_file, positive_number
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stop_latency.json"
 MARKER = "UPDATE_STARTS"
@@ -84,7 +84,7 @@ def main() -> None:
         child(args.overrides)
         return
     result = measure(args)
-    from minc_rl.io import atomic_write
+    from minc_rl.common.io import atomic_write
 
     atomic_write(args.out, lambda path: Path(path).write_text(json.dumps(result, indent=2) + "\n"))
     print(f"SIG{result['signal']} {result['delay_s']:.0f} s into the first update: checkpoint on disk after "

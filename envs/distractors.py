@@ -8,7 +8,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from minc_rl.checks import check_int, check_unit_interval
+from minc_rl.common.checks import check_int, check_unit_interval
 
 DISTRACTOR_STREAM = 0xD157  # the noise's seeds are SeedSequence(seed, spawn_key=(DISTRACTOR_STREAM,)): not the env's
 

@@ -14,16 +14,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecMonitor
 from .distractors import Distractors
 from .procgen_vec_env import ProcgenVecEnv
 from .quiet import make_gymnasium_env
-from .spec import (
-    EPISODE_STEP_LIMIT,
-    check_n_envs,
-    check_seed,
-    parse_spec,
-    resolve_atari,
-    resolve_gym,
-    resolve_minatar,
-    resolve_procgen,
-)
+from .spec import EPISODE_STEP_LIMIT, check_seed, resolve_spec
 
 
 class MinAtarImage(gymnasium.ObservationWrapper):
@@ -47,23 +38,6 @@ class MinAtarImage(gymnasium.ObservationWrapper):
         return np.ascontiguousarray(observation.transpose(2, 0, 1), dtype=np.uint8) * np.uint8(255)
 
 
-def validate_spec(spec: str, n_envs: int = 1, **options: Any) -> None:
-    """Raise the ValueError make_vec_env would raise for these arguments, without building an environment."""
-    _resolve(spec, n_envs, options)
-
-
-def _resolve(spec: str, n_envs: int, options: dict[str, Any]) -> tuple[str, str, Any]:
-    family, name = parse_spec(spec)
-    check_n_envs(n_envs)
-    resolved = {
-        "procgen": resolve_procgen,
-        "atari": resolve_atari,
-        "minatar": resolve_minatar,
-        "gym": resolve_gym,
-    }[family](name, options)
-    return family, name, resolved
-
-
 def make_vec_env(spec: str, n_envs: int, seed: int = 0, **options: Any) -> VecEnv:
     """Training envs for `spec` ('procgen:coinrun', 'atari:Pong', 'minatar:breakout', 'gym:CartPole-v1').
 
@@ -79,7 +53,7 @@ def make_eval_env(spec: str, n_envs: int, seed: int = 0, **options: Any) -> VecE
 
 
 def _make(spec: str, n_envs: int, seed: int, options: dict[str, Any], evaluation: bool) -> VecEnv:
-    family, name, resolved = _resolve(spec, n_envs, options)
+    family, name, resolved = resolve_spec(spec, n_envs, options)
     check_seed(seed)
     if family == "procgen":
         if evaluation and resolved["distribution_mode"] != "exploration":

@@ -226,3 +226,21 @@ def resolve_gym(env_id: str, options: dict[str, Any]) -> tuple[int | str, float 
         accepted = tuple(name for name in parameters if name not in ("self", "render_mode"))
     check_options(f"gym:{env_id}", options, GYM_OPTIONS, extra=(*accepted, "distractors"))
     return resolve_distractors("gym", options)
+
+
+def validate_spec(spec: str, n_envs: int = 1, **options: Any) -> None:
+    """Raise the ValueError make_vec_env would raise for these arguments, without building an environment."""
+    resolve_spec(spec, n_envs, options)
+
+
+def resolve_spec(spec: str, n_envs: int, options: dict[str, Any]) -> tuple[str, str, Any]:
+    """(family, name, the family's resolved options) of a spec, checked as make_vec_env checks it (ValueError)."""
+    family, name = parse_spec(spec)
+    check_n_envs(n_envs)
+    resolved = {
+        "procgen": resolve_procgen,
+        "atari": resolve_atari,
+        "minatar": resolve_minatar,
+        "gym": resolve_gym,
+    }[family](name, options)
+    return family, name, resolved

@@ -17,7 +17,7 @@ from minc_rl.agents import AUGMENT_CHOICES, AUX_CHOICES, AUX_MODES, AuxConfig, M
 from minc_rl.agents.auxiliary import LinearCritic, UpdateShareMeter
 from minc_rl.agents.pairs import (PairDictRolloutBuffer, gather_successors, rollout_successors,
                                   sample_rollout_pairs)
-from minc_rl.encoders import build_encoder, save_encoder
+from minc_rl.ssl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
 from omegaconf import OmegaConf
 from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
@@ -827,7 +827,7 @@ def test_pair_loss_uses_the_target_encoder_for_successors():
 def test_import_minc_rl_is_light_and_exports_lazily():
     code = ("import sys, minc_rl; assert 'torch' not in sys.modules and 'stable_baselines3' not in sys.modules; "
             "from minc_rl import MincExtractor, MincAuxCallback; "
-            "assert MincExtractor.__module__ == 'minc_rl.extractor' and MincAuxCallback.__module__ == 'minc_rl.callback'")
+            "assert MincExtractor.__module__ == 'minc_rl.rl.extractor' and MincAuxCallback.__module__ == 'minc_rl.agents.callback'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

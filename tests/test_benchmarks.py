@@ -18,8 +18,8 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import rl_evidence  # noqa: E402
-from minc_rl.checks import int_at_least, output_file, positive_number  # noqa: E402
-from minc_rl.run_dir import RunLock  # noqa: E402
+from minc_rl.common.checks import int_at_least, output_file, positive_number  # noqa: E402
+from minc_rl.common.run_dir import RunLock  # noqa: E402
 
 
 def fake_run(seed: int, returns: list[float]) -> dict:
@@ -172,7 +172,7 @@ def test_representation_grid_composes_each_arm_under_each_condition(tmp_path, co
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from minc_rl import train
+    from minc_rl.runs import train_config
 
     grid = rl_evidence.variants("minatar", "representation")
     assert grid == {"none": ["aux=none"], "minc": ["aux=minc"],
@@ -180,13 +180,13 @@ def test_representation_grid_composes_each_arm_under_each_condition(tmp_path, co
     args = argparse.Namespace(steps=50_000, evaluations=10, override=condition, python=None, games=None)
     commands = {arm: rl_evidence.train_command("minatar", "breakout", overrides, 3, tmp_path / arm, args)
                 for arm, overrides in grid.items()}
-    tasks = {arm: [a for a in train.check_command_line(command[3:]) if not a.startswith("hydra.")]  # as train's main
+    tasks = {arm: [a for a in train_config.check_command_line(command[3:]) if not a.startswith("hydra.")]  # as train's main
              for arm, command in commands.items()}
     GlobalHydra.instance().clear()
-    with initialize_config_dir(str(train.CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(str(train_config.CONFIG_DIR), version_base="1.3"):
         for arm, task in tasks.items():
-            cfg = train.with_family_defaults("minatar:breakout", task)
-            train.apply_replay_ratio(cfg, task)
+            cfg = train_config.with_family_defaults("minatar:breakout", task)
+            train_config.apply_replay_ratio(cfg, task)
             assert (cfg.agent.name, cfg.aux.name, cfg.seed, cfg.total_steps) == ("dqn", grid[arm][0][4:], 3, 50_000)
             assert (cfg.eval.every, cfg.health.every, cfg.agent.train_freq) == (5_000, 5_000, 1)
             assert cfg.agent.gradient_steps == expected["gradient_steps"]

@@ -61,3 +61,33 @@ def test_relative_links_reach_a_file_and_a_heading(page: Path) -> None:
             elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
                 broken.append(f"{target} (no heading #{anchor} in {linked.name})")
     assert not broken, f"{page.relative_to(REPO)}: " + "; ".join(broken)
+
+
+# ---------------------------------------------------------------- the README's Python runs as written
+
+README_SIZES = {'make_vec_env("procgen:coinrun", 64,': 'make_vec_env("procgen:coinrun", 2,', "learn(1_000_000)": "learn(32)"}
+
+
+def python_blocks(page: Path) -> list[str]:
+    """The ```python blocks of a page, in order."""
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+
+
+def test_the_readmes_python_runs_at_tiny_sizes(tmp_path, monkeypatch, one_torch_thread):
+    """Every Python block of the README runs as a user would paste it, with its env count and step budget shrunk
+    (README_SIZES: each must still be found, so a changed README changes this test) and PPO's rollout made short."""
+    import functools
+
+    import minc_rl.agents
+
+    monkeypatch.chdir(tmp_path)  # model.save("coinrun.zip") writes here
+    monkeypatch.setattr(minc_rl.agents, "MincPPO", functools.partial(minc_rl.agents.MincPPO, n_steps=16, batch_size=16,
+                                                                     n_epochs=1))
+    blocks = python_blocks(REPO / "README.md")
+    assert blocks, "the README has no Python block"
+    code = "\n".join(blocks)
+    for written, tiny in README_SIZES.items():
+        assert written in code, f"{written!r} is gone from the README's Python: update README_SIZES"
+        code = code.replace(written, tiny)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "coinrun.zip").is_file()

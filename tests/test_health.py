@@ -1,4 +1,4 @@
-"""Encoder health (minc_rl.health, the srank / dormant / feature-norm metrics): hand-computed values, a probe that
+"""Encoder health (minc_rl.rl.health, the srank / dormant / feature-norm metrics): hand-computed values, a probe that
 leaves training bit-identical, and the health/ keys of a real training run, its summary and its resume."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from torch.testing import assert_close
 
 from minc_rl.agents import MincDQN
 from minc_rl.envs import make_vec_env
-from minc_rl.encoders import ImpalaCNN
-from minc_rl.health import EncoderHealth, agent_encoder, encoder_health, relu_layers
-from minc_rl.metrics import dormant_fraction, feature_norm, rankme, srank
+from minc_rl.ssl.encoders import ImpalaCNN
+from minc_rl.rl.health import EncoderHealth, agent_encoder, encoder_health, relu_layers
+from minc_rl.ssl.metrics import dormant_fraction, feature_norm, rankme, srank
 from train_cli import run_in_process
 
 # --- the metrics -----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from minc_rl.losses import MINCLoss, SpectralContrastiveLoss
-from minc_rl.metrics import (
+from minc_rl.ssl.metrics import (
     dormant_fraction,
     embedding_health,
     feature_norm,

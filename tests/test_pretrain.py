@@ -19,15 +19,15 @@ import pytest
 import torch
 from torch import nn
 
-from minc_rl.augment import TwoViewAugment, simclr_pipeline
-from minc_rl.backbones import build_backbone
-from minc_rl.data import DataRootError, load_data
-from minc_rl.encoders import build_encoder, load_encoder_weights
-from minc_rl.linear_eval import knn_accuracy, linear_probe_accuracy
-import minc_rl.pretrain
+from minc_rl.ssl.augment import TwoViewAugment, simclr_pipeline
+from minc_rl.ssl.backbones import build_backbone
+from minc_rl.ssl.data import DataRootError, load_data
+from minc_rl.ssl.encoders import build_encoder, load_encoder_weights
+from minc_rl.ssl.linear_eval import knn_accuracy, linear_probe_accuracy
+import minc_rl.ssl.pretraining
 from omegaconf import OmegaConf
-from minc_rl.io import atomic_torch_save
-from minc_rl.pretrain import LARS, CheckpointWriteError, compose_config, pretrain, scaled_lr
+from minc_rl.common.io import atomic_torch_save
+from minc_rl.ssl.pretraining import LARS, CheckpointWriteError, compose_config, pretrain, scaled_lr
 from test_packaging import installed  # noqa: F401  (the module-scoped wheel fixture)
 
 QUIET = ["progress=false", "eval.every=1000", "device=cpu"]
@@ -150,7 +150,7 @@ def test_a_full_disk_at_the_checkpoint_is_one_line_and_keeps_the_old_one(tmp_pat
     def disk_full(state, path):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1664 vs 1560")
 
-    monkeypatch.setattr(minc_rl.pretrain, "atomic_torch_save", disk_full)
+    monkeypatch.setattr(minc_rl.ssl.pretraining, "atomic_torch_save", disk_full)
     with pytest.raises(CheckpointWriteError, match=r"could not write .*checkpoint.pt \(RuntimeError: \[enforce fail .*"
                                                    r"the previous checkpoint is intact: free disk space, then resume"):
         run(tmp_path, "steps=2", "batch_size=64", "eval.at_start=false")
@@ -164,7 +164,7 @@ def test_resume_after_a_crash_continues_exactly_where_the_run_stopped(tmp_path, 
         atomic_torch_save(state, path)
         raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
-    monkeypatch.setattr(minc_rl.pretrain, "atomic_torch_save", save_then_crash)
+    monkeypatch.setattr(minc_rl.ssl.pretraining, "atomic_torch_save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "crashed", *common)
     monkeypatch.undo()
@@ -190,7 +190,7 @@ def test_cli_resume_takes_the_runs_own_settings_not_the_defaults(tmp_path, monke
         atomic_torch_save(state, path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(minc_rl.pretrain, "atomic_torch_save", save_then_crash)
+    monkeypatch.setattr(minc_rl.ssl.pretraining, "atomic_torch_save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "run", *common)
     monkeypatch.undo()
@@ -233,7 +233,7 @@ def test_a_diverged_run_skips_non_finite_batches_and_writes_no_checkpoint(tmp_pa
 def test_a_stop_inside_an_epoch_resumes_exactly_and_metrics_get_no_duplicate_rows(tmp_path, monkeypatch):
     common = ["loss=minc", "batch_size=256", "epochs=3", "eval.at_start=false", "checkpoint_every=1"]
     run(tmp_path / "full", *common)
-    real_step = minc_rl.pretrain.train_step
+    real_step = minc_rl.ssl.pretraining.train_step
 
     def signal_at_step_7(run_, *args):
         result = real_step(run_, *args)
@@ -241,7 +241,7 @@ def test_a_stop_inside_an_epoch_resumes_exactly_and_metrics_get_no_duplicate_row
             run_.stop.signum = signal.SIGTERM
         return result
 
-    monkeypatch.setattr(minc_rl.pretrain, "train_step", signal_at_step_7)
+    monkeypatch.setattr(minc_rl.ssl.pretraining, "train_step", signal_at_step_7)
     summary = run(tmp_path / "stopped", *common)
     monkeypatch.undo()
     assert (summary["interrupted"], summary["steps"]) == ("SIGTERM", 7)
@@ -260,7 +260,7 @@ def test_a_stop_inside_an_epoch_resumes_exactly_and_metrics_get_no_duplicate_row
 
 def test_ctrl_c_sets_the_stop_flag_and_a_second_one_acts_as_usual():
     before = signal.getsignal(signal.SIGINT)
-    with minc_rl.pretrain.StopFlag() as stop:
+    with minc_rl.ssl.pretraining.StopFlag() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)  # the handler runs at the next bytecode
         assert stop.signum == signal.SIGINT  # no KeyboardInterrupt: the loop stops after its step
@@ -611,10 +611,10 @@ def test_pretrain_configs_resolve_from_the_built_wheel(installed):
     script = (
         "import json, sys\n"
         f"sys.path.insert(0, {str(installed)!r})\n"
-        "from minc_rl.linear_eval import config_dir\n"
-        "from minc_rl.pretrain import compose_config\n"
+        "from minc_rl.configs import config_dir\n"
+        "from minc_rl.ssl.pretraining import compose_config\n"
         "cfg = compose_config(['data=procgen', 'loss=spectral'])\n"
-        "print(json.dumps({'dir': config_dir(), 'backbone': cfg.backbone, 'mu': cfg.loss.mu}))\n"
+        "print(json.dumps({'dir': str(config_dir('pretrain')), 'backbone': cfg.backbone, 'mu': cfg.loss.mu}))\n"
     )
     done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

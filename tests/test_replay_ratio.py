@@ -7,7 +7,7 @@ import pytest
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from minc_rl import train
+from minc_rl.runs import train_config, training
 from minc_rl.envs import make_vec_env
 from train_cli import run_in_process
 
@@ -16,7 +16,7 @@ from train_cli import run_in_process
 def config_dir():
     """Hydra initialised on configs/train/, as minc_rl.train composes it."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(str(train.CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(str(train_config.CONFIG_DIR), version_base="1.3"):
         yield
 
 
@@ -32,7 +32,7 @@ def config_dir():
     ],
 )
 def test_replay_ratio_as_train_freq_and_gradient_steps(ratio: float, n_envs: int, expected: tuple[int, int]) -> None:
-    train_freq, gradient_steps = train.replay_ratio_schedule(ratio, n_envs)
+    train_freq, gradient_steps = train_config.replay_ratio_schedule(ratio, n_envs)
     assert (train_freq, gradient_steps) == expected
     assert gradient_steps / (train_freq * n_envs) == ratio
 
@@ -51,24 +51,24 @@ def test_replay_ratio_as_train_freq_and_gradient_steps(ratio: float, n_envs: int
 )  # fmt: skip
 def test_a_bad_replay_ratio_names_itself(ratio: object, expected: str) -> None:
     with pytest.raises(ValueError) as error:
-        train.replay_ratio_schedule(ratio, 1)
+        train_config.replay_ratio_schedule(ratio, 1)
     assert str(error.value).startswith(expected), str(error.value)
 
 
 def test_replay_ratio_sets_the_config_and_sb3s_dqn(config_dir) -> None:
     overrides = ["env=minatar:breakout", "agent=dqn", "aux=none", "agent.replay_ratio=4"]
-    cfg = train.with_family_defaults("minatar:breakout", overrides)
+    cfg = train_config.with_family_defaults("minatar:breakout", overrides)
     assert (cfg.agent.train_freq, cfg.agent.gradient_steps) == (1, 1)  # family_agent/minatar_dqn.yaml
-    train.apply_replay_ratio(cfg, overrides)
+    train_config.apply_replay_ratio(cfg, overrides)
     assert (cfg.agent.train_freq, cfg.agent.gradient_steps, cfg.agent.replay_ratio) == (1, 4, 4)
-    model = train.build_model(cfg, make_vec_env("minatar:breakout", 1, seed=0))
+    model = training.build_model(cfg, make_vec_env("minatar:breakout", 1, seed=0))
     assert (model.train_freq.frequency, model.train_freq.unit.value, model.gradient_steps) == (1, "step", 4)
 
 
 def test_without_replay_ratio_the_family_settings_stay(config_dir) -> None:
     overrides = ["env=gym:CartPole-v1", "agent=dqn"]
-    cfg = train.with_family_defaults("gym:CartPole-v1", overrides)
-    train.apply_replay_ratio(cfg, overrides)
+    cfg = train_config.with_family_defaults("gym:CartPole-v1", overrides)
+    train_config.apply_replay_ratio(cfg, overrides)
     assert (cfg.agent.replay_ratio, cfg.agent.train_freq, cfg.agent.gradient_steps) == (None, 4, 1)
 
 

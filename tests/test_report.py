@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_dir
 from rliable import library as rly
 from rliable import metrics
 
-from minc_rl import report, run_io
-from minc_rl.train import CONFIG_DIR
+from minc_rl.runs import report, run_io
+from minc_rl.runs.train_config import CONFIG_DIR
 from train_cli import ENV, run_in_process
 
 REPS = 50  # bootstrap resamples in these tests (fast); rliable called directly with the same number and seed agrees

@@ -25,13 +25,13 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecNormalize
 
-from minc_rl import run_io, train
-from minc_rl.agents import MincPPO
-from minc_rl.encoders import build_encoder, save_encoder
+from minc_rl.runs import run_io, train_config, training
+from minc_rl.agents import MincDQN, MincPPO
+from minc_rl.ssl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
-from minc_rl.io import atomic_write, atomic_write_all
-from minc_rl.run_callbacks import CheckpointError, Checkpoints, Evaluation, StopOnSignal
-from minc_rl.run_dir import RunLock
+from minc_rl.common.io import atomic_write, atomic_write_all
+from minc_rl.runs.run_callbacks import CheckpointError, Checkpoints, Evaluation, StopOnSignal
+from minc_rl.common.run_dir import RunLock
 from train_cli import ENV, run_in_process
 
 # A CartPole PPO run with the MLP encoder and MINC: 2 envs x 32 steps per rollout, a few seconds per run.
@@ -137,25 +137,25 @@ def test_a_sweep_is_checked_whole_before_its_first_job(monkeypatch, capsys, tmp_
 def test_a_studys_own_defaults_count_for_the_command_lines_keys(monkeypatch, capsys):
     """+study=representation sets agent=dqn in its defaults: agent.replay_ratio is then a key without agent=dqn."""
     args = ["-m", "+study=representation", "agent.replay_ratio=4", "hydra.sweep.dir=/tmp/unused"]
-    monkeypatch.setattr(train, "check_sweep_jobs", lambda *a: None)  # only the key check here
-    assert train.check_command_line(args) == args
+    monkeypatch.setattr(train_config, "check_sweep_jobs", lambda *a: None)  # only the key check here
+    assert train_config.check_command_line(args) == args
     message = refused(monkeypatch, capsys, "-m", "+study=representation", "agent.replay_ratoi=4")
     assert message.startswith("agent.replay_ratoi is not a key of minc_rl.train's config; did you mean agent.replay_ratio?")
 
 
 def test_long_job_directory_names_are_shortened_with_a_hash():
     name = ",".join(f"aux.loss_kwargs.option{i}={i}" for i in range(20))
-    short = train.short_dirname(name)
-    assert len(name) > 255 and len(short.encode()) == train.MAX_DIRNAME == 200
+    short = train_config.short_dirname(name)
+    assert len(name) > 255 and len(short.encode()) == train_config.MAX_DIRNAME == 200
     assert short == name[:189] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
-    assert train.short_dirname("aux=minc,seed=0") == "aux=minc,seed=0"
+    assert train_config.short_dirname("aux=minc,seed=0") == "aux=minc,seed=0"
 
 
 def test_two_runs_cannot_share_a_directory_and_a_killed_holder_leaves_no_lock(monkeypatch, capsys, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from minc_rl.run_dir import RunLock; RunLock(sys.argv[1]).acquire(); "
+        [sys.executable, "-c", "import sys; from minc_rl.common.run_dir import RunLock; RunLock(sys.argv[1]).acquire(); "
          "print('locked', flush=True); import time; time.sleep(600)", str(run_dir)],
         stdout=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
@@ -202,7 +202,7 @@ def test_env_options_and_loss_kwargs_are_taken_without_plus(monkeypatch, tmp_pat
         seen.append(cfg)
         raise SystemExit(0)
 
-    monkeypatch.setattr(train, "build_envs", stop_before_building)
+    monkeypatch.setattr(training, "build_envs", stop_before_building)
     with pytest.raises(SystemExit):
         run_in_process(
             monkeypatch, "env=procgen:bigfish", "env_options.distribution_mode=hard", "env_options.use_backgrounds=false",
@@ -244,7 +244,7 @@ def encoder_files(folder: Path) -> dict[str, Path]:
 def test_a_bad_encoder_file_is_one_line_before_anything_is_built(monkeypatch, capsys, tmp_path, case, expected):
     path = encoder_files(tmp_path / "encoders")[case]
     built = []
-    monkeypatch.setattr(train, "make_vec_env", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(training, "make_vec_env", lambda *a, **k: built.append(a))
     message = refused(monkeypatch, capsys, "env=procgen:bigfish", f"encoder.init={path}", f"hydra.run.dir={tmp_path / 'run'}")
     assert message.startswith(f"encoder.init='{path}': {expected}"), message
     assert built == [] and not (tmp_path / "run" / "config.yaml").exists()
@@ -284,7 +284,7 @@ def test_a_checkpoint_of_another_run_is_skipped_like_a_damaged_one(monkeypatch, 
     """A newer checkpoint that is not this run's (another agent's, copied in) is named and passed over; a config.yaml
     edited to another env fits no checkpoint: one line, nothing written."""
     run_dir = copy_run(finished_run, tmp_path)
-    dqn = train.MincDQN("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), aux="none", learning_starts=10)
+    dqn = MincDQN("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), aux="none", learning_starts=10)
     dqn.save(run_dir / "checkpoints" / "step_000000000150.zip")
     run_in_process(monkeypatch, f"resume={run_dir}", "total_steps=192")
     captured = capsys.readouterr()
@@ -316,7 +316,7 @@ def test_a_dqn_resume_never_mixes_a_newer_replay_buffer_into_an_older_checkpoint
     message = refused(monkeypatch, capsys, f"resume={run_dir}", "total_steps=300")
     assert "step_000000000100.zip is resumed (a newer checkpoint was skipped), but the replay buffer there" in message
     run_in_process(monkeypatch, f"resume={run_dir}", "total_steps=300", "checkpoint.replay_buffer=false")
-    assert train.MincDQN.load(run_dir / "checkpoints" / "step_000000000300.zip", device="cpu").num_timesteps == 300
+    assert MincDQN.load(run_dir / "checkpoints" / "step_000000000300.zip", device="cpu").num_timesteps == 300
 
 
 def test_no_loadable_checkpoint_is_one_line_and_nothing_is_overwritten(monkeypatch, capsys, finished_run, tmp_path):

@@ -15,7 +15,7 @@ from minc_rl.agents import AuxConfig, AuxLearner, MincDQN, MincPPO
 from minc_rl.agents.auxiliary import AuxBatch
 from minc_rl.agents.selfpred import SequenceReplayBuffer
 from minc_rl.envs import make_vec_env
-from minc_rl.extractor import MincExtractor
+from minc_rl.rl.extractor import MincExtractor
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecTransposeImage

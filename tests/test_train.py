@@ -19,10 +19,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from minc_rl import run_callbacks, run_io, train
-from minc_rl.backbones import build_backbone
+from minc_rl.runs import run_callbacks, train_config, training
+from minc_rl.ssl.backbones import build_backbone
 from minc_rl.agents import MincDQN, MincPPO
-from minc_rl.encoders import build_encoder, save_encoder
+from minc_rl.ssl.encoders import build_encoder, encoder_file_problem, save_encoder
 from minc_rl.envs import make_vec_env
 from train_cli import ENV, run_in_process
 
@@ -68,7 +68,7 @@ def minc_state(checkpoint: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def config_dir():
     """Hydra initialised on configs/train, as minc_rl.train sees it."""
-    with initialize_config_dir(str(train.CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(str(train_config.CONFIG_DIR), version_base="1.3"):
         yield
 
 
@@ -97,14 +97,14 @@ def config_dir():
     ],
 )  # fmt: skip
 def test_family_defaults_follow_the_env(config_dir, env, agent, expected):
-    cfg = train.with_family_defaults(env, [f"env={env}", f"agent={agent}"])
+    cfg = train_config.with_family_defaults(env, [f"env={env}", f"agent={agent}"])
     assert {key: OmegaConf.select(cfg, key) for key in expected} == expected
     assert cfg.agent.name == agent and cfg.aux.name == "minc"
 
 
 def test_command_line_wins_over_family_defaults(config_dir):
     overrides = ["env=procgen:bigfish", "encoder=nature", "n_envs=4", "agent.gamma=0.9", "aux=spectral", "aux.share=0.5"]
-    cfg = train.with_family_defaults("procgen:bigfish", overrides)
+    cfg = train_config.with_family_defaults("procgen:bigfish", overrides)
     assert (cfg.encoder.name, cfg.n_envs, cfg.agent.gamma, cfg.aux.name, cfg.aux.share) == ("nature", 4, 0.9, "spectral", 0.5)
     assert cfg.agent.n_epochs == 3  # the family's value where the command line says nothing
 
@@ -187,8 +187,8 @@ BAD_VALUES = [
 @pytest.mark.parametrize(("args", "expected"), BAD_VALUES, ids=[" ".join(args) for args, _ in BAD_VALUES])
 def test_bad_value_exits_2_with_one_line_before_building_anything(monkeypatch, capsys, tmp_path, args, expected):
     built = []
-    monkeypatch.setattr(train, "make_vec_env", lambda *a, **k: built.append(a))
-    monkeypatch.setattr(train, "make_eval_env", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(training, "make_vec_env", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(training, "make_eval_env", lambda *a, **k: built.append(a))
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         run_in_process(monkeypatch, *args, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}")
@@ -384,8 +384,8 @@ def test_sigint_checkpoints_and_resume_continues(tmp_path, monkeypatch, one_torc
     ],
 )
 def test_resume_refuses_another_env_or_aux(monkeypatch, capsys, tmp_path, override, message):
-    with initialize_config_dir(str(train.CONFIG_DIR), version_base="1.3"):
-        cfg = train.with_family_defaults("procgen:bigfish", ["env=procgen:bigfish"])
+    with initialize_config_dir(str(train_config.CONFIG_DIR), version_base="1.3"):
+        cfg = train_config.with_family_defaults("procgen:bigfish", ["env=procgen:bigfish"])
     tmp_path.joinpath("config.yaml").write_text(OmegaConf.to_yaml(cfg))
     with pytest.raises(SystemExit) as exit_info:
         run_in_process(monkeypatch, f"resume={tmp_path}", override)
@@ -428,7 +428,7 @@ def test_encoder_init_loads_a_pretrained_encoder_and_refuses_a_mismatched_one(tm
 def test_an_encoder_the_agents_do_not_take_is_refused_with_a_fix_that_exists(tmp_path):
     """pretrain's convnet backbone has no agent encoder: the message must not suggest encoder=convnet."""
     save_encoder(str(tmp_path / "convnet.pt"), build_backbone("convnet", (3, 64, 64)), "convnet", (3, 64, 64))
-    assert run_io.encoder_file_problem(tmp_path / "convnet.pt", "impala") == (
+    assert encoder_file_problem(tmp_path / "convnet.pt", "impala") == (
         "it holds a 'convnet' encoder; this run's encoder is 'impala' (the agents do not take it; pretrain one with "
         "backbone=impala)"
     )

@@ -6,7 +6,7 @@ import inspect
 
 from torch import nn
 
-from minc_rl.checks import check_int
+from minc_rl.common.checks import check_int
 from minc_rl.losses.infonce import InfoNCELoss, info_nce_loss
 from minc_rl.losses.minc import MINCLoss, minc_loss_given_cov, second_moment
 from minc_rl.losses.spectral import SpectralContrastiveLoss, spectral_contrastive_loss

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minc_rl.checks import check_bool, check_positive
+from minc_rl.common.checks import check_bool, check_positive
 from minc_rl.losses._common import check_pair, distributed_world, gather_with_grad
 
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from minc_rl.checks import check_bool, check_fraction, check_int
+from minc_rl.common.checks import check_bool, check_fraction, check_int
 from minc_rl.losses._common import check_pair, distributed_world
 
 

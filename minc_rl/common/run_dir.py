@@ -11,12 +11,16 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 LOCK_FILE = ".lock"
+# the signals that stop a run with a last checkpoint (minc_rl.train and minc_rl.pretrain); SIGUSR2: what SLURM sends
+# before the time limit with --signal=USR2@<seconds> (submitit's timeout signal)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 def resume_argument(run_dir: Path | str) -> str:

@@ -17,7 +17,7 @@ from minc_rl.agents.pairs import (
     check_one_step_pairs, ends_without_successor, observations_to_torch, sample_rollout_pairs, select_rows,
     successor_rows,
 )
-from minc_rl.checks import check_int
+from minc_rl.common.checks import check_int
 
 
 def separate_config(aux: str | AuxConfig | Mapping[str, Any]) -> AuxConfig:

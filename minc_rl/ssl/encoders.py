@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from minc_rl.checks import check_int
+from minc_rl.common.checks import check_int, one_line
+from minc_rl.common.io import atomic_torch_save
 
 ENCODERS = ("impala", "nature", "minatar", "mlp")
 ENCODER_FILE_KEYS = ("name", "input_shape", "features_dim", "state_dict")  # save_encoder's
@@ -17,7 +18,7 @@ NATURE_MIN_SIZE = 36  # smallest image side the Nature CNN's 8/4, 4/2, 3/1 convo
 
 
 class _ResidualBlock(nn.Module):
-    """x + conv1(relu(conv0(relu(x)))); the ReLUs are modules so that hooks (minc_rl.health) see them."""
+    """x + conv1(relu(conv0(relu(x)))); the ReLUs are modules so that hooks (minc_rl.rl.health) see them."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -170,8 +171,6 @@ class ProjectionHead(nn.Module):
 
 def save_encoder(path: str, encoder: nn.Module, name: str, input_shape: Sequence[int]) -> None:
     """Write `encoder.pt`: architecture name, input shape, features_dim and weights, atomically."""
-    from minc_rl.io import atomic_torch_save
-
     atomic_torch_save(
         {
             "name": name,
@@ -190,8 +189,6 @@ def read_encoder_file(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as error:  # noqa: BLE001  (torch raises many kinds for a file it cannot read)
-        from minc_rl.run_io import one_line
-
         raise ValueError(f"not a torch file written by minc_rl.pretrain ({one_line(error)})") from None
     if not isinstance(saved, dict) or not set(ENCODER_FILE_KEYS) <= saved.keys():
         found = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
@@ -213,3 +210,29 @@ def load_encoder_weights(path: str, encoder: nn.Module, name: str, input_shape: 
             f"but the agent's encoder is {expected}; pretrain with the same backbone and observation shape"
         )
     encoder.load_state_dict(saved["state_dict"])
+
+
+def encoder_file_problem(path: Path, encoder: str) -> str | None:
+    """Why `path` is not an encoder.pt for `encoder` (save_encoder's format), or None: a torch
+    file of plain tensors with the keys name, input_shape, features_dim and state_dict, written for `encoder`,
+    whose weights fit that architecture and are finite. (The input shape is checked against the env later.)"""
+    try:
+        saved = read_encoder_file(path)
+    except ValueError as error:
+        return str(error)
+    if saved["name"] != encoder:
+        fix = f"set encoder={saved['name']} or " if saved["name"] in ENCODERS else "the agents do not take it; "
+        return (f"it holds a {saved['name']!r} encoder; this run's encoder is {encoder!r} ({fix}pretrain one with "
+                f"backbone={encoder})")
+    try:
+        expected = build_encoder(encoder, tuple(int(s) for s in saved["input_shape"])).state_dict()
+    except Exception as error:  # noqa: BLE001
+        return f"its input_shape {saved['input_shape']!r} does not fit encoder {encoder!r} ({one_line(error)})"
+    weights = saved["state_dict"]
+    shapes = {k: tuple(v.shape) for k, v in weights.items()} if isinstance(weights, dict) else None
+    if shapes != {k: tuple(v.shape) for k, v in expected.items()}:
+        return f"its weights do not fit the {encoder!r} architecture (other tensor names or shapes)"
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        return f"its weights are not finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+    return None

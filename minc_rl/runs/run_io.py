@@ -29,7 +29,8 @@ from matplotlib.figure import Figure
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.logger import CSVOutputFormat
 
-from minc_rl.io import atomic_write, atomic_write_all
+from minc_rl.common.checks import one_line
+from minc_rl.common.io import atomic_write, atomic_write_all
 
 EVALUATION_FIELDS = ("step", "split", "return_mean", "return_std", "length_mean", "episodes")
 STEP_COLUMN = "time/total_timesteps"
@@ -51,12 +52,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint with the largest step count in run_dir/checkpoints, or None."""
     found = checkpoints(run_dir)
     return found[0] if found else None
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as `Type: first line of its message`."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def checkpoint_problem(path: Path, vecnormalize: bool, fits: Callable[[dict[str, Any]], str | None] | None = None,
@@ -136,34 +131,6 @@ def _evaluations_problem(path: Path) -> str | None:
             return f"has the columns {reader.fieldnames}, not {list(EVALUATION_FIELDS)}"
         for row in reader:
             int(row["step"])
-    return None
-
-
-def encoder_file_problem(path: Path, encoder: str) -> str | None:
-    """Why `path` is not an encoder.pt for `encoder` (minc_rl.encoders.save_encoder's format), or None: a torch
-    file of plain tensors with the keys name, input_shape, features_dim and state_dict, written for `encoder`,
-    whose weights fit that architecture and are finite. (The input shape is checked against the env later.)"""
-    from minc_rl.encoders import ENCODERS, build_encoder, read_encoder_file
-
-    try:
-        saved = read_encoder_file(path)
-    except ValueError as error:
-        return str(error)
-    if saved["name"] != encoder:
-        fix = f"set encoder={saved['name']} or " if saved["name"] in ENCODERS else "the agents do not take it; "
-        return (f"it holds a {saved['name']!r} encoder; this run's encoder is {encoder!r} ({fix}pretrain one with "
-                f"backbone={encoder})")
-    try:
-        expected = build_encoder(encoder, tuple(int(s) for s in saved["input_shape"])).state_dict()
-    except Exception as error:  # noqa: BLE001
-        return f"its input_shape {saved['input_shape']!r} does not fit encoder {encoder!r} ({one_line(error)})"
-    weights = saved["state_dict"]
-    shapes = {k: tuple(v.shape) for k, v in weights.items()} if isinstance(weights, dict) else None
-    if shapes != {k: tuple(v.shape) for k, v in expected.items()}:
-        return f"its weights do not fit the {encoder!r} architecture (other tensor names or shapes)"
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        return f"its weights are not finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
     return None
 
 
@@ -278,7 +245,7 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
 
 def plot_learning_curve(run_dir: Path, title: str) -> Path:
     """learning_curve.png: training episode return (progress.csv) and evaluation returns against steps; below them,
-    when progress.csv has them, the encoder health of minc_rl.health (srank, RankMe, dormant fraction)."""
+    when progress.csv has them, the encoder health of minc_rl.rl.health (srank, RankMe, dormant fraction)."""
     progress = run_dir / "progress.csv"
     frame = pd.read_csv(progress) if progress.exists() and progress.stat().st_size > 0 else pd.DataFrame()
     health = STEP_COLUMN in frame and "health/srank" in frame and frame["health/srank"].notna().any()

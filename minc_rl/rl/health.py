@@ -26,9 +26,9 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
-from minc_rl.checks import check_int
-from minc_rl.io import atomic_write
-from minc_rl.metrics import dormant_fraction, feature_norm, rankme, srank
+from minc_rl.common.checks import check_int
+from minc_rl.common.io import atomic_write
+from minc_rl.ssl.metrics import dormant_fraction, feature_norm, rankme, srank
 
 SRANK_DELTA = 0.01  # Kumar et al. 2021
 DORMANT_TAU = 0.025  # Sokar et al. 2023 (ReDo)

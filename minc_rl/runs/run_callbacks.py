@@ -15,7 +15,9 @@ from stable_baselines3.common.logger import KVWriter
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm import tqdm
 
-from minc_rl import run_io
+from minc_rl.common.checks import one_line
+from minc_rl.common.run_dir import STOP_SIGNALS
+from minc_rl.runs import run_io
 
 log = logging.getLogger("minc_rl.train")
 
@@ -52,10 +54,6 @@ class ProgressBar(BaseCallback):
 
     def _on_training_end(self) -> None:
         self.bar.close()
-
-
-# SIGUSR2: what SLURM sends before the time limit with --signal=USR2@<seconds> (submitit's timeout signal).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 class StopOnSignal(BaseCallback):
@@ -200,6 +198,6 @@ class Checkpoints(EverySteps):
             return run_io.save_checkpoint(self.model, self.run_dir, self.replay_buffer)
         except OSError as error:
             raise CheckpointError(
-                f"the checkpoint of step {self.model.num_timesteps} was not written ({run_io.one_line(error)}); "
+                f"the checkpoint of step {self.model.num_timesteps} was not written ({one_line(error)}); "
                 f"the last checkpoint, {run_io.latest_checkpoint(self.run_dir)}, is intact"
             ) from error

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from minc_rl.encoders import ENCODERS, build_encoder
+from minc_rl.ssl.encoders import ENCODERS, build_encoder
 
 RESNETS = ("resnet18", "resnet50")
 BACKBONES = (*RESNETS, "convnet", *ENCODERS)

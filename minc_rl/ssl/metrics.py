@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minc_rl.checks import check_nonnegative
+from minc_rl.common.checks import check_nonnegative
 from minc_rl.losses import MINCLoss
 
 

@@ -7,10 +7,10 @@ import torch
 from stable_baselines3.common.preprocessing import get_flattened_obs_dim, is_image_space, is_image_space_channels_first
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-from minc_rl.checks import check_choice
-from minc_rl.encoders import ENCODERS, NATURE_MIN_SIZE, build_encoder
+from minc_rl.common.checks import check_choice
+from minc_rl.rl.settings import ENCODER_CHOICES
+from minc_rl.ssl.encoders import NATURE_MIN_SIZE, build_encoder
 
-ENCODER_CHOICES = ("auto", *ENCODERS)
 ENCODED_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 
 

@@ -1,14 +1,21 @@
-"""Value checks shared by the library API and the entry points: each raises ValueError naming the bad value."""
+"""Value checks shared by the library API and the entry points: each raises ValueError naming the bad value; and
+one_line, an exception as one line of an error message."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as `Type: first line of its message`."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -19,12 +26,12 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
 
 def check_int(name: str, value: Any, low: int) -> None:
     """Raise ValueError unless `value` is an integer >= low."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:  # numpy's too
         raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy's numbers too
 
 
 def check_fraction(name: str, value: Any) -> None:

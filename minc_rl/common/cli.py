@@ -5,6 +5,8 @@ which is then ignored), and the same message shape everywhere: `<program>: error
 from __future__ import annotations
 
 import difflib
+import re
+import string
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -76,3 +78,51 @@ def check_overrides(program: str, args: list[str], config_dir: Path, config_name
     for key in required:
         if key not in given:
             fail(program, f"{key}= is required; python -m {program} --help says what it takes")
+
+
+HELP_FLAGS = ("-h", "--help")
+HELP_PLACEHOLDERS = {"APP_CONFIG_GROUPS", "CONFIG"}  # what help_text fills in; Hydra's help answers other templates
+
+
+def help_text(config_dir: Path, config_name: str, args: list[str]) -> str | None:
+    """Hydra's --help text for `args` (the primary config's hydra.help.template with the app's config groups and its
+    config), composed once, or None where Hydra must answer itself (other flags, or no template with only these
+    placeholders). Hydra's own --help copies its whole config repository for every group it lists and loads its
+    launcher plugins: a second or more per call."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    flags = [a for a in args if a.startswith("-")]
+    if not flags or any(flag not in HELP_FLAGS for flag in flags):
+        return None
+    # the template as the primary config writes it: composing Hydra's own config would load its launcher plugins
+    template = OmegaConf.select(OmegaConf.load(config_dir / f"{config_name}.yaml"), "hydra.help.template")
+    if not isinstance(template, str) or set(re.findall(r"\$\{?(\w+)", template)) - HELP_PLACEHOLDERS:
+        return None
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(config_dir), version_base="1.3"):
+            cfg = compose(config_name, overrides=[a for a in args if not a.startswith("-")])
+    except HydraException:
+        return None  # an override the config refuses: Hydra's --help says so
+    finally:
+        GlobalHydra.instance().clear()
+    groups: dict[str, set[str]] = {}
+    for path in config_dir.rglob("*.yaml"):
+        if path.parent != config_dir:
+            groups.setdefault(path.parent.relative_to(config_dir).as_posix(), set()).add(path.stem)
+    for group, options in ConfigStore.instance().repo.items():  # aux=<name> of minc_rl.configs; not hydra's own
+        if group != "hydra" and isinstance(options, dict):
+            groups.setdefault(group, set()).update(name.removesuffix(".yaml") for name in options)
+    listing = "".join(f"{group}: {', '.join(sorted(options))}\n" for group, options in sorted(groups.items()))
+    return string.Template(template).substitute(APP_CONFIG_GROUPS=listing, CONFIG=OmegaConf.to_yaml(cfg))
+
+
+def answer_help(config_dir: Path, config_name: str, args: list[str]) -> None:
+    """Print --help and exit 0, as Hydra does, where help_text answers it; otherwise return and let Hydra answer."""
+    text = help_text(config_dir, config_name, args)
+    if text is not None:
+        print(text)
+        raise SystemExit(0)
