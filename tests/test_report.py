@@ -4,7 +4,9 @@ on synthetic run dirs against hand-derived values and against rliable called dir
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -213,6 +215,22 @@ def test_report_cli_writes_its_files_and_bad_input_is_one_line(study, tmp_path):
 
 
 
+def test_an_out_directory_that_fails_while_the_report_is_written_is_one_line(study, tmp_path, capsys, monkeypatch):
+    """A folder that becomes unwritable (or a disk that fills) after the check: one line, not a traceback."""
+    from matplotlib.figure import Figure
+
+    def refused(self, path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(Figure, "savefig", refused)
+    with pytest.raises(SystemExit) as stopped:
+        report.main([str(study), "--baseline", "aux=none", "--reps", str(REPS), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and error.count("\n") == 1
+    assert error.startswith(f"minc_rl.report: error: --out {tmp_path / 'out'}: the report was not written "
+                            "(PermissionError: [Errno 13] Permission denied: ")
+
+
 def test_the_python_api_takes_str_paths_and_refuses_no_runs(study):
     runs = report.find_runs([str(study)])
     assert [run.path for run in runs] == [run.path for run in report.find_runs([study])]
@@ -235,6 +253,8 @@ def test_the_python_api_takes_str_paths_and_refuses_no_runs(study):
     (["{study}", "--baseline", "aux=none", "--split", "tset"], "--split tset: gym:A has the splits test"),
     (["{study}", "--baseline", "aux=none", "--seed", "-1"], "--seed must be in [0, 2**32 - 1] (numpy's seeds); got -1"),
     (["{study}", "--baseline", "aux=none", "--out", "{file}"], "--out {file}: a file, not a directory"),
+    (["{study}", "--baseline", "aux=none", "--out", "{file}/report"],
+     "--out {file}/report: cannot be written ({file} is not a directory); give a writable directory with --out DIR"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(study, tmp_path, capsys, arguments, message):
     (tmp_path / "empty").mkdir()
