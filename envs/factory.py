@@ -38,6 +38,15 @@ class MinAtarImage(gymnasium.ObservationWrapper):
         return np.ascontiguousarray(observation.transpose(2, 0, 1), dtype=np.uint8) * np.uint8(255)
 
 
+def make_minatar_env(limit: int, **kwargs: Any) -> gymnasium.Env:
+    """A MinAtar game as a channel-first image, ended after `limit` steps as a truncation. The time limit is inside
+    SB3's Monitor (make_vec_env wraps what this returns), so a truncated episode has its record in info['episode']
+    and SB3's evaluation counts it: with the limit outside, a policy that never ends an episode hung evaluations."""
+    from minatar.gym import BaseEnv
+
+    return gymnasium.wrappers.TimeLimit(MinAtarImage(BaseEnv(**kwargs)), limit)
+
+
 def make_vec_env(spec: str, n_envs: int, seed: int = 0, **options: Any) -> VecEnv:
     """Training envs for `spec` ('procgen:coinrun', 'atari:Pong', 'minatar:breakout', 'gym:CartPole-v1').
 
@@ -69,12 +78,11 @@ def _make(spec: str, n_envs: int, seed: int, options: dict[str, Any], evaluation
         venv = make_atari_env(make_gymnasium_env, n_envs, seed, env_kwargs={"env_id": resolved}, wrapper_kwargs=options)
         return VecFrameStack(venv, frame_stack)
     if family == "minatar":
-        from minatar.gym import BaseEnv
-
         limit = options.pop("max_episode_steps", EPISODE_STEP_LIMIT)
         env_kwargs = {"game": name, "use_minimal_action_set": options.pop("minimal_action_set", False), **options}
-        wrapper = with_distractors(lambda env: gymnasium.wrappers.TimeLimit(MinAtarImage(env), limit), resolved)
-        return sb3_make_vec_env(BaseEnv, n_envs, seed, wrapper_class=wrapper, env_kwargs=env_kwargs)
+        env_kwargs = {"limit": limit, **env_kwargs}
+        return sb3_make_vec_env(make_minatar_env, n_envs, seed, wrapper_class=with_distractors(None, resolved),
+                                env_kwargs=env_kwargs)
     wrapper = with_distractors(None, resolved)
     if gymnasium.spec(name).max_episode_steps is None:  # an id registered without a step limit gets ours
         options.setdefault("max_episode_steps", EPISODE_STEP_LIMIT)

@@ -44,8 +44,27 @@ def test_minatar_seaquest_doing_nothing_is_truncated_at_the_step_limit(make):
     SB3's replay buffer keeps bootstrapping through it."""
     step, info = steps_to_first_end(make("minatar:seaquest", 1, seed=0, max_episode_steps=64), 64)
     assert step == 64 and info["TimeLimit.truncated"] and "terminal_observation" in info
-    default = make("minatar:breakout", 1, seed=0).envs[0]
-    assert isinstance(default, gymnasium.wrappers.TimeLimit) and default._max_episode_steps == EPISODE_STEP_LIMIT == 27_000
+    default = make("minatar:breakout", 1, seed=0)
+    assert default.get_attr("_max_episode_steps") == [EPISODE_STEP_LIMIT] == [27_000]
+
+
+@pytest.mark.parametrize("make", [make_vec_env, make_eval_env])
+@pytest.mark.parametrize("spec", ["minatar:breakout", "minatar:seaquest", "gym:minc_rl_tests/Endless-v0"])
+def test_a_truncated_episode_has_its_episode_record_in_every_family(make, spec):
+    """The step limit sits inside the episode recorder (Monitor): a truncated episode reports info['episode'], which
+    SB3's evaluate_policy counts; without it an evaluation whose policy never ends an episode never returned."""
+    step, info = steps_to_first_end(make(spec, 1, seed=0, max_episode_steps=5), 5)
+    assert step == 5 and info["TimeLimit.truncated"] and info["episode"]["l"] == 5
+
+
+def test_the_issue_43_minatar_run_whose_evaluation_hung_finishes(tmp_path, monkeypatch, one_torch_thread):
+    """The run of issue 43: breakout with a 5-step limit, its evaluation of one episode at step 300 counted."""
+    run_in_process(monkeypatch, "env=minatar:breakout", "agent=dqn", "aux=none", "total_steps=300", "eval.every=300",
+                   "eval.episodes=1", "agent.learning_starts=100", "env_options.max_episode_steps=5",
+                   "progress_bar=false", f"hydra.run.dir={tmp_path}")
+    rows = list(csv.DictReader(open(tmp_path / "evaluations.csv")))
+    assert [(int(row["step"]), float(row["length_mean"])) for row in rows] == [(300, 5.0)]
+    assert "rollout/ep_rew_mean" in open(tmp_path / "progress.csv").readline()
 
 
 def test_gymnasium_ids_without_a_limit_get_one_and_registered_limits_stay():

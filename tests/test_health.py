@@ -192,6 +192,15 @@ def test_stock_ppo_probes_its_rollout_buffer(one_torch_thread) -> None:
     assert callback.latest["srank"] <= 4
 
 
+def test_every_longer_than_the_run_still_measures_at_the_end(one_torch_thread) -> None:
+    """health.every past the run's steps: the probe is drawn and measured once, at the end (the docs' promise)."""
+    model = PPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 2, seed=0), n_steps=32, batch_size=32, seed=0, device="cpu")
+    callback = EncoderHealth(every=1_000_000, probe=100, seed=0)
+    model.learn(128, callback=callback)
+    assert callback.measured_step == 128 and callback.probe.shape == (64, 4)
+    assert set(callback.latest) == {"rankme", "srank", "feature_norm"}
+
+
 def test_a_short_training_run_logs_health_and_keeps_its_probe_on_resume(tmp_path, monkeypatch, one_torch_thread):
     run_dir = tmp_path / "run"
     args = ["env=minatar:breakout", "agent=dqn", "aux=none", "agent.learning_starts=100", "agent.buffer_size=1000",

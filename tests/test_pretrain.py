@@ -413,6 +413,25 @@ def test_imagefolder_fixture_trains_a_step_and_evaluates(tmp_path):
     assert summary["final"]["knn_acc"] == 1.0  # dark cats and bright dogs: even one step separates them
 
 
+def test_an_undecodable_image_is_one_line_naming_the_file(tmp_path):
+    """A file Pillow cannot decode, found when its batch is loaded (here in a DataLoader worker, whose error torch
+    re-raises with the worker's traceback): one line naming it, exit code 2."""
+    write_imagefolder(tmp_path / "images", per_class=2)
+    broken = tmp_path / "images" / "train" / "cat" / "1.png"
+    broken.write_bytes(b"not a png")
+    expected = (f"imagefolder file {str(broken)!r} cannot be decoded as an image (UnidentifiedImageError: cannot "
+                f"identify image file {str(broken)!r}); remove or replace it")
+    with pytest.raises(DataRootError) as error:
+        load_data("imagefolder", root=str(tmp_path / "images"), load_size=36).train.__getitems__([0, 1, 2])
+    assert str(error.value) == expected
+    done = subprocess.run(
+        [sys.executable, "-m", "minc_rl.pretrain", "data=imagefolder", f"data.root={tmp_path / 'images'}",
+         "data.load_size=36", "data.image_size=32", "backbone=convnet", "batch_size=4", "steps=2", "num_workers=1",
+         "eval.at_start=false", "progress=false", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120)  # fmt: skip
+    assert (done.returncode, done.stderr.strip().splitlines()) == (2, [f"minc_rl.pretrain: error: {expected}"])
+
+
 def test_missing_or_malformed_data_roots_say_what_layout_is_expected(tmp_path):
     with pytest.raises(DataRootError, match=r"cifar10 data root '.*nowhere' has no CIFAR-10 batches.*data_batch_1"):
         load_data("cifar10", root=str(tmp_path / "nowhere"))

@@ -4,7 +4,9 @@ on synthetic run dirs against hand-derived values and against rliable called dir
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +131,33 @@ def test_iqm_and_probability_of_improvement_match_hand_values_and_rliable(study)
         assert low <= arms[arm]["iqm_difference"] <= high
 
 
+def test_a_non_finite_evaluation_return_is_refused_naming_the_run_and_step(study):
+    """A NaN return is not left out of a mean (which changed the arm's number silently): the report names it."""
+    path = study / "A_minc_1" / "evaluations.csv"
+    path.write_text(path.read_text().replace("300,test,5.0", "300,test,nan"))
+    with pytest.raises(report.ReportError, match=rf"^{path}: the evaluation return at step 300 on test is nan \(of 1 "
+                       r"non-finite in all\); the report takes no mean without it: repair or remove that run"):
+        report.find_runs([study])
+
+
+def test_one_seed_per_arm_gives_values_without_intervals_and_says_why(tmp_path):
+    """With one seed an arm's bootstrap resamples one run: a zero-width interval, which is no result. The report gives
+    the values, no interval, and says that an interval needs >= 2 seeds."""
+    for aux, final in (("none", 2.0), ("minc", 3.0)):
+        make_run(tmp_path / "sweep" / aux, "gym:A", aux, 0, {"test": final})
+    result = report.analyse(report.find_runs([tmp_path / "sweep"]), baseline=["aux=none"], reps=REPS)
+    arms = result["aggregate"]["arms"]
+    assert arms["aux=minc"]["iqm"] == pytest.approx(1.5) and arms["aux=minc"]["probability_of_improvement"] == 1.0
+    assert all(arms[arm]["iqm_ci"] is None for arm in arms)
+    assert arms["aux=minc"]["probability_of_improvement_ci"] is None and arms["aux=minc"]["iqm_difference_ci"] is None
+    text = report.markdown(result)
+    assert "| aux=minc | 1 | 1.50 [no interval: 1 seed] | 0.50 [no interval: 1 seed] | 1.00 [no interval: 1 seed] |" in text
+    assert ("aux=none, aux=minc: one seed per env, so no 95% interval (it needs >= 2 seeds per arm)" in text
+            and "[1.00, 1.00]" not in text)
+    written = report.write_report(report.find_runs([tmp_path / "sweep"]), tmp_path / "out", baseline=["aux=none"], reps=REPS)
+    assert not {"aggregate_iqm.png", "aggregate_improvement.png"} & {path.name for path in written}
+
+
 def test_minmax_normalisation_and_an_arm_missing_an_env(study):
     """Without spectral on B, min-max over every run of the env (A: 1 to 6, B: 10 to 60) gives none 0, 0.2, 0.4
     and minc 0.6, 0.8, 1 on both envs: IQMs 0.2 and 0.8. Spectral, missing an env, is left out and named."""
@@ -186,6 +215,22 @@ def test_report_cli_writes_its_files_and_bad_input_is_one_line(study, tmp_path):
 
 
 
+def test_an_out_directory_that_fails_while_the_report_is_written_is_one_line(study, tmp_path, capsys, monkeypatch):
+    """A folder that becomes unwritable (or a disk that fills) after the check: one line, not a traceback."""
+    from matplotlib.figure import Figure
+
+    def refused(self, path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(Figure, "savefig", refused)
+    with pytest.raises(SystemExit) as stopped:
+        report.main([str(study), "--baseline", "aux=none", "--reps", str(REPS), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and error.count("\n") == 1
+    assert error.startswith(f"minc_rl.report: error: --out {tmp_path / 'out'}: the report was not written "
+                            "(PermissionError: [Errno 13] Permission denied: ")
+
+
 def test_the_python_api_takes_str_paths_and_refuses_no_runs(study):
     runs = report.find_runs([str(study)])
     assert [run.path for run in runs] == [run.path for run in report.find_runs([study])]
@@ -208,6 +253,8 @@ def test_the_python_api_takes_str_paths_and_refuses_no_runs(study):
     (["{study}", "--baseline", "aux=none", "--split", "tset"], "--split tset: gym:A has the splits test"),
     (["{study}", "--baseline", "aux=none", "--seed", "-1"], "--seed must be in [0, 2**32 - 1] (numpy's seeds); got -1"),
     (["{study}", "--baseline", "aux=none", "--out", "{file}"], "--out {file}: a file, not a directory"),
+    (["{study}", "--baseline", "aux=none", "--out", "{file}/report"],
+     "--out {file}/report: cannot be written ({file} is not a directory); give a writable directory with --out DIR"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(study, tmp_path, capsys, arguments, message):
     (tmp_path / "empty").mkdir()
@@ -265,34 +312,40 @@ torch_threads: 1
 hydra:
   sweeper:
     params:
-      aux: none,minc
+      aux: {arms}
 """
 
 
-def write_study(config_dir: Path, steps: int) -> None:
-    """configs/study/tiny.yaml under config_dir: CartPole PPO, aux none and minc, `steps` steps."""
+def write_study(config_dir: Path, steps: int, arms: str = "none,minc") -> None:
+    """configs/study/tiny.yaml under config_dir: CartPole PPO, aux `arms` (none and minc), `steps` steps."""
     (config_dir / "study").mkdir(parents=True, exist_ok=True)
-    (config_dir / "study" / "tiny.yaml").write_text(TINY_STUDY.format(steps=steps))
+    (config_dir / "study" / "tiny.yaml").write_text(TINY_STUDY.format(steps=steps, arms=arms))
 
 
 def test_a_study_sweep_rerun_skips_finished_jobs_resumes_stopped_ones_and_reports(tmp_path, monkeypatch):
     """The user's two commands on a study of their own (--config-dir): the sweep, then the report. A rerun skips both
-    finished jobs; after the study's budget grows, a rerun resumes each from its checkpoint (as a stopped job)."""
+    finished jobs, also with the arms reordered and one added (jobs are found by their settings, not their number);
+    after the study's budget grows, a rerun resumes each from its checkpoint (as a stopped job), in its directory."""
     configs, sweep = tmp_path / "configs", tmp_path / "sweep"
     write_study(configs, 64)
     command = ["-m", "-cd", str(configs), "+study=tiny", f"hydra.sweep.dir={sweep}"]
     run_in_process(monkeypatch, *command)
-    jobs = sorted(sweep.glob("*_+study=tiny,aux=*"))
+    jobs = [sweep / "+study=tiny,aux=minc", sweep / "+study=tiny,aux=none"]
+    assert sorted(sweep.glob("+study=tiny,aux=*")) == jobs
     assert [json.loads((job / "summary.json").read_text())["steps"] for job in jobs] == [64, 64]
     progress = [pd.read_csv(job / "progress.csv") for job in jobs]
     names = ("config.yaml", "progress.csv", "evaluations.csv", "summary.json", "learning_curve.png")
     run_files = [path for job in jobs for path in [*(job / name for name in names), *job.glob("checkpoints/*")]]
     written = {path: path.stat().st_mtime_ns for path in run_files}
 
-    run_in_process(monkeypatch, *command)  # skipped: no file of either run is written again (Hydra's .hydra/ is)
+    write_study(configs, 64, arms="spectral,minc,none")  # reordered, and an arm added: only the new arm trains
+    run_in_process(monkeypatch, *command)  # no file of either run is written again (Hydra's .hydra/ is)
     assert {path: path.stat().st_mtime_ns for path in run_files} == written
+    assert sorted(sweep.glob("+study=tiny,aux=*")) == [*jobs, sweep / "+study=tiny,aux=spectral"]
+    jobs.append(sweep / "+study=tiny,aux=spectral")
+    progress.append(pd.read_csv(jobs[-1] / "progress.csv"))
 
-    write_study(configs, 128)
+    write_study(configs, 128, arms="none,spectral,minc")
     run_in_process(monkeypatch, *command)
     for job, before in zip(jobs, progress):
         summary = json.loads((job / "summary.json").read_text())
@@ -306,7 +359,7 @@ def test_a_study_sweep_rerun_skips_finished_jobs_resumes_stopped_ones_and_report
 
     report.main([str(sweep), "--baseline", "aux=none", "--reps", str(REPS)])
     result = json.loads((sweep / "report" / "report.json").read_text())
-    assert result["arms"] == ["aux=none", "aux=minc"] and result["arm_keys"] == ["aux"]
+    assert set(result["arms"]) == {"aux=none", "aux=minc", "aux=spectral"} and result["arm_keys"] == ["aux"]
     assert set(result["envs"]["gym:CartPole-v1"]["arms"]["aux=minc"]["splits"]) == {"test"}
 
 
@@ -315,14 +368,14 @@ def test_a_job_stopped_before_its_first_checkpoint_stops_the_rerun_and_is_left_a
     move it away and rerun the sweep'. Hydra's in-process sweep and pytest's capture fixtures do not mix.)"""
     configs, sweep = tmp_path / "configs", tmp_path / "sweep"
     write_study(configs, 64)
-    stale = sweep / "0_+study=tiny,aux=none"
+    stale = sweep / "+study=tiny,aux=none"
     stale.mkdir(parents=True)
     (stale / "progress.csv").write_text("time/total_timesteps\n32\n")
     with pytest.raises(SystemExit) as stopped:
         run_in_process(monkeypatch, "-m", "-cd", str(configs), "+study=tiny", f"hydra.sweep.dir={sweep}")
     assert stopped.value.code == 2
     assert (stale / "progress.csv").read_text() == "time/total_timesteps\n32\n" and not (stale / "config.yaml").exists()
-    assert not (sweep / "1_+study=tiny,aux=minc").exists()  # the sweep stopped there
+    assert not (sweep / "+study=tiny,aux=minc").exists()  # the sweep stopped there
 
 
 def test_the_shipped_studies_compose_with_their_grid():

@@ -143,6 +143,40 @@ def test_a_studys_own_defaults_count_for_the_command_lines_keys(monkeypatch, cap
     assert message.startswith("agent.replay_ratoi is not a key of minc_rl.train's config; did you mean agent.replay_ratio?")
 
 
+def test_sweep_jobs_are_named_by_their_settings_and_jobs_sharing_a_directory_are_refused(monkeypatch, capsys):
+    """A job's directory is its settings (a rerun with reordered values or an added arm finds it there): not the job
+    number, nor total_steps (a rerun with a larger budget continues its jobs); paths are hashed, not written out."""
+    assert train_config.job_dirname("aux=minc,seed=0", ["seed=0", "aux=minc", "total_steps=64"]) == "aux=minc,seed=0"
+    assert train_config.job_dirname("", ["total_steps=64"]) == "defaults"
+    first, second = (train_config.job_dirname("aux=minc", ["aux=minc", f"encoder.init={p}"]) for p in ("a.pt", "b.pt"))
+    assert first.startswith("aux=minc-") and second.startswith("aux=minc-") and first != second
+    message = refused(monkeypatch, capsys, "-m", *CARTPOLE, "total_steps=64,128")
+    assert message.startswith("the sweep's jobs total_steps=128, total_steps=64 would share one directory: "
+                              "progress_bar, torch_threads, total_steps do not name a job's directory")
+
+
+@pytest.mark.parametrize(
+    ("study", "message"),
+    [
+        ("hydra:\n  sweeper:\n    parms:\n      seed: 0,1\n",
+         "{path}: hydra.sweeper.parms is not a key of minc_rl.train's config; did you mean hydra.sweeper.params?"),
+        ("defaults:\n  - override /agnet: dqn\n",
+         "{path}: its defaults list sets 'agnet', which is not a config group; valid groups: agent, aux, encoder "
+         "(e.g. 'override /agent: dqn')"),
+        ("defaults:\n  - override /agent: dqm\n",
+         "{path}: its defaults list sets agent='dqm', which is not valid; choose one of 'dqn', 'ppo'"),
+        ("total_steps: 64\nhydra:\n  sweeper:\n   params: {seed: [0, 1}\n", "{path} is not valid YAML (line 5, column 24: expected ',' or ']', but got '}}'); fix it"),
+    ],
+)  # fmt: skip
+def test_a_bad_study_file_is_one_line_naming_the_file_and_the_fix(monkeypatch, capsys, tmp_path, study, message):
+    (tmp_path / "study").mkdir()
+    path = tmp_path / "study" / "bad.yaml"
+    path.write_text("# @package _global_\n" + study)
+    for sweep in (["-m"], []):  # a sweep, and a single run of the study's defaults
+        found = refused(monkeypatch, capsys, *sweep, "-cd", str(tmp_path), "+study=bad", *CARTPOLE)
+        assert found.startswith("study file " + message.format(path=path)), found
+
+
 def test_long_job_directory_names_are_shortened_with_a_hash():
     name = ",".join(f"aux.loss_kwargs.option{i}={i}" for i in range(20))
     short = train_config.short_dirname(name)
@@ -356,6 +390,60 @@ def test_a_damaged_run_file_on_resume_is_one_line_and_nothing_is_overwritten(
 # --- a full disk during a checkpoint -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda text: text + "eval: [unclosed\n", "its config.yaml cannot be read ("),
+        (lambda text: text + "totl_steps: 64\n", "in its config.yaml, totl_steps is not a key of minc_rl.train's config; "
+                                                  "did you mean total_steps? (a run would ignore it: fix or remove it in "),
+        (lambda text: text.replace("  every: 1000000\n", "  every: 1000000\n  evry: 5\n", 1),
+         "in its config.yaml, eval.evry is not a key of minc_rl.train's config; did you mean eval.every?"),
+    ],
+)  # fmt: skip
+def test_a_hand_edited_config_yaml_on_resume_is_one_line_as_on_the_command_line(monkeypatch, capsys, finished_run,
+                                                                                  tmp_path, edit, message):
+    run_dir = copy_run(finished_run, tmp_path)
+    (run_dir / "config.yaml").write_text(edit((run_dir / "config.yaml").read_text()))
+    before = snapshot(run_dir)
+    found = refused(monkeypatch, capsys, f"resume={run_dir}", "total_steps=192")
+    assert found.startswith(f"resume={run_dir}: ") and message in found, found
+    assert snapshot(run_dir) == before
+
+
+def test_an_evaluations_csv_that_cannot_be_replaced_on_resume_is_one_line(monkeypatch, capsys, finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    replace = os.replace
+
+    def refuse_evaluations(source, target):  # as a file system that refuses it (root ignores permission bits)
+        if Path(target).name == "evaluations.csv":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", refuse_evaluations)
+    found = refused(monkeypatch, capsys, f"resume={run_dir}", "total_steps=192")
+    assert found == (f"resume={str(run_dir)!r}: {run_dir / 'evaluations.csv'} cannot be replaced by its rows up to step "
+                     f"128 (PermissionError: [Errno 13] Permission denied: '{run_dir / 'evaluations.csv'}'); make the "
+                     "run dir and its files writable (or free disk space), then resume again")
+    assert not list(run_dir.glob(".evaluations.csv.*.tmp"))
+
+
+def test_a_full_disk_while_the_learning_curve_is_drawn_is_a_warning_and_the_run_finishes(monkeypatch, capsys, tmp_path):
+    from matplotlib.figure import Figure
+
+    def disk_full(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    run_in_process(monkeypatch, *CARTPOLE, "total_steps=64", f"hydra.run.dir={tmp_path}")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [f"minc_rl.train: warning: {tmp_path / 'learning_curve.png'} was not written (OSError: [Errno 28] "
+                        "No space left on device); the checkpoint and summary.json were written, so the run is complete "
+                        "without its plot"]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 64
+    assert not (tmp_path / "learning_curve.png").exists() and not list(tmp_path.glob(".learning_curve.png.*"))
+
+
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_leaves_no_orphan(tmp_path, monkeypatch, one_torch_thread):
     env = VecNormalize(make_vec_env("gym:CartPole-v1", 1), norm_obs=False)  # two files per checkpoint: .pkl and .zip
     model = MincPPO("MlpPolicy", env, encoder="mlp", n_steps=16, batch_size=16)
@@ -445,7 +533,7 @@ def test_a_submitit_sweep_runs_and_a_job_stopped_by_sigterm_or_sigusr2_resumes(t
     sweep = tmp_path / "sweep"
     launcher = subprocess.Popen(
         [sys.executable, "-m", "minc_rl.train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-         *CARTPOLE, "checkpoint.every=64", "total_steps=128,100000001,100000002", f"hydra.sweep.dir={sweep}"],
+         *CARTPOLE, "checkpoint.every=64", "total_steps=100000001", "seed=1,2", f"hydra.sweep.dir={sweep}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
     )  # fmt: skip
     try:
@@ -453,7 +541,7 @@ def test_a_submitit_sweep_runs_and_a_job_stopped_by_sigterm_or_sigusr2_resumes(t
         deadline = time.monotonic() + 240
         while len(jobs) < 2 and time.monotonic() < deadline and launcher.poll() is None:
             for number in (1, 2):
-                found = list(sweep.glob(f"{number}_*/checkpoints/step_*.zip"))
+                found = list(sweep.glob(f"*seed={number}/checkpoints/step_*.zip"))
                 if found and number not in jobs:
                     jobs[number] = found[0].parents[1]
             time.sleep(0.5)
@@ -469,8 +557,6 @@ def test_a_submitit_sweep_runs_and_a_job_stopped_by_sigterm_or_sigusr2_resumes(t
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode != 0  # the two stopped jobs are reported as failed by the launcher
-    finished = json.loads(next(sweep.glob("0_*/summary.json")).read_text())
-    assert (finished["steps"], finished["interrupted"]) == (128, False), output[-3000:]
     for number, signum in ((1, signal.SIGTERM), (2, signal.SIGUSR2)):
         summary = json.loads((jobs[number] / "summary.json").read_text())
         assert summary["interrupted"] is True and summary["steps"] >= 64, (number, output[-3000:])

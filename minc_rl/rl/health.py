@@ -99,13 +99,15 @@ def encoder_health(
 
 def buffer_rows(model: BaseAlgorithm) -> Observations:
     """Every observation the agent's buffer holds now, one row each: DQN's replay buffer (as SB3 samples it, with
-    VecNormalize's current statistics), or PPO's rollout buffer at the end of a rollout."""
+    VecNormalize's current statistics), or PPO's rollout buffer (at the end of a rollout, or after its update)."""
     buffer = getattr(model, "replay_buffer", None)
     buffer = buffer if isinstance(buffer, ReplayBuffer) else model.rollout_buffer
     filled = buffer.buffer_size if buffer.full else buffer.pos
 
     def rows(array: np.ndarray) -> np.ndarray:
-        """The filled part of a (buffer_size, n_envs, ...) array as rows."""
+        """The filled part of a (buffer_size, n_envs, ...) array as rows (PPO's after its update: rows already)."""
+        if getattr(buffer, "generator_ready", False):  # RolloutBuffer.get() has flattened it to (buffer_size * n_envs, ...)
+            return array[: filled * buffer.n_envs]
         return array[:filled].reshape(filled * buffer.n_envs, *array.shape[2:])
 
     stored = buffer.observations
@@ -130,7 +132,7 @@ def row_count(observations: Observations) -> int:
 
 class EncoderHealth(BaseCallback):
     """Logs encoder_health of the agent's own features extractor under health/ every `every` environment steps (at
-    the first rollout end at or past each multiple) and at the end of training.
+    the first rollout end at or past each multiple) and at the end of training, also when `every` is past it.
 
     The probe batch is `probe` observations drawn once, without replacement, from the agent's buffer at the first
     measurement (PPO: the rollout just collected; DQN: the replay buffer so far), with a numpy Generator of its
@@ -171,10 +173,15 @@ class EncoderHealth(BaseCallback):
         self.next_step = (self.num_timesteps // self.every + 1) * self.every
 
     def _on_training_end(self) -> None:
-        if self.probe is not None and self.measured_step != self.num_timesteps:
-            started = time.perf_counter()
+        """The final measurement, also of a run shorter than `every` (its probe is drawn now)."""
+        if self.measured_step == self.num_timesteps:
+            return
+        started = time.perf_counter()
+        if self.probe is None and row_count(buffer_rows(self.model)) > 0:
+            self.draw_probe()
+        if self.probe is not None:
             self.measure()
-            self.seconds += time.perf_counter() - started
+        self.seconds += time.perf_counter() - started
 
     def draw_probe(self) -> None:
         """The fixed probe batch from the buffer (all of it when it holds fewer than `probe`), saved to `path`."""

@@ -45,6 +45,7 @@ from rliable import metrics, plot_utils  # noqa: E402
 
 from minc_rl.runs import run_io  # noqa: E402
 from minc_rl.common.checks import one_line  # noqa: E402
+from minc_rl.common.run_dir import writable_problem  # noqa: E402
 from minc_rl.common.io import atomic_write  # noqa: E402
 
 # rliable imports absl.logging, whose handler binds the sys.stderr of that moment; logging.config.dictConfig (Hydra's
@@ -60,6 +61,7 @@ TRAINING_RETURN = "rollout/ep_rew_mean"
 PROGRESS_PANELS = {"aux": "train/aux_", "health": "health/"}  # <env>_<name>.png: progress.csv columns by prefix
 UNSET = "(unset)"  # a setting a run's config.yaml lacks (written by an older version)
 PAIR = " vs "  # rliable's probability-of-improvement plot names the pair "X vs Y"
+MIN_SEEDS = 2  # per arm, for a bootstrap interval: one run resampled is always itself
 
 
 class ReportError(ValueError):
@@ -132,6 +134,12 @@ def load_run(path: str | Path, settings: dict[str, Any] | None = None) -> Run:
     missing = [key for key in ("env", "seed") if key not in settings]
     if missing:
         raise ReportError(f"{path}: its config has no {' or '.join(missing)}")
+    bad = evaluations[~np.isfinite(evaluations["return_mean"])]
+    if len(bad):  # a mean over the others would silently change the arm's number
+        step, split, value = bad.iloc[0][["step", "split", "return_mean"]]
+        raise ReportError(f"{path / 'evaluations.csv'}: the evaluation return at step {step} on {split} is {value} (of "
+                          f"{len(bad)} non-finite in all); the report takes no mean without it: repair or remove "
+                          "that run, or report the other directories")
     return Run(path, settings, evaluations, progress, summary)
 
 
@@ -347,12 +355,20 @@ def aggregate(tables: dict[str, dict[str, Any]], baseline: str, splits: Sequence
         gap, gap_ci = rly.get_interval_estimates(pairs, iqm_difference, reps=reps)
     finally:
         np.random.set_state(state)
+    def interval(values: np.ndarray, *arms_in: str) -> list[float] | None:
+        """A bootstrap interval, or None where an arm has one seed: resampling one run gives a zero-width interval."""
+        return [float(v) for v in np.ravel(values)] if all(len(matrices[a]) >= MIN_SEEDS for a in arms_in) else None
+
     arms = {arm: {"runs_per_env": len(matrix), "seeds": used[arm], "iqm": float(iqm[arm][0]),
-                  "iqm_ci": [float(v) for v in iqm_ci[arm][:, 0]]}
+                  "iqm_ci": interval(iqm_ci[arm][:, 0], arm)}
             for arm, matrix in matrices.items()}
     for arm in pairs:
-        arms[arm].update(probability_of_improvement=float(poi[arm]), probability_of_improvement_ci=[float(v) for v in np.ravel(poi_ci[arm])],
-                         iqm_difference=float(gap[arm]), iqm_difference_ci=[float(v) for v in np.ravel(gap_ci[arm])])
+        arms[arm].update(probability_of_improvement=float(poi[arm]), probability_of_improvement_ci=interval(poi_ci[arm], arm, baseline),
+                         iqm_difference=float(gap[arm]), iqm_difference_ci=interval(gap_ci[arm], arm, baseline))
+    few = [arm for arm, matrix in matrices.items() if len(matrix) < MIN_SEEDS]
+    if few:
+        notes.append(f"{', '.join(few)}: one seed per env, so no 95% interval (it needs >= {MIN_SEEDS} seeds per arm); "
+                     "their values are single runs, not estimates with an uncertainty")
     return {"envs": scored, "normalise": normalise, "reps": reps, "arms": arms, "notes": notes}
 
 
@@ -399,8 +415,10 @@ def fmt_change(change: dict[str, Any]) -> str:
     return text + (f" ({change['relative']:+.0%})" if change["relative"] is not None else "")
 
 
-def fmt_interval(point: float, interval: list[float]) -> str:
-    """'0.95 [0.80, 1.10]'."""
+def fmt_interval(point: float, interval: list[float] | None) -> str:
+    """'0.95 [0.80, 1.10]'; without an interval (one seed) '0.95 [no interval: 1 seed]'."""
+    if interval is None:
+        return f"{point:.2f} [no interval: 1 seed]"
     return f"{point:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
@@ -574,7 +592,7 @@ def env_figures(env: str, arms: dict[str, list[Run]], splits: Sequence[str], col
 
 def aggregate_figures(result: dict[str, Any], colors: dict[str, str]) -> dict[str, Any]:
     """rliable's plots of the aggregate: the IQM intervals and the probability-of-improvement intervals."""
-    arms = result["aggregate"]["arms"]
+    arms = {arm: value for arm, value in result["aggregate"]["arms"].items() if value["iqm_ci"] is not None}
     if not arms:
         return {}
     iqm, _ = plot_utils.plot_interval_estimates(
@@ -582,7 +600,7 @@ def aggregate_figures(result: dict[str, Any], colors: dict[str, str]) -> dict[st
         metric_names=["IQM"], algorithms=list(arms), colors=colors, xlabel="normalised score", subfigure_width=5,
         row_height=0.6)
     figures = {"aggregate_iqm": iqm}
-    pairs = {f"{arm}{PAIR}{result['baseline']}": v for arm, v in arms.items() if "probability_of_improvement" in v}
+    pairs = {f"{arm}{PAIR}{result['baseline']}": v for arm, v in arms.items() if v.get("probability_of_improvement_ci")}
     if pairs:
         figure, axis = plt.subplots(figsize=(5, 0.8 + 0.5 * len(pairs)))
         plot_utils.plot_probability_of_improvement(
@@ -652,8 +670,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = args.out or args.paths[0] / "report"
         if out.exists() and not out.is_dir():
             raise ReportError(f"--out {out}: a file, not a directory")
-        written = write_report(find_runs(args.paths), out, baseline=args.baseline, last=args.last,
-                               normalise=args.normalise, splits=args.split, reps=args.reps, seed=args.seed)
+        problem = writable_problem(out)
+        if problem is not None:
+            raise ReportError(f"--out {out}: cannot be written ({problem}); give a writable directory with --out DIR")
+        try:
+            written = write_report(find_runs(args.paths), out, baseline=args.baseline, last=args.last,
+                                   normalise=args.normalise, splits=args.split, reps=args.reps, seed=args.seed)
+        except OSError as error:  # a full disk, or a folder that stopped being writable during the analysis
+            raise ReportError(f"--out {out}: the report was not written ({one_line(error)}); give a writable directory "
+                              "with --out DIR") from None
     except ReportError as error:
         print(f"minc_rl.report: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 import minc_rl.configs
 from minc_rl.common import cli
 from minc_rl.common.checks import (
-    check_bool, check_choice, check_int, check_nonnegative, check_positive, check_unit_interval,
+    check_bool, check_choice, check_int, check_nonnegative, check_positive, check_unit_interval, one_line,
 )
 from minc_rl.common.run_dir import RunDirError, check_fresh, check_writable, resume_argument, saved_config_with, writable_problem
 from minc_rl.configs import config_dir
@@ -68,9 +68,24 @@ RUN_FILES = ("config.yaml", "checkpoints", "progress.csv", "evaluations.csv", "s
 
 # hydra.run.dir in config.yaml: a resumed run writes into the run directory it continues.
 OmegaConf.register_new_resolver("minc_rl.run_dir", lambda resume, fresh: resume or fresh, replace=True)
-# hydra.sweep.subdir: a job's directory name, shortened (with a hash of the whole) where the file system would refuse it
-OmegaConf.register_new_resolver("minc_rl.dirname", lambda name: short_dirname(str(name)), replace=True)
-MAX_DIRNAME = 200  # bytes; file systems allow 255 per name, and the job number and Hydra's prefix come first
+# hydra.sweep.subdir: a job's directory named by its settings, not its job number, so that a sweep rerun with its
+# values reordered or an arm added finds each job's run where it left it (job_dirname)
+OmegaConf.register_new_resolver("minc_rl.job_dirname", lambda name, task: job_dirname(str(name), list(task)), replace=True)
+MAX_DIRNAME = 200  # bytes; file systems allow 255 per name
+# keys left out of hydra.job.override_dirname (config.yaml's exclude_keys) for their characters (paths, lists), not
+# because the job stays the same without them: a hash of their values tells such jobs apart
+NAMELESS_SETTINGS = ("encoder.init", "wandb.tags")
+
+
+def job_dirname(override_dirname: str, task: list[str]) -> str:
+    """A sweep job's directory name from its settings: Hydra's override_dirname (the job's overrides sorted, less the
+    keys that leave the job the same: total_steps, torch_threads, progress_bar, resume), with a hash of the
+    NAMELESS_SETTINGS it gives, shortened by short_dirname; "defaults" for a job with no setting of its own."""
+    nameless = sorted(o for o in task if o.lstrip("+").split("=", 1)[0] in NAMELESS_SETTINGS)
+    name = override_dirname or "defaults"
+    if nameless:
+        name += "-" + hashlib.sha1("\n".join(nameless).encode()).hexdigest()[:10]
+    return short_dirname(name)
 
 
 def short_dirname(name: str) -> str:
@@ -119,6 +134,11 @@ def check_command_line(args: list[str]) -> list[str]:
             if not (Path(str(override.value())) / "config.yaml").is_file():
                 fail(f"resume={override.value()!r} is not a run directory of minc_rl.train (it has no config.yaml)")
     config_dirs = [Path(args[i + 1]).resolve() for i, a in enumerate(args[:-1]) if a in ("-cd", "--config-dir")]
+    for override in overrides:
+        if override.key_or_group == "study" and not override.is_sweep_override():
+            path = study_path(str(override.value()), config_dirs)
+            if path is not None:
+                check_study(path)
     check_keys(overrides, config_dirs)
     multirun = any(a in ("-m", "--multirun") for a in args)
     check_run_dir_argument(overrides, multirun)
@@ -164,12 +184,48 @@ def base_keys() -> frozenset[str]:
     return frozenset(key for key in cli.dotted_keys(base) if not key.startswith(("defaults", "hydra")))
 
 
+def study_path(name: str, config_dirs: list[Path]) -> Path | None:
+    """study/<name>.yaml in the --config-dir folders or configs/train (the first found), or None."""
+    return next((p for d in (*config_dirs, CONFIG_DIR) if (p := d / "study" / f"{name}.yaml").is_file()), None)
+
+
+SWEEPER_KEYS = ("params", "max_batch_size")  # Hydra's basic sweeper
+
+
+def check_study(path: Path) -> DictConfig:
+    """A study file read and checked before Hydra composes it (its errors are tracebacks): exit 2 with one line for
+    YAML it cannot parse, a defaults-list override of a group or option that does not exist, or a hydra.sweeper key
+    Hydra's sweeper does not have (hydra.sweeper.parms would leave the study without its grid)."""
+    try:
+        study = OmegaConf.load(path)
+    except Exception as error:  # noqa: BLE001  YAML's errors and OmegaConf's
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}" if mark is not None else one_line(error)
+        fail(f"study file {path} is not valid YAML ({where}); fix it")
+    if not isinstance(study, DictConfig):
+        fail(f"study file {path} holds no mapping of settings (see configs/train/study/ for examples)")
+    for entry in study.get("defaults") or []:
+        for key, value in (entry.items() if isinstance(entry, DictConfig) else ()):
+            group = key.removeprefix("override").strip().lstrip("/")
+            if group not in GROUPS:
+                fail(f"study file {path}: its defaults list sets {group!r}, which is not a config group; valid groups: "
+                     f"{', '.join(GROUPS)} (e.g. 'override /agent: dqn')")
+            if value not in group_choices(group):
+                fail(f"study file {path}: its defaults list sets {group}={value!r}, which is not valid; choose one of "
+                     f"{', '.join(map(repr, group_choices(group)))}")
+    sweeper = OmegaConf.select(study, "hydra.sweeper")
+    for key in sweeper if isinstance(sweeper, DictConfig) else ():
+        if key not in SWEEPER_KEYS:
+            valid = {f"hydra.sweeper.{k}" for k in SWEEPER_KEYS}
+            fail(f"study file {path}: {cli.unknown_key_message(f'hydra.sweeper.{key}', valid, 'minc_rl.train')}")
+    return study
+
+
 def study_overrides(overrides: list[Any], config_dirs: list[Path]) -> list[str]:
     """The command line's +study=<name> (and the --config-dir it is found in) as compose() overrides, when the study
     file exists (check_sweep_jobs names a missing one): a study's defaults (agent=dqn) count for the keys."""
     studies = [o for o in overrides if o.key_or_group == "study" and not o.is_sweep_override()]
-    found = [d for d in (*config_dirs, CONFIG_DIR) for o in studies if (d / "study" / f"{o.value()}.yaml").is_file()]
-    if not found:
+    if not any(study_path(str(o.value()), config_dirs) for o in studies):
         return []
     return [*searchpath_override(config_dirs), *(o.input_line for o in studies)]
 
@@ -218,16 +274,33 @@ def check_sweep_jobs(overrides: list[Any], config_dirs: list[Path]) -> None:
         else:
             fixed.append(override.input_line)
         if override.key_or_group == "study":
-            found = [d / "study" / f"{override.value()}.yaml" for d in (*config_dirs, CONFIG_DIR)]
-            path = next((p for p in found if p.is_file()), None)
+            path = study_path(str(override.value()), config_dirs)
             if path is None:
                 fail(f"study={override.value()!r}: no study/{override.value()}.yaml in {', '.join(str(d) for d in (CONFIG_DIR, *config_dirs))}")
-            params = OmegaConf.load(path).hydra.sweeper.params
+            params = OmegaConf.select(check_study(path), "hydra.sweeper.params", default=None) or {}
             for study_override in OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()]):
                 values = study_override.sweep_string_iterator() if study_override.is_discrete_sweep() else [
                     study_override.get_value_element_as_str()]
                 sweeps.append([f"{study_override.key_or_group}={v}" for v in values])
-    check_jobs([*fixed, *combination] for combination in itertools.product(*sweeps))
+    jobs = [[*fixed, *combination] for combination in itertools.product(*sweeps)]
+    check_job_dirs(jobs)
+    check_jobs(jobs)
+
+
+def check_job_dirs(jobs: list[list[str]]) -> None:
+    """Exit 2 for two jobs that differ only in keys that do not name a job's directory (total_steps, torch_threads,
+    progress_bar): they would share one run directory (job_dirname)."""
+    excluded = set(OmegaConf.load(CONFIG_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
+    unnamed = excluded - {*NAMELESS_SETTINGS, "resume"}  # resume= is no sweep
+    seen: dict[tuple[str, ...], list[str]] = {}
+    for job in jobs:
+        name = tuple(sorted(o for o in job if o.lstrip("+").split("=", 1)[0] not in unnamed))
+        if name in seen and seen[name] != job:
+            differ = sorted(set(job) ^ set(seen[name]))
+            fail(f"the sweep's jobs {', '.join(differ)} would share one directory: {', '.join(sorted(unnamed))} do "
+                 "not name a job's directory (a rerun with a larger total_steps continues its jobs there); sweep "
+                 "them in separate sweeps (hydra.sweep.dir=<dir> each)")
+        seen[name] = job
 
 
 def check_single_job(overrides: list[Any], args: list[str], config_dirs: list[Path]) -> None:
@@ -320,12 +393,31 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> DictConfig:
         fail(f"resume={run_dir}: it holds no config.yaml, so the run's settings are unknown: it is not a run directory "
              "of minc_rl.train, or its run stopped before it started (start a new run in another directory)")
     try:
-        cfg = saved_config_with(OmegaConf.load(run_dir / "config.yaml"), run_dir, overrides,
-                                {"env": "env", **{group: f"{group}.name" for group in GROUPS}})
+        saved = OmegaConf.load(run_dir / "config.yaml")
+    except Exception as error:  # noqa: BLE001  YAML's and OmegaConf's errors alike
+        fail(f"resume={run_dir}: its config.yaml cannot be read ({one_line(error)}); repair that file (it is the run's "
+             f"resolved config) and resume again")
+    check_saved_keys(saved, run_dir)
+    try:
+        cfg = saved_config_with(saved, run_dir, overrides, {"env": "env", **{group: f"{group}.name" for group in GROUPS}})
     except RunDirError as error:
         fail(str(error))
     cfg.resume = str(run_dir)
     return cfg
+
+
+def check_saved_keys(saved: Any, run_dir: Path) -> None:
+    """Exit 2 for a key of a run's saved config.yaml (edited by hand) that minc_rl.train's config lacks, as the command
+    line refuses it: a run would ignore it. The groups' and env_options' own keys are checked when the run is."""
+    if not isinstance(saved, DictConfig):
+        fail(f"resume={run_dir}: its config.yaml holds no mapping of settings; repair that file and resume again")
+    open_tops = (*GROUPS, "env_options")
+    valid = base_keys() | set(GROUPS)
+    for key in sorted(cli.dotted_keys(OmegaConf.to_container(saved))):
+        if key.split(".")[0] not in open_tops or "." not in key:
+            if key not in valid:
+                fail(f"resume={run_dir}: in its config.yaml, {cli.unknown_key_message(key, valid, 'minc_rl.train')} "
+                     f"(a run would ignore it: fix or remove it in {run_dir / 'config.yaml'})")
 
 
 def apply_replay_ratio(cfg: DictConfig, overrides: list[str]) -> None:

@@ -253,7 +253,12 @@ def run_training(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, An
 
     summary = run_summary(cfg, model, run_dir, latest.values, time.time() - started, speed, stop.signum is not None)
     run_io.write_summary(run_dir / "summary.json", summary)
-    run_io.plot_learning_curve(run_dir, f"{cfg.env} {cfg.agent.name} aux={cfg.aux.name} seed={cfg.seed}")
+    try:
+        run_io.plot_learning_curve(run_dir, f"{cfg.env} {cfg.agent.name} aux={cfg.aux.name} seed={cfg.seed}")
+    except OSError as error:  # a full disk: the checkpoint and summary.json are written already
+        print(f"minc_rl.train: warning: {run_dir / 'learning_curve.png'} was not written ({one_line(error)}); the "
+              "checkpoint and summary.json were written, so the run is complete without its plot", file=sys.stderr,
+              flush=True)
     if wandb_run is not None:
         wandb_run.summary.update(run_io.finite_or_none(summary))
         wandb_run.finish()
@@ -307,7 +312,12 @@ def load_model(cfg: DictConfig, env: VecEnv, checkpoint: Path, run_dir: Path) ->
         except Exception as error:  # noqa: BLE001  a damaged pickle raises anything
             fail(f"resume={cfg.resume!r}: {replay} cannot be read ({one_line(error)}); "
                  "move it away to resume with an empty replay buffer")  # fmt: skip
-    run_io.truncate_evaluations(run_dir / "evaluations.csv", model.num_timesteps)
+    try:
+        run_io.truncate_evaluations(run_dir / "evaluations.csv", model.num_timesteps)
+    except OSError as error:
+        fail(f"resume={cfg.resume!r}: {run_dir / 'evaluations.csv'} cannot be replaced by its rows up to step "
+             f"{model.num_timesteps} ({one_line(error)}); make the run dir and its files writable (or free disk space), "
+             "then resume again")
     log.info("resuming %s at step %d", checkpoint, model.num_timesteps)
     return model
 

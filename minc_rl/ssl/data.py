@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from minc_rl.common.checks import one_line
 from minc_rl.envs.spec import PROCGEN_GAMES
 
 DATASETS = ("digits", "procgen", "cifar10", "imagefolder")
@@ -74,7 +75,13 @@ class ImageFolderPairs(Dataset):
     def _load(self, path: Path) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(path) as image:
+        try:
+            image = Image.open(path)
+            image.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as error:  # Pillow's UnidentifiedImageError is an OSError
+            raise DataRootError(f"imagefolder file {str(path)!r} cannot be decoded as an image ({one_line(error)}); "
+                                "remove or replace it") from None
+        with image:
             image = image.convert("RGB")
             scale = self.load_size / min(image.size)
             width, height = max(self.load_size, round(image.width * scale)), max(self.load_size, round(image.height * scale))

@@ -665,6 +665,15 @@ class CheckpointWriteError(RuntimeError):
     """The checkpoint could not be written (a full disk); the message is one line for the user."""
 
 
+def error_line(error: BaseException) -> str:
+    """An error's message as one line; for one a DataLoader worker raised (torch re-raises it as 'Caught <type> in
+    DataLoader worker process <n>.' and the worker's traceback), the message the worker's error had."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    if "in DataLoader worker process" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]
+
+
 def run(cfg: DictConfig, out_dir: str) -> None:
     """`python -m minc_rl.pretrain`'s run (or one torchrun process of it) in Hydra's run dir `out_dir`: a bad option,
     data root, checkpoint or run dir is one line and exit code 2, a checkpoint that cannot be written exit code 1,
@@ -683,7 +692,7 @@ def run(cfg: DictConfig, out_dir: str) -> None:
             cfg = resumed_pretrain_config(cfg.resume, Path(out_dir), list(HydraConfig.get().overrides.task))
         summary = pretrain(cfg, out_dir)
     except (ValueError, RunDirError, ImportError) as error:  # a bad option, data root, checkpoint, run dir or extra
-        fail(PROGRAM, str(error).strip().splitlines()[0])
+        fail(PROGRAM, error_line(error))
     except CheckpointWriteError as error:
         print(f"{PROGRAM}: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
