@@ -1,9 +1,9 @@
 """The auxiliary loss on (o_t, o_t+1) pairs, or ((o_t, a_t), o_t+1) pairs, and how it joins the RL update; shared by
 MincPPO, MincDQN and MincAuxCallback.
 
-`AuxConfig` holds every setting (checked in one place). `AuxLearner` holds the projection head, the loss (MINC's
-Lambda), an optional EMA target encoder and the aux optimizer, attached to the features of any SB3 features
-extractor. Its `update` takes one gradient step of the RL loss and the aux loss together, in one of three modes:
+`AuxConfig` (minc_rl.rl.settings, light enough for the command line's checks) holds every setting. `AuxLearner`
+holds the projection head, the loss (MINC's Lambda), an optional EMA target encoder and the aux optimizer, attached
+to the features of any SB3 features extractor. Its `update` takes one gradient step of the RL loss and the aux loss together, in one of three modes:
 
 - joint: one step of the RL optimizer; at the encoder's output the aux gradient is rescaled to `share` of the sum
   of the two gradients' norms there: g = g_rl + s g_aux with ||s g_aux|| / (||g_rl|| + ||s g_aux||) = share, so
