@@ -3,7 +3,8 @@ MincPPO, MincDQN and MincAuxCallback.
 
 `AuxConfig` (minc_rl.rl.settings, light enough for the command line's checks) holds every setting. `AuxLearner`
 holds the projection head, the loss (MINC's Lambda), an optional EMA target encoder and the aux optimizer, attached
-to the features of any SB3 features extractor. Its `update` takes one gradient step of the RL loss and the aux loss together, in one of three modes:
+to the features of any SB3 features extractor. Its `update` takes one gradient step of the RL loss and the aux loss
+together, in one of three modes:
 
 - joint: one step of the RL optimizer; at the encoder's output the aux gradient is rescaled to `share` of the sum
   of the two gradients' norms there: g = g_rl + s g_aux with ||s g_aux|| / (||g_rl|| + ||s g_aux||) = share, so
@@ -219,13 +220,13 @@ class AuxLearner(nn.Module):
                 self.head: nn.Module = latent_model(extractor.features_dim, action_space, config)
                 self.loss = build_latent_loss(config.latent_loss, extractor.features_dim, config.dim, config.ema,
                                               target_has_gradient=config.target_kind == "none")
-            elif config.pairs == "state":  # phi for both views; no mu
-                self.head = ProjectionHead(*size)
             else:
-                self.head = StateActionHead(extractor.features_dim, action_space, config.dim, config.head_hidden)
-                self.next_head = ProjectionHead(*size)
-        if config.name != "selfpred":
-            self.loss = config.build_loss()
+                if config.pairs == "state":  # phi for both views; no mu
+                    self.head = ProjectionHead(*size)
+                else:
+                    self.head = StateActionHead(extractor.features_dim, action_space, config.dim, config.head_hidden)
+                    self.next_head = ProjectionHead(*size)
+                self.loss = config.build_loss()
         self.target = copy.deepcopy(extractor).requires_grad_(False) if config.target_kind == "ema" else None
         object.__setattr__(self, "q_target", target_extractor if config.target_kind == "q_target" else None)
         heads = [*self.head.parameters(), *(self.next_head.parameters() if self.next_head is not None else []),
@@ -318,7 +319,7 @@ class AuxLearner(nn.Module):
         if own_network:
             predictions, held = th.cat([features, predictions]), th.cat([held.new_ones(batch_size), held])
         self.pairs.append(int(held.sum()))
-        if int(held.sum()) < 2:
+        if self.pairs[-1] < 2:
             self.dropped += 1
             return None, []
         predicted, target = predictions[held], targets[held]
