@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from minc_rl.common.checks import int_at_least, output_file
 from minc_rl.common.io import atomic_write
 from minc_rl.ssl.encoders import MinAtarCNN, ProjectionHead
 
@@ -54,9 +55,9 @@ def same_updates(options: dict, steps: int = 200) -> tuple[bool, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS / "optimizer_step.json")
+    parser.add_argument("--calls", type=int_at_least(1), default=300, help="calls per timed round")
+    parser.add_argument("--rounds", type=int_at_least(1), default=5, help="timed rounds (the median is reported)")
+    parser.add_argument("--out", type=output_file, default=RESULTS / "optimizer_step.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     encoder, q_head, head = MinAtarCNN(4), torch.nn.Linear(128, 6), ProjectionHead(128, 64, 256)

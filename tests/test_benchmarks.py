@@ -248,6 +248,7 @@ def test_output_file_refuses_a_folder_or_a_path_through_a_file(tmp_path):
     ("loss_core.py", ["--min-rounds", "5", "--max-rounds", "2"], "--min-rounds 5 is above --max-rounds 2"),
     ("grad_variance.py", ["--game", "coinrn"], "argument --game: invalid choice: 'coinrn' (choose from 'bigfish',"),
     ("health_cost.py", ["--out", "{tmp}"], "argument --out: '{tmp}' is a directory; give a file path"),
+    ("optimizer_step.py", ["--rounds", "0"], "argument --rounds: must be an integer >= 1; got '0'"),
 ])
 def test_benchmarks_refuse_bad_counts_before_any_work(tmp_path, script, arguments, message):
     """--threads 0, --rounds 0 and the like used to start (and crash or print empty tables); a typo'd procgen game
