@@ -47,7 +47,7 @@ from hydra.errors import HydraException
 from minc_rl.runs import report, run_io
 from minc_rl.common.checks import int_at_least, one_line
 from minc_rl.common.io import atomic_write
-from minc_rl.common.run_dir import RunDirError, RunLock
+from minc_rl.common.run_dir import RunDirError, RunLock, started_overrides
 from minc_rl.runs.train_config import check_command_line, check_jobs
 from minc_rl.runs.training import run_finished
 
@@ -156,12 +156,16 @@ def train_command(
     """The minc_rl.train command line of one run: fresh, or resume=run_dir when it has a checkpoint."""
     every = max(args.steps // args.evaluations, 1)
     python = [args.python, "-P"] if args.python else [sys.executable]  # -P: the checkout's minc_rl stays off sys.path
-    command = [*python, "-m", "minc_rl.train", f"env={suite}:{game}", *SUITES[suite]["overrides"], *overrides]
-    command += [f"seed={seed}", f"total_steps={args.steps}", f"eval.every={every}", f"checkpoint.every={every}"]
-    command += [*args.override, f"hydra.run.dir={run_dir}"]
+    settings = [f"env={suite}:{game}", *SUITES[suite]["overrides"], *overrides]
+    settings += [f"seed={seed}", f"total_steps={args.steps}", f"eval.every={every}", f"checkpoint.every={every}"]
+    settings += args.override
+    resume = []
     if run_io.latest_checkpoint(run_dir) is not None:
-        command.append(f"resume={run_dir}")
-    return command
+        # the run's own overrides are in its saved config; older code versions refuse a +group one on resume
+        started_with = set(started_overrides(run_dir))
+        settings = [setting for setting in settings if setting not in started_with]
+        resume = [f"resume={run_dir}"]
+    return [*python, "-m", "minc_rl.train", *settings, f"hydra.run.dir={run_dir}", *resume]
 
 
 def run_training(command: list[str]) -> int:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -192,6 +193,24 @@ def test_representation_grid_composes_each_arm_under_each_condition(tmp_path, co
             assert cfg.agent.gradient_steps == expected["gradient_steps"]
             assert cfg.env_options.get("distractors") == expected["distractors"]
             assert (cfg.aux.pairs, cfg.aux.share) == (("state_action", 0.1) if arm == "minc-sa" else ("state", 0.01))
+
+
+def test_a_resume_command_leaves_out_the_overrides_the_run_was_started_with(tmp_path):
+    """Those are in the run's saved config; a pinned older code version refuses a +study= override on resume."""
+    args = argparse.Namespace(steps=1_000, evaluations=2, override=["torch_threads=1"], python=None, games=None)
+    overrides = rl_evidence.variants("minatar", "replication")["selfpred"]
+    fresh = rl_evidence.train_command("minatar", "space_invaders", overrides, 3, tmp_path, args)
+    assert fresh[fresh.index("minc_rl.train") + 1:] == [
+        "env=minatar:space_invaders", "agent=dqn", "+study=selfpred_replication", "aux=selfpred", "seed=3",
+        "total_steps=1000", "eval.every=500", "checkpoint.every=500", "torch_threads=1", f"hydra.run.dir={tmp_path}"]
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(fresh[fresh.index("minc_rl.train") + 1:-1]))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_000000000500.zip").touch()  # the runner resumes a run dir that has one
+    args.override = ["torch_threads=1", "eval.episodes=3"]  # a setting the run was not started with is passed on
+    resume = rl_evidence.train_command("minatar", "space_invaders", overrides, 3, tmp_path, args)
+    assert resume[resume.index("minc_rl.train") + 1:] == ["eval.episodes=3", f"hydra.run.dir={tmp_path}",
+                                                           f"resume={tmp_path}"]
 
 
 @pytest.mark.parametrize(("extra", "message"), [

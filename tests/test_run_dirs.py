@@ -314,6 +314,21 @@ def test_resume_of_a_finished_run_leaves_it_untouched_and_says_how_to_extend_it(
         assert snapshot(run_dir) == before
 
 
+def test_a_study_run_resumes_with_the_command_line_it_was_started_with(monkeypatch, capsys, tmp_path):
+    """`+study=<file>` adds a config group the saved config.yaml holds no key of: resuming with the run's own command
+    line (as rl_evidence.py does) continues it; another study file is refused."""
+    study = ["env=minatar:breakout", "agent=dqn", "+study=selfpred_replication", "aux=none", "agent.buffer_size=1000",
+             "agent.learning_starts=50", "agent.batch_size=32", "checkpoint.every=100", "eval.every=100",
+             "eval.episodes=1", "progress_bar=false", "torch_threads=1", f"hydra.run.dir={tmp_path}"]
+    run_in_process(monkeypatch, *study, "total_steps=100")
+    run_in_process(monkeypatch, *study, "total_steps=200", f"resume={tmp_path}")
+    assert MincDQN.load(tmp_path / "checkpoints" / "step_000000000200.zip", device="cpu").num_timesteps == 200
+    assert OmegaConf.load(tmp_path / ".hydra" / "overrides.yaml")[2] == "+study=selfpred_replication"
+    capsys.readouterr()
+    message = refused(monkeypatch, capsys, *study[:2], "+study=representation", "total_steps=300", f"resume={tmp_path}")
+    assert message == f"resume: '+study=representation' is not a key=value override of a key of the run in {tmp_path}"
+
+
 def test_a_checkpoint_of_another_run_is_skipped_like_a_damaged_one(monkeypatch, capsys, finished_run, tmp_path):
     """A newer checkpoint that is not this run's (another agent's, copied in) is named and passed over; a config.yaml
     edited to another env fits no checkpoint: one line, nothing written."""

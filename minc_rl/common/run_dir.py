@@ -72,17 +72,29 @@ def check_fresh(run_dir: Path, run_files: tuple[str, ...], resume_hint: str | No
         )
 
 
+def started_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides the run in run_dir was started with (minc_rl.train records them at its start in
+    .hydra/overrides.yaml); empty where there is no such record."""
+    recorded = Path(run_dir) / ".hydra" / "overrides.yaml"
+    try:
+        overrides = OmegaConf.load(recorded) if recorded.is_file() else []
+    except Exception:  # noqa: BLE001  an unreadable record: no override counts as the run's own
+        return []
+    return [str(line) for line in overrides] if OmegaConf.is_list(overrides) else []
+
+
 def saved_config_with(saved: DictConfig, run_dir: Path, overrides: list[str], fixed: Mapping[str, str]) -> DictConfig:
     """The config a run in run_dir saved, with the command line's key=value overrides on top (e.g. a larger budget);
     `fixed` maps each key the checkpoint ties down (a config group or a network setting) to where its saved value
-    is. Raises RunDirError (one line) for a change of a fixed key, an unknown key or a sweep."""
+    is; an override the run was started with passes unchanged. Raises RunDirError (one line) for a change of a fixed key, an unknown key or a sweep."""
     from hydra.core.override_parser.overrides_parser import OverridesParser  # Hydra's grammar, as the command line
 
     cfg = saved.copy()
+    started_with = set(started_overrides(run_dir))
     for override in OverridesParser.create().parse_overrides(overrides):
         key, value = override.key_or_group, override.value()
-        if key in ("resume", "hydra.run.dir"):
-            continue
+        if key in ("resume", "hydra.run.dir") or override.input_line in started_with:
+            continue  # an override the run was started with (e.g. +study=<file>) is already in its saved config
         if key in fixed:
             saved_value = OmegaConf.select(cfg, fixed[key])
             if value != saved_value:
