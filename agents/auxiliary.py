@@ -555,9 +555,6 @@ class MincAuxMixin:
         if self.aux.every != 1 and not self.takes_td_settings:
             raise ValueError(f"aux.every={self.aux.every} thins MincDQN's aux steps; {type(self).__name__} takes one on "
                              "every gradient step (aux.every=1)")
-        if self.aux.name == "selfpred" and not self.takes_td_settings:
-            raise ValueError(f"aux=selfpred reads K-step sequences from MincDQN's replay buffer; {type(self).__name__} "
-                             "has no such buffer yet (use MincDQN, or a pair loss: minc, spectral, infonce)")
         if self.aux.source is not None and not self.takes_td_settings:
             raise ValueError(f"aux.source={self.aux.source!r} picks where MincDQN's pairs come from (its TD batch or "
                              f"the replay buffer); {type(self).__name__} takes them from its own minibatch (leave "

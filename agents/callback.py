@@ -34,8 +34,8 @@ def separate_config(aux: str | AuxConfig | Mapping[str, Any]) -> AuxConfig:
     if config.name == "none":
         raise ValueError("MincAuxCallback needs an aux loss; aux='none' leaves it nothing to train")
     if config.name == "selfpred":
-        raise ValueError("aux=selfpred reads K-step sequences of MincDQN's SequenceReplayBuffer: use MincDQN, not the "
-                         "callback")
+        raise ValueError("aux=selfpred reads K-step sequences from the agent's own buffer (MincDQN's "
+                         "SequenceReplayBuffer, MincPPO's PairRolloutBuffer): use MincDQN or MincPPO, not the callback")
     if config.linear_critic:
         raise ValueError("aux.linear_critic replaces the Q-network's last layer: use MincDQN, not the callback")
     if config.every != 1:

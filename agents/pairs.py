@@ -10,6 +10,8 @@ import torch as th
 from stable_baselines3.common.buffers import DictRolloutBuffer, NStepReplayBuffer, ReplayBuffer, RolloutBuffer
 from stable_baselines3.common.type_aliases import DictReplayBufferSamples, ReplayBufferSamples
 
+from minc_rl.agents.selfpred import Sequences, sequence_masks
+
 Observations = np.ndarray | dict[str, np.ndarray]
 
 
@@ -144,6 +146,7 @@ class PairsMixin:
         super().compute_returns_and_advantage(last_values, dones)  # type: ignore[misc]
         # SB3 passes `dones` = whether the observations after the rollout start new episodes
         self.successors = rollout_successors(self.episode_starts, dones)  # type: ignore[attr-defined]
+        self.last_episode_starts = np.asarray(dones, dtype=np.float32).reshape(1, -1)
 
     def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> IndexedSamples:
         return IndexedSamples(*super()._get_samples(batch_inds, env), indices=batch_inds)  # type: ignore[misc]
@@ -160,6 +163,26 @@ class PairsMixin:
         else:
             following = gather_successors(observations, after_observations, index)
         return rows, observations_to_torch(self, following)
+
+
+    def sequences(self, indices: np.ndarray, after_observations: np.ndarray, horizon: int) -> Sequences:
+        """The `horizon` transitions after each flat index (aux=selfpred; see agents.selfpred.Sequences), within the
+        rollout and o_t's episode. The rollout holds no terminal observation, so an episode's last successor is
+        masked; a truncated episode's last reward carries SB3's bootstrap (gamma times the value of its end)."""
+        n_steps, n_envs = self.episode_starts.shape  # type: ignore[attr-defined]
+        env, start = np.divmod(indices, n_steps)  # flat index = env * n_steps + t
+        steps = start[:, None] + np.arange(horizon)  # (B, K): transitions t..t+K-1
+        following = steps + 1  # their successors' steps; n_steps: the observation after the rollout
+        starts = np.concatenate([self.episode_starts, self.last_episode_starts])  # type: ignore[attr-defined]
+        ends = starts[np.minimum(following, n_steps), env[:, None]].astype(bool)  # o_t+k+1 begins a new episode
+        alive, held = sequence_masks(steps < n_steps, ends, end_successor_missing=True)
+        successor = np.where(following < n_steps, env[:, None] * n_steps + following, n_steps * n_envs + env[:, None])
+        successors = gather_successors(self.observations, after_observations, successor.ravel())  # type: ignore[attr-defined]
+        transition = env[:, None] * n_steps + np.minimum(steps, n_steps - 1)
+        data = (successors.reshape(*steps.shape, *successors.shape[1:]),
+                self.actions[transition].reshape(steps.shape),  # type: ignore[attr-defined]
+                self.rewards[np.minimum(steps, n_steps - 1), env[:, None]], alive, held)  # type: ignore[attr-defined]
+        return Sequences(*(self.to_torch(array) for array in data))  # type: ignore[attr-defined]
 
 
 class PairRolloutBuffer(PairsMixin, RolloutBuffer):

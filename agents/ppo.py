@@ -63,6 +63,10 @@ class MincPPO(MincAuxMixin, PPO):
         return self.policy
 
     def _setup_model(self) -> None:
+        if self.aux.name == "selfpred" and isinstance(self.observation_space, spaces.Dict):
+            raise ValueError("aux=selfpred rolls its latent model over image or vector observations; the observation "
+                             f"space is a Dict ({', '.join(self.observation_space.spaces)}): use a pair loss (minc, "
+                             "spectral, infonce)")
         if self.aux.name != "none" and self.rollout_buffer_class is None:
             dict_space = isinstance(self.observation_space, spaces.Dict)
             self.rollout_buffer_class = PairDictRolloutBuffer if dict_space else PairRolloutBuffer
@@ -75,7 +79,12 @@ class MincPPO(MincAuxMixin, PPO):
 
     def _aux_batch(self, rollout_data: IndexedSamples) -> AuxBatch:
         """The minibatch's pairs: its o_t whose successor is in the same episode (at most aux.batch), their actions and
-        those o_t+1."""
+        those o_t+1; for aux=selfpred its first aux.batch o_t and the K steps after each."""
+        if self.aux.name == "selfpred":
+            count = min(len(rollout_data.indices), self.aux.batch)
+            steps = self.rollout_buffer.sequences(rollout_data.indices[:count], self._last_obs, self.aux.horizon)
+            return AuxBatch(rollout_data.observations[:count], steps.next_observations,
+                            th.arange(count, device=self.device), steps.actions, steps.rewards, steps.alive, steps.held)
         rows, next_obs = self.rollout_buffer.successor_pairs(rollout_data.indices, self._last_obs, self.aux.batch)
         rows_t = th.as_tensor(rows, device=self.device)
         observations = rollout_data.observations

@@ -36,6 +36,14 @@ class Sequences(NamedTuple):
     held: th.Tensor
 
 
+def sequence_masks(in_buffer: np.ndarray, ends: np.ndarray, end_successor_missing: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences' `alive` and `held` (B, K) from whether transition t+k is in the buffer and whether it ends an
+    episode: alive up to the first end; at an end the successor is held unless the buffer keeps none there."""
+    ended_before = np.cumsum(ends, axis=1) - ends > 0  # an episode end among t..t+k-1
+    alive = in_buffer & ~ended_before
+    return alive, alive & ~ends if end_successor_missing else alive
+
+
 class SequenceReplayBuffer(ReplayBuffer):
     """SB3's ReplayBuffer that remembers the rows of its last sample, so that `sequences` can read the K transitions
     after them: contiguous rows of the same env, up to the newest row (the buffer's wrap-around is followed, and a
@@ -70,9 +78,7 @@ class SequenceReplayBuffer(ReplayBuffer):
         newer = (self.pos - 1 - rows) % self.buffer_size  # rows written after row t, up to the newest
         in_buffer = steps[None, :] <= newer[:, None]
         ends = self.dones[index, envs[:, None]].astype(bool)
-        ended_before = np.cumsum(ends, axis=1) - ends > 0  # an episode end among t..t+k-1
-        alive = in_buffer & ~ended_before
-        held = alive & ~ends if (self.optimize_memory_usage or successors_missing) else alive
+        alive, held = sequence_masks(in_buffer, ends, self.optimize_memory_usage or successors_missing)
         if self.optimize_memory_usage:
             following = self.observations[(index + 1) % self.buffer_size, envs[:, None]]
         else:

@@ -13,12 +13,14 @@ import pytest
 import torch
 from minc_rl.agents import AuxConfig, AuxLearner, MincDQN, MincPPO
 from minc_rl.agents.auxiliary import AuxBatch
+from minc_rl.agents.callback import separate_config
+from minc_rl.agents.pairs import PairRolloutBuffer
 from minc_rl.agents.selfpred import SequenceReplayBuffer
 from minc_rl.envs import make_vec_env
 from minc_rl.rl.extractor import MincExtractor
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.logger import configure
-from stable_baselines3.common.vec_env import VecTransposeImage
+from stable_baselines3.common.vec_env import DummyVecEnv, VecTransposeImage
 from torch.nn import functional as F
 from train_cli import run_in_process
 
@@ -86,6 +88,63 @@ def test_every_sampled_sequence_is_the_true_one(memory, successors_missing):
                     checked += 1
                 masked += not bool(steps.held[b, k])
     assert checked > 100 and masked > 20  # both kinds of step were seen
+
+
+def test_every_rollout_sequence_is_the_true_one():
+    """MincPPO's rollout buffer (6 steps of 3 envs, episodes ending at random): every minibatch row's K = 4 transitions
+    are the ones that followed it in its env, masked from the episode's end and past the rollout; the last successor
+    of an episode is masked (the rollout holds no terminal observation), the one after the rollout is read from
+    the observations that follow it."""
+    n_steps, n_envs, horizon = 6, 3, 4
+    rng = np.random.default_rng(0)
+    buffer = PairRolloutBuffer(n_steps, OBS_SPACE, ACTIONS, n_envs=n_envs)
+    episode, starts = np.zeros(n_envs, dtype=int), np.ones(n_envs, dtype=bool)
+    table = {}  # (step, env) -> (observation, action, reward, starts a new episode)
+    for step in range(n_steps + 1):
+        obs = np.array([[step, env, episode[env]] for env in range(n_envs)], np.float32)
+        for env in range(n_envs):
+            table[step, env] = (obs[env], rng.integers(0, 3), rng.normal(), bool(starts[env]))
+        if step == n_steps:
+            break
+        buffer.add(obs, np.array([table[step, e][1] for e in range(n_envs)]),
+                   np.array([table[step, e][2] for e in range(n_envs)]), starts, torch.zeros(n_envs), torch.zeros(n_envs))
+        starts = rng.random(n_envs) < 0.3
+        episode += starts
+    buffer.compute_returns_and_advantage(torch.zeros(n_envs), starts)
+    after = np.stack([table[n_steps, env][0] for env in range(n_envs)])
+    checked = masked = 0
+    for minibatch in buffer.get(7):
+        steps = buffer.sequences(minibatch.indices, after, horizon)
+        for b, observation in enumerate(minibatch.observations):
+            start, env = int(observation[0]), int(observation[1])
+            for k in range(horizon):
+                step = start + k
+                real = step < n_steps and not any(table[s, env][3] for s in range(start + 1, step + 1))
+                assert bool(steps.alive[b, k]) == real
+                assert bool(steps.held[b, k]) == (real and not table[step + 1, env][3])
+                if real:
+                    assert steps.actions[b, k] == table[step, env][1]
+                    assert steps.rewards[b, k] == pytest.approx(table[step, env][2])
+                if steps.held[b, k]:
+                    np.testing.assert_array_equal(steps.next_observations[b, k].numpy(), table[step + 1, env][0])
+                    checked += 1
+                masked += not bool(steps.held[b, k])
+    assert checked > 20 and masked > 20
+
+
+def test_mincppo_learns_with_selfpred_on_minatar():
+    """aux=selfpred on MincPPO: a short MinAtar run logs the latent and reward losses and moves the encoder."""
+    env = make_vec_env("minatar:breakout", 2, seed=0)
+    model = MincPPO("CnnPolicy", env, aux=dict(name="selfpred", batch=32), n_steps=64, batch_size=64, n_epochs=2,
+                    seed=0, encoder="minatar")
+    weights = copy.deepcopy(model.aux_extractor.state_dict())
+    model.set_logger(configure(None, ["csv"]))
+    recorded = {}
+    model.logger.record = lambda key, value, exclude=None: recorded.setdefault(key, []).append(value)
+    model.learn(256)
+    for key in ("train/aux_loss", "train/aux_latent_loss", "train/aux_reward_loss", "train/aux_rankme"):
+        assert recorded[key] and np.isfinite(recorded[key]).all(), key
+    assert any(not torch.equal(weights[name], value) for name, value in model.aux_extractor.state_dict().items())
 
 
 def test_a_sequence_buffer_samples_as_sb3s_draw_for_draw():
@@ -262,8 +321,13 @@ def test_selfpred_settings_errors_name_the_value_and_the_fix():
     with pytest.raises(ValueError, match="aux.horizon"):
         AuxConfig(name="selfpred", horizon=0)
     env = make_vec_env("gym:CartPole-v1", 1, seed=0)
-    with pytest.raises(ValueError, match="aux=selfpred reads K-step sequences from MincDQN"):
-        MincPPO("MlpPolicy", env, aux="selfpred")
+    dict_env = DummyVecEnv([lambda: gymnasium.wrappers.TransformObservation(
+        gymnasium.make("CartPole-v1"), lambda obs: {"state": obs}, gymnasium.spaces.Dict({"state": OBS_SPACE}))])
+    with pytest.raises(ValueError, match=r"aux=selfpred rolls its latent model over image or vector observations; "
+                                         r"the observation space is a Dict \(state\)"):
+        MincPPO("MultiInputPolicy", dict_env, aux="selfpred")
+    with pytest.raises(ValueError, match="use MincDQN or MincPPO, not the callback"):
+        separate_config("selfpred")
     with pytest.raises(ValueError, match="aux.target='q_target'.*MincDQN's"):
         MincPPO("MlpPolicy", env, aux=dict(name="minc", target="q_target"))
     with pytest.raises(ValueError, match="replay_buffer_class=ReplayBuffer"):
