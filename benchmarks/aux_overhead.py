@@ -75,8 +75,8 @@ VARIANTS = {
     "minc-td": dict(name="minc", source="td"),  # DQN only: the aux pairs are the TD batch's own (DQN's default)
     "minc-td-state-action": dict(name="minc", source="td", pairs="state_action"),
     "spectral-td": dict(name="spectral", source="td"),
-    "selfpred": dict(name="selfpred"),  # DQN only: latent self-prediction, K = 5, reward prediction (issue 39)
-    "selfpred-q-target": dict(name="selfpred", target="q_target"),  # its targets by the target Q-network's encoder
+    "selfpred": dict(name="selfpred"),  # latent self-prediction, K = 5, reward prediction (issue 39)
+    "selfpred-q-target": dict(name="selfpred", target="q_target"),  # DQN only: the target Q-network's encoder embeds
     "selfpred-minc": dict(name="selfpred", latent_loss="minc"),  # MINC as the self-prediction loss
     "minc@2048": dict(name="minc", batch=2048),
     "spectral@2048": dict(name="spectral", batch=2048),
