@@ -163,11 +163,11 @@ def main() -> None:
     run_parser.add_argument("--games", nargs="+", choices=GAMES, default=list(GAMES))
     run_parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
     run_parser.add_argument("--seeds", type=int_at_least(0), nargs="+", default=[0, 1, 2])
-    run_parser.add_argument("--frames", type=int_at_least(1), default=20_000,
+    run_parser.add_argument("--frames", type=int_at_least(1), default=15_000,
                             help="frames collected for the probe and, apart, for pretraining (paper: 50,000 / 100,000)")
-    run_parser.add_argument("--steps", type=int_at_least(1), default=250,
+    run_parser.add_argument("--steps", type=int_at_least(1), default=200,
                             help="pretraining steps of 64 pairs (paper: 100 epochs of its 100,000 frames)")
-    run_parser.add_argument("--epochs", type=int_at_least(1), default=30, help="most probe epochs (paper: 100)")
+    run_parser.add_argument("--epochs", type=int_at_least(1), default=20, help="most probe epochs (paper: 100)")
     run_parser.add_argument("--runs", type=Path, default=RUNS, help="run directories (checkpoints; not committed)")
     run_parser.add_argument("--out", type=Path, default=RESULTS, help="where each cell's small files go")
     run_parser.add_argument("--cache", type=Path, default=RUNS / "frames", help="the collected frames")
