@@ -204,7 +204,8 @@ def test_a_tiny_probe_run_writes_its_table_and_json(tmp_path):
 
 @pytest.mark.slow
 def test_an_agents_encoder_is_probed_through_its_own_preprocessing(tmp_path):
-    """A tiny minc_rl.train DQN run on atari:Breakout, probed with agent=<run dir>; and the agent's observations built
+    """A tiny minc_rl.train PPO run on atari:Breakout (a greedy DQN at its first steps may never serve the ball, so
+    its evaluation episode would not end), probed with agent=<run dir>; and the agent's observations built
     from the stored frames equal SB3's AtariWrapper's on the same actions."""
     import cv2
     from stable_baselines3.common.atari_wrappers import AtariWrapper
@@ -222,9 +223,9 @@ def test_an_agents_encoder_is_probed_through_its_own_preprocessing(tmp_path):
                                  np.array([0, 0, 1, 1, 1]), np.array([1, 4]), 84, 4)  # fmt: skip
     assert [stacked[0, :, 0, 0].tolist(), stacked[1, :, 0, 0].tolist()] == [[0, 0, 0, 1], [0, 2, 3, 4]]
     run_dir = tmp_path / "agent"
-    command = [sys.executable, "-m", "minc_rl.train", "env=atari:Breakout", "agent=dqn", "aux=none", "total_steps=64",
-               "n_envs=1", "agent.learning_starts=32", "agent.buffer_size=128", "eval.episodes=1", "health.every=0",
-               "progress_bar=false", "device=cpu", "torch_threads=1", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    command = [sys.executable, "-m", "minc_rl.train", "env=atari:Breakout", "agent=ppo", "aux=none", "total_steps=32",
+               "n_envs=1", "agent.n_steps=32", "agent.n_minibatches=2", "agent.n_epochs=1", "eval.episodes=1",
+               "health.every=0", "progress_bar=false", "device=cpu", "torch_threads=1", f"hydra.run.dir={run_dir}"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     written = tiny_probe(tmp_path, f"agent={run_dir}")

@@ -10,7 +10,7 @@ from torch import nn
 from minc_rl.ssl.encoders import ENCODERS, build_encoder, flat_size
 
 RESNETS = ("resnet18", "resnet50")
-BACKBONES = (*RESNETS, "convnet", "atariari", *ENCODERS)
+BACKBONES = (*RESNETS, "convnet", *ENCODERS, "atariari")
 
 
 class ConvNet(nn.Module):
