@@ -18,10 +18,12 @@ The package is a house of rooms, each a sub-package with one job. A room imports
               (top-level agents/)                                           imports common, losses, ssl, rl
     runs      an RL training run and a study of runs: config checks (no torch), the run, its files and
               callbacks, the report                                         imports every room above
+    atariari  AtariARI's linear probes of Atari RAM state for random, pretrained and agent encoders: the
+              protocol, the batched probes, the probe run                   imports every room above
 
-The entry points sit at the top, beside the rooms, and stay thin. `python -m minc_rl.train`, `.pretrain` and
-`.linear_eval` answer --help and check their command line before torch is imported, then hand over to
-runs.training, ssl.pretraining or ssl.linear_eval; `python -m minc_rl.report` is runs.report's command line.
+The entry points sit at the top, beside the rooms, and stay thin. `python -m minc_rl.train`, `.pretrain`,
+`.linear_eval` and `.probe` answer --help and check their command line before torch is imported, then hand over to
+runs.training, ssl.pretraining, ssl.linear_eval or atariari.run; `python -m minc_rl.report` is runs.report's command line.
 
 Public names: minc_rl.losses, minc_rl.agents (MincPPO, MincDQN), minc_rl.envs, and here MincExtractor,
 MincAuxCallback and EncoderHealth (imported on first use, so that `import minc_rl` stays light).

@@ -26,8 +26,9 @@ ALLOWED = {
     "rl": {"common", "losses", "ssl"},
     "agents": {"common", "losses", "ssl", "rl"},
     "runs": {"common", "configs", "losses", "envs", "ssl", "rl", "agents"},
+    "atariari": {"common", "configs", "losses", "envs", "ssl", "rl", "agents", "runs"},
 }
-ENTRY_POINTS = ("minc_rl.train", "minc_rl.pretrain", "minc_rl.linear_eval", "minc_rl.report")
+ENTRY_POINTS = ("minc_rl.train", "minc_rl.pretrain", "minc_rl.linear_eval", "minc_rl.report", "minc_rl.probe")
 
 
 def modules() -> dict[str, Path]:
@@ -122,8 +123,8 @@ def test_the_rule_catches_a_breach_and_a_circle(tmp_path, monkeypatch):
     assert circles(found) == ["minc_rl.common.a -> minc_rl.losses.b -> minc_rl.common.a"]
 
 
-@pytest.mark.parametrize("module", ["minc_rl.train", "minc_rl.pretrain", "minc_rl.linear_eval", "minc_rl.rl.settings",
-                                    "minc_rl.envs.spec"])
+@pytest.mark.parametrize("module", ["minc_rl.train", "minc_rl.pretrain", "minc_rl.linear_eval", "minc_rl.probe",
+                                    "minc_rl.rl.settings", "minc_rl.envs.spec"])
 def test_the_command_line_checks_load_without_torch_or_sb3(module):
     """What a typo, a bad value, a bad group choice or --help needs is importable without torch, SB3 or gym."""
     code = (f"import sys, {module}; heavy = sorted({{'torch', 'stable_baselines3', 'gym', 'gymnasium'}} & "

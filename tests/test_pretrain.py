@@ -447,7 +447,7 @@ def test_missing_or_malformed_data_roots_say_what_layout_is_expected(tmp_path):
     (tmp_path / "images" / "val" / "cat").mkdir(parents=True)
     with pytest.raises(DataRootError, match=r"split '.*images/train' holds no images"):
         load_data("imagefolder", root=str(tmp_path / "images"))
-    with pytest.raises(ValueError, match="unknown data set 'mnist'; valid data sets: digits, procgen, cifar10, imagefolder"):
+    with pytest.raises(ValueError, match="unknown data set 'mnist'; valid data sets: digits, procgen, atari, cifar10, imagefolder"):
         load_data("mnist")
     with pytest.raises(DataRootError, match=r"cifar10 data root '.*nowhere'"):
         run(tmp_path / "run", "data=cifar10", f"data.root={tmp_path / 'nowhere'}")

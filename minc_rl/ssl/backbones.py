@@ -1,4 +1,5 @@
-"""Backbones for image pretraining: torchvision ResNets with the small-image stem, a small CNN, and the RL encoders."""
+"""Backbones for image pretraining: torchvision ResNets with the small-image stem, a small CNN, AtariARI's encoder
+for full Atari frames, and the RL encoders."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from minc_rl.ssl.encoders import ENCODERS, build_encoder
+from minc_rl.ssl.encoders import ENCODERS, build_encoder, flat_size
 
 RESNETS = ("resnet18", "resnet50")
-BACKBONES = (*RESNETS, "convnet", *ENCODERS)
+BACKBONES = (*RESNETS, "convnet", *ENCODERS, "atariari")
 
 
 class ConvNet(nn.Module):
@@ -27,6 +28,32 @@ class ConvNet(nn.Module):
             nn.Linear(64 * ((height + 1) // 2) * ((width + 1) // 2), features_dim),
             nn.ReLU(),
         )
+        self.features_dim = features_dim
+
+    def forward(self, x):
+        """Features of float images (N, C, H, W) in [0, 1]."""
+        return self.net(x)
+
+
+class AtariARICNN(nn.Module):
+    """The encoder of AtariARI (Anand et al. 2019) for full 210x160 frames: convolutions of 32 (8/4), 64 (4/2),
+    128 (4/2) and 64 (3/1) channels with ReLUs, then a linear layer to 256 features without a ReLU; orthogonal
+    weights with ReLU gain and zero biases, as the paper's NatureCNN (no_downsample) initialises them."""
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int], features_dim: int = 256) -> None:
+        super().__init__()
+        conv = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 128, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(128, 64, 3, stride=1), nn.ReLU(),
+            nn.Flatten(),
+        )  # fmt: skip
+        self.net = nn.Sequential(*conv, nn.Linear(flat_size(conv, in_channels, image_size), features_dim))
+        for layer in self.net:
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                nn.init.orthogonal_(layer.weight, nn.init.calculate_gain("relu"))
+                nn.init.zeros_(layer.bias)
         self.features_dim = features_dim
 
     def forward(self, x):
@@ -76,4 +103,6 @@ def build_backbone(name: str, input_shape: Sequence[int], features_dim: int | No
         return build_resnet(name, channels, small_images=max(height, width) <= 64)
     if name == "convnet":
         return ConvNet(channels, (height, width), features_dim or 128)
+    if name == "atariari":
+        return AtariARICNN(channels, (height, width), features_dim or 256)
     return build_encoder(name, input_shape, features_dim)

@@ -1,4 +1,5 @@
-"""Pretraining data sets (digits, procgen frames, CIFAR-10, image folders) as pair batches; nothing is downloaded."""
+"""Pretraining data sets (digits, procgen frames, AtariARI frames, CIFAR-10, image folders) as pair batches; nothing
+is downloaded."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch.utils.data import Dataset
 from minc_rl.common.checks import one_line
 from minc_rl.envs.spec import PROCGEN_GAMES
 
-DATASETS = ("digits", "procgen", "cifar10", "imagefolder")
+DATASETS = ("digits", "procgen", "atari", "cifar10", "imagefolder")
 PAIRS = ("augment", "temporal")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 CIFAR_LAYOUT = (
@@ -122,7 +123,8 @@ class SSLData:
 
 def load_data(name: str, **options: Any) -> SSLData:
     """Load data set `name` (one of DATASETS); `options` are the fields of its `data` config."""
-    loaders = {"digits": load_digits, "procgen": load_procgen, "cifar10": load_cifar10, "imagefolder": load_imagefolder}
+    loaders = {"digits": load_digits, "procgen": load_procgen, "atari": load_atari, "cifar10": load_cifar10,
+               "imagefolder": load_imagefolder}
     if name not in loaders:
         raise ValueError(f"unknown data set {name!r}; valid data sets: {', '.join(DATASETS)}")
     return loaders[name](**options)
@@ -210,6 +212,43 @@ def load_procgen(
     train = _procgen_split(games, pairs, num_envs, steps, 0, num_levels, seed)
     val = _procgen_split(games, "augment", num_envs, val_steps, num_levels, 0, seed + 10_000)
     return SSLData(train, val, (3, 64, 64), len(games), games)
+
+
+def load_atari(
+    game: str = "pong",
+    frames: int = 100_000,
+    seed: int = 0,
+    label: str | None = None,
+    val_fraction: float = 0.2,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    **_: Any,
+) -> SSLData:
+    """A random agent's frames of an AtariARI game (minc_rl.envs.atariari, cached in cache_dir) as (x_t, x_t+1) pairs
+    of one episode, the episodes split into train and held-out parts. The label, for the run's own probe and kNN, is
+    one RAM label's byte (256 classes): `label`, or the game's first agent-localization label."""
+    from minc_rl.envs.atariari import label_categories, load_or_collect, split_episodes
+
+    episodes = load_or_collect(game, frames, seed, cache_dir, progress)
+    names = episodes.label_names
+    label = label or next((n for n in names if "agent_localization" in label_categories(n)), names[0])
+    if label not in names:
+        raise ValueError(f"data.label={label!r} is not a label of {game}; its labels: {', '.join(names)}")
+    count = int(episodes.episode[-1]) + 1
+    if count < 2:
+        raise ValueError(f"data.frames={frames} make {count} episode of {game}; at least 2 are needed for a held-out part")
+    train, val = split_episodes(count, [1 - val_fraction], seed)
+    in_train = np.isin(episodes.episode, train)
+    anchors = np.flatnonzero(in_train[:-1] & (episodes.episode[1:] == episodes.episode[:-1]))
+    images = torch.from_numpy(episodes.frames).unsqueeze(1)
+    labels = torch.from_numpy(episodes.labels[:, names.index(label)].astype(np.int64))
+    return SSLData(
+        PairDataset(images, labels, anchors, anchors + 1),
+        PairDataset(images, labels, np.flatnonzero(np.isin(episodes.episode, val))),
+        (1, *episodes.frames.shape[1:]),
+        256,
+        [str(value) for value in range(256)],
+    )
 
 
 def _cifar_dir(root: Path) -> Path:

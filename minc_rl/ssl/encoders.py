@@ -51,7 +51,7 @@ class ImpalaCNN(nn.Module):
                 _ResidualBlock(out),
             ]
         self.conv = nn.Sequential(*layers, nn.ReLU(), nn.Flatten())
-        self.fc = nn.Sequential(nn.Linear(_flat_size(self.conv, in_channels, image_size), features_dim), nn.ReLU())
+        self.fc = nn.Sequential(nn.Linear(flat_size(self.conv, in_channels, image_size), features_dim), nn.ReLU())
         self.features_dim = features_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ class NatureCNN(nn.Module):
             nn.ReLU(),
             nn.Flatten(),
         )
-        self.fc = nn.Sequential(nn.Linear(_flat_size(self.conv, in_channels, image_size), features_dim), nn.ReLU())
+        self.fc = nn.Sequential(nn.Linear(flat_size(self.conv, in_channels, image_size), features_dim), nn.ReLU())
         self.features_dim = features_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ class MinAtarCNN(nn.Module):
     def __init__(self, in_channels: int, image_size: tuple[int, int] = (10, 10), features_dim: int = 128) -> None:
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(in_channels, 16, 3, stride=1), nn.ReLU(), nn.Flatten())
-        self.fc = nn.Sequential(nn.Linear(_flat_size(self.conv, in_channels, image_size), features_dim), nn.ReLU())
+        self.fc = nn.Sequential(nn.Linear(flat_size(self.conv, in_channels, image_size), features_dim), nn.ReLU())
         self.features_dim = features_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +112,8 @@ class MLPEncoder(nn.Module):
         return self.net(x.float())
 
 
-def _flat_size(conv: nn.Module, in_channels: int, image_size: tuple[int, int]) -> int:
+def flat_size(conv: nn.Module, in_channels: int, image_size: tuple[int, int]) -> int:
+    """The number of features `conv` gives for one image of this size."""
     with torch.no_grad():
         return int(conv(torch.zeros(1, in_channels, *image_size)).shape[1])
 

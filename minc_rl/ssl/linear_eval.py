@@ -48,11 +48,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The central size x size window of (N, C, H, W) images."""
+def center_crop(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """The central size x size (or (height, width)) window of (N, C, H, W) images."""
+    crop_height, crop_width = (size, size) if isinstance(size, int) else size
     height, width = images.shape[-2:]
-    top, left = (height - size) // 2, (width - size) // 2
-    return images[..., top : top + size, left : left + size]
+    top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    return images[..., top : top + crop_height, left : left + crop_width]
 
 
 def subsample(dataset: Dataset, max_samples: int | None, seed: int = 0) -> Dataset:
@@ -67,7 +68,7 @@ def subsample(dataset: Dataset, max_samples: int | None, seed: int = 0) -> Datas
 def extract_features(
     model: nn.Module,
     dataset: Dataset,
-    image_size: int,
+    image_size: int | tuple[int, int],
     device: torch.device,
     batch_size: int = 512,
     num_workers: int = 0,

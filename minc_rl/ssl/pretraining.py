@@ -155,7 +155,7 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
 
 
 @torch.no_grad()
-def evaluate(model: SSLModel, data: SSLData, cfg: DictConfig, image_size: int, device: torch.device) -> dict[str, Any]:
+def evaluate(model: SSLModel, data: SSLData, cfg: DictConfig, image_size: int | tuple[int, int], device: torch.device) -> dict[str, Any]:
     """Linear probe and weighted kNN on frozen backbone features (held-out split), and collapse monitors."""
     train_set = subsample(data.train, cfg.eval.max_samples, cfg.seed)
     val_set = subsample(data.val, cfg.eval.max_samples, cfg.seed)
@@ -293,7 +293,7 @@ class Run:
     world: int
     device: torch.device
     data: SSLData
-    image_size: int
+    image_size: int | tuple[int, int]  # a square crop's side, or the whole image's (height, width)
     input_shape: tuple[int, int, int]
     model: SSLModel  # the module whose weights are saved; train_model wraps it (DDP, torch.compile)
     train_model: nn.Module
@@ -455,12 +455,16 @@ def setup_run(cfg: DictConfig, out_dir: Path) -> Run:
     )  # fmt: skip
 
 
-def load_images(cfg: DictConfig) -> tuple[SSLData, int, tuple[int, int, int]]:
-    """The data set of cfg.data, the side of the square crops the model sees, and the model's input shape."""
+def load_images(cfg: DictConfig) -> tuple[SSLData, int | tuple[int, int], tuple[int, int, int]]:
+    """The data set of cfg.data, the side of the square crops the model sees (data.image_size; null: the whole
+    image, as (height, width)), and the model's input shape."""
     data_options = OmegaConf.to_container(cfg.data, resolve=True)
-    image_size = int(data_options.pop("image_size"))
+    image_size = data_options.pop("image_size")
     data = load_data(data_options.pop("name"), **data_options)
     channels, height, width = data.input_shape
+    if image_size is None:  # the whole image, square or not (Atari's 210x160 frames)
+        return data, (height, width), data.input_shape
+    image_size = int(image_size)
     if min(height, width) < image_size:
         raise ValueError(f"data.image_size={image_size} is larger than the {height}x{width} images of data {cfg.data.name!r}")
     return data, image_size, (channels, image_size, image_size)
