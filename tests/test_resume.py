@@ -207,7 +207,7 @@ def test_an_env_that_cannot_give_its_state_is_named_once_and_its_episodes_restar
     env = DummyVecEnv([lambda: gymnasium.wrappers.TimeLimit(ConstructorPickledCartPole(), 500)])
     model = MincPPO("MlpPolicy", env, aux="none", encoder="mlp", n_steps=16, batch_size=16, seed=0)
     model.learn(16)
-    run_state = RunState({"test": make_vec_env("gym:CartPole-v1", 1)})
+    run_state = RunState({"test": make_vec_env("gym:CartPole-v1", 1)}, {})
     with caplog.at_level("WARNING", logger="minc_rl.train"):
         saved = run_state.capture(model)
         run_state.capture(model)

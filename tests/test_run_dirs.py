@@ -359,6 +359,16 @@ def test_a_checkpoint_without_a_run_state_resumes_as_before_with_one_line(monkey
     assert MincPPO.load(run_dir / "checkpoints" / "step_000000000192.zip", device="cpu").num_timesteps == 192
 
 
+def test_a_resume_with_other_env_settings_restarts_the_episodes_and_says_so(monkeypatch, capsys, finished_run, tmp_path):
+    """Saved envs come back only into envs built the same way: 4 envs are not the saved 2 (nor their options)."""
+    run_dir = copy_run(finished_run, tmp_path)
+    run_in_process(monkeypatch, f"resume={run_dir}", "total_steps=256", "n_envs=4")
+    assert ("resuming step_000000000128.zip, not exactly: the episodes of the training env (EnvStateUnavailable: it was "
+            "saved with other n_envs); the evaluation env test (EnvStateUnavailable: it was saved with other n_envs) "
+            "restart") in capsys.readouterr().out  # fmt: skip
+    assert MincPPO.load(run_dir / "checkpoints" / "step_000000000256.zip", device="cpu").num_timesteps == 256
+
+
 def test_a_checkpoint_of_another_run_is_skipped_like_a_damaged_one(monkeypatch, capsys, finished_run, tmp_path):
     """A newer checkpoint that is not this run's (another agent's, copied in) is named and passed over; a config.yaml
     edited to another env fits no checkpoint: one line, nothing written."""
@@ -492,7 +502,7 @@ def test_a_full_disk_while_the_learning_curve_is_drawn_is_a_warning_and_the_run_
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_leaves_no_orphan(tmp_path, monkeypatch, one_torch_thread):
     env = VecNormalize(make_vec_env("gym:CartPole-v1", 1), norm_obs=False)  # two files per checkpoint: .pkl and .zip
     model = MincPPO("MlpPolicy", env, encoder="mlp", n_steps=16, batch_size=16)
-    checkpoints = Checkpoints(tmp_path, every=1, replay_buffer=False, run_state=RunState({}))
+    checkpoints = Checkpoints(tmp_path, every=1, replay_buffer=False, run_state=RunState({}, {}))
     checkpoints.init_callback(model)
     first = checkpoints.run()
     before = snapshot(tmp_path)
@@ -559,7 +569,7 @@ def test_a_signal_stops_a_ppo_update_after_its_current_minibatch_and_rolls_back(
     # 10 epochs x 8 minibatches: a full update is 80 MINC steps
     model = MincPPO("MlpPolicy", env, aux={"name": "minc", "batch": 8}, encoder="mlp", n_steps=64, batch_size=8, n_epochs=10)
     started = [parameter.detach().clone() for parameter in model.policy.parameters()]
-    stop = StopOnSignal(RunState({}))
+    stop = StopOnSignal(RunState({}, {}))
     stop.install()
     try:
         with pytest.raises(Stopped):  # at the next rollout start, before its first step
@@ -639,7 +649,7 @@ def test_a_resumed_run_makes_up_the_evaluation_a_stop_abandoned(tmp_path, writte
     model.num_timesteps, model._total_timesteps = 232, 1000
     model.set_logger(configure(None, []))
     envs = {split: make_vec_env("gym:CartPole-v1", 1, seed=5) for split in ("train_levels", "unseen_levels")}
-    evaluation = Evaluation(envs, 100, 2, True, path, StopOnSignal(RunState(envs)))
+    evaluation = Evaluation(envs, 100, 2, True, path, StopOnSignal(RunState(envs, {})))
     evaluation.init_callback(model)
     evaluation.on_training_start({}, {})
     rows = [(int(r["step"]), r["split"]) for r in run_io.read_evaluations(path)]

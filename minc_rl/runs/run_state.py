@@ -145,10 +145,11 @@ def restore_vec_env(venv: VecEnv, saved: bytes) -> None:
 
 class RunState:
     """Captures and restores the state of a run's agent, its training env and its evaluation envs (the module's
-    docstring lists what); an env that cannot give its state is named in one warning, once."""
+    docstring lists what); an env that cannot give its state is named in one warning, once. `settings` are those the
+    envs were built with (env options, counts, seed): saved envs come back only into envs built the same way."""
 
-    def __init__(self, eval_envs: dict[str, VecEnv]) -> None:
-        self.eval_envs = eval_envs
+    def __init__(self, eval_envs: dict[str, VecEnv], settings: dict[str, Any]) -> None:
+        self.eval_envs, self.settings = eval_envs, settings
         self.warned: set[str] = set()
 
     def envs(self, model: BaseAlgorithm) -> dict[str, VecEnv]:
@@ -161,6 +162,7 @@ class RunState:
         envs = {name: self._env_state(name, venv) for name, venv in self.envs(model).items()}
         state = {
             "step": model.num_timesteps,
+            "settings": self.settings,
             "random": random.getstate(),
             "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
@@ -194,9 +196,13 @@ class RunState:
         model.action_space.np_random.bit_generator.state = state["action_space"]
         for name, value in state["counters"].items():
             setattr(model, name, value)
+        changed = sorted(key for key in {*self.settings, *state["settings"]}
+                         if self.settings.get(key) != state["settings"].get(key))  # fmt: skip
         missing = {}
         for name, venv in self.envs(model).items():
             try:
+                if changed:
+                    raise EnvStateUnavailable(f"it was saved with other {', '.join(changed)}")
                 if state["envs"].get(name) is None:
                     raise EnvStateUnavailable("its state was not saved")
                 restore_vec_env(venv, state["envs"][name])

@@ -76,6 +76,12 @@ def build_envs(cfg: DictConfig) -> tuple[VecEnv, dict[str, VecEnv]]:
     return env, eval_envs
 
 
+def env_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What build_envs and normalized_rewards build the envs with (a resume restores saved envs only into the same)."""
+    return {"env": cfg.env, "env_options": OmegaConf.to_container(cfg.env_options), "n_envs": cfg.n_envs,
+            "seed": cfg.seed, "normalize_reward": cfg.normalize_reward, "eval.n_envs": cfg.eval.n_envs}
+
+
 def normalized_rewards(cfg: DictConfig, env: VecEnv, checkpoint: Path | None) -> VecEnv:
     """With normalize_reward, env under SB3's VecNormalize of rewards, its statistics from `checkpoint` if saved."""
     if not cfg.normalize_reward:
@@ -359,7 +365,7 @@ def learn(
     checkpoint and, unless stopped, the last evaluation. Returns the last checkpoint, the stop callback (its signum
     says whether a signal stopped the run) and this session's steps per second."""
     deterministic = cfg.eval.deterministic if cfg.eval.deterministic is not None else cfg.agent.name == "dqn"
-    run_state = RunState(eval_envs)
+    run_state = RunState(eval_envs, env_settings(cfg))
     stop = StopOnSignal(run_state)
     evaluation = Evaluation(eval_envs, cfg.eval.every, cfg.eval.episodes, deterministic, run_dir / "evaluations.csv", stop)
     checkpoints = Checkpoints(run_dir, cfg.checkpoint.every, cfg.checkpoint.replay_buffer, run_state)
@@ -408,7 +414,7 @@ def continue_run_state(run_state: RunState, model: BaseAlgorithm, checkpoint: Pa
         return
     missing = run_state.restore(model, saved)
     if missing:
-        log.warning("resuming %s: not exact: the episodes of %s restart", checkpoint.name, "; ".join(missing))
+        log.warning("resuming %s, not exactly: the episodes of %s restart", checkpoint.name, "; ".join(missing))
 
 
 def run_summary(
