@@ -397,7 +397,8 @@ def test_a_dqn_resume_never_mixes_a_newer_replay_buffer_into_an_older_checkpoint
            "eval.episodes=1", "eval.n_envs=1", "eval.every=1000000", "progress_bar=false", "torch_threads=1"]
     run_in_process(monkeypatch, *dqn, "total_steps=200", "checkpoint.every=100", f"hydra.run.dir={run_dir}")
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert names == ["step_000000000100.zip", "step_000000000200.replay_buffer.pkl", "step_000000000200.zip"]
+    assert names == ["step_000000000100.run_state.pkl", "step_000000000100.zip", "step_000000000200.replay_buffer.pkl",
+                     "step_000000000200.run_state.pkl", "step_000000000200.zip"]  # fmt: skip
     assert OmegaConf.load(run_dir / "config.yaml").aux.source == "td"  # DQN's default, named in the run's config
     assert OmegaConf.load(finished_run / "config.yaml").aux.source is None  # PPO takes pairs of its own
     newest = run_dir / "checkpoints" / "step_000000000200.zip"

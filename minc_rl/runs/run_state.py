@@ -175,6 +175,7 @@ class RunState:
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
     def _env_state(self, name: str, venv: VecEnv) -> bytes | None:
+        """vec_env_state of the run's env `name`; None, with a warning the first time, when it cannot give it."""
         try:
             return vec_env_state(venv)
         except Exception as error:  # noqa: BLE001  whatever an env that does not pickle raises
