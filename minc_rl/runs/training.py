@@ -7,7 +7,8 @@ code 2 and one line, before torch is imported), then calls run(). run() owns the
 finished sweep job or resumes a stopped one, builds the vector envs (minc_rl.envs) and the agent (minc_rl.agents,
 whose train() method holds the gradient step), and runs model.learn() with callbacks for the progress bar,
 evaluation, checkpoints and Ctrl-C / SIGTERM. Then it writes the last checkpoint, summary.json and
-learning_curve.png; minc_rl.runs.run_io holds those file formats.
+learning_curve.png; minc_rl.runs.run_io holds those file formats, minc_rl.runs.run_state what a checkpoint adds to
+SB3's so that a resumed run repeats the run that was never stopped (random streams, env states).
 """
 
 from __future__ import annotations
