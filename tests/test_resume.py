@@ -47,7 +47,8 @@ PROCGEN_PPO = [
     "env=procgen:bigfish", "encoder=nature", "aux=minc", "n_envs=2", "agent.n_steps=16", "agent.n_minibatches=2",
     "eval.every=32", "eval.episodes=1", "eval.n_envs=1", "checkpoint.every=64", "total_steps=128", *COMMON,
 ]  # fmt: skip
-RUNS = {"minatar_dqn": (MINATAR_DQN, MincDQN), "cartpole_ppo": (CARTPOLE_PPO, MincPPO), "procgen_ppo": (PROCGEN_PPO, MincPPO)}
+RUNS = {"minatar_dqn": (MINATAR_DQN, MincDQN), "cartpole_ppo": (CARTPOLE_PPO, MincPPO),
+        "procgen_ppo": (PROCGEN_PPO, MincPPO)}
 Patch = Callable[[pytest.MonkeyPatch], None]
 
 
@@ -106,8 +107,8 @@ STOPS: dict[str, Patch] = {
     "procgen_ppo signal in a rollout": sigterm(run_callbacks.StopOnSignal, "_on_step", at_step(80)),
     "procgen_ppo signal in an update": sigterm(MincPPO, "_gradient_step", at_step(96), call=2),
 }
-SLOW = ("minatar_dqn signal in an evaluation", "cartpole_ppo killed after a checkpoint", "cartpole_ppo signal in a rollout",
-        "procgen_ppo killed after a checkpoint", "procgen_ppo signal in an update")  # fmt: skip
+SLOW = ("minatar_dqn signal in an evaluation", "cartpole_ppo killed after a checkpoint",
+        "cartpole_ppo signal in a rollout", "procgen_ppo killed after a checkpoint", "procgen_ppo signal in an update")
 
 
 def tensors_equal(first: Any, second: Any) -> bool:
@@ -127,11 +128,8 @@ def never_stopped(tmp_path_factory) -> Callable[[str], Path]:
     def run(family: str) -> Path:
         if family not in made:
             made[family] = tmp_path_factory.mktemp(family) / "run"
-            monkeypatch = pytest.MonkeyPatch()
-            try:
+            with pytest.MonkeyPatch.context() as monkeypatch:
                 run_in_process(monkeypatch, *RUNS[family][0], f"hydra.run.dir={made[family]}")
-            finally:
-                monkeypatch.undo()
         return made[family]
 
     return run
@@ -142,13 +140,9 @@ def test_a_resumed_run_repeats_the_run_that_was_never_stopped(stop, never_stoppe
     family = stop.split()[0]
     args, agent = RUNS[family]
     reference, run_dir = never_stopped(family), tmp_path / "run"
-    monkeypatch = pytest.MonkeyPatch()
-    STOPS[stop](monkeypatch)
-    try:
-        with pytest.raises((Killed, SystemExit)) as stopped:
-            run_in_process(monkeypatch, *args, f"hydra.run.dir={run_dir}")
-    finally:
-        monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as monkeypatch, pytest.raises((Killed, SystemExit)) as stopped:
+        STOPS[stop](monkeypatch)
+        run_in_process(monkeypatch, *args, f"hydra.run.dir={run_dir}")
     assert stopped.type is Killed or stopped.value.code == 128 + signal.SIGTERM
     if stopped.type is SystemExit:
         assert "SIGTERM: stopping and writing a checkpoint" in capsys.readouterr().out  # Hydra logs to stdout
@@ -162,9 +156,9 @@ def test_a_resumed_run_repeats_the_run_that_was_never_stopped(stop, never_stoppe
     resumed, expected = (agent.load(run_io.latest_checkpoint(d), device="cpu") for d in (run_dir, reference))
     assert resumed.num_timesteps == expected.num_timesteps == total
     assert tensors_equal(resumed.get_parameters(), expected.get_parameters())
-    finals = [{key: json.loads((d / "summary.json").read_text())[key] for key in ("final_train_return", "final_eval", "health")}
-              for d in (run_dir, reference)]  # fmt: skip
-    assert finals[0] == finals[1]
+    finals = ("final_train_return", "final_eval", "health")
+    summary, expected_summary = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference))
+    assert {key: summary[key] for key in finals} == {key: expected_summary[key] for key in finals}
 
 
 # --- each family's envs, and an env that cannot give its state -----------------------------------------------------
