@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from stable_baselines3 import DQN, PPO, SAC
+from stable_baselines3.common.callbacks import StopTrainingOnMaxEpisodes
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 from torch.testing import assert_close
@@ -199,6 +200,15 @@ def test_every_longer_than_the_run_still_measures_at_the_end(one_torch_thread) -
     model.learn(128, callback=callback)
     assert callback.measured_step == 128 and callback.probe.shape == (64, 4)
     assert set(callback.latest) == {"rankme", "srank", "feature_norm"}
+
+
+def test_a_learn_stopped_before_its_budget_takes_no_final_measurement(one_torch_thread) -> None:
+    """A stop (minc_rl.train's on a signal) draws no probe from a part of a rollout: the resumed run draws the probe
+    that the run that was never stopped draws."""
+    model = PPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 2, seed=0), n_steps=32, batch_size=32, seed=0, device="cpu")
+    callback = EncoderHealth(every=1_000_000, probe=100, seed=0)
+    model.learn(128, callback=[callback, StopTrainingOnMaxEpisodes(max_episodes=1)])
+    assert model.num_timesteps < 64 and callback.probe is None and callback.latest == {}
 
 
 def test_a_short_training_run_logs_health_and_keeps_its_probe_on_resume(tmp_path, monkeypatch, one_torch_thread):

@@ -30,7 +30,8 @@ from minc_rl.agents import MincDQN, MincPPO
 from minc_rl.ssl.encoders import build_encoder, save_encoder
 from minc_rl.envs import make_vec_env
 from minc_rl.common.io import atomic_write, atomic_write_all
-from minc_rl.runs.run_callbacks import CheckpointError, Checkpoints, Evaluation, StopOnSignal
+from minc_rl.runs.run_callbacks import CheckpointError, Checkpoints, Evaluation, StopOnSignal, Stopped
+from minc_rl.runs.run_state import RunState
 from minc_rl.common.run_dir import RunLock
 from train_cli import ENV, run_in_process
 
@@ -329,6 +330,45 @@ def test_a_study_run_resumes_with_the_command_line_it_was_started_with(monkeypat
     assert message == f"resume: '+study=representation' is not a key=value override of a key of the run in {tmp_path}"
 
 
+def test_a_damaged_run_state_is_skipped_like_a_damaged_checkpoint(monkeypatch, capsys, finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    state = run_io.run_state_path(run_dir / "checkpoints" / "step_000000000128.zip")
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated, as by a crash during a copy
+    run_in_process(monkeypatch, f"resume={run_dir}", "total_steps=192")
+    captured = capsys.readouterr()
+    assert ("resuming from step_000000000064.zip: the newer step_000000000128.zip (its run state "
+            "step_000000000128.run_state.pkl cannot be read (UnpicklingError: pickle data was truncated)) is skipped"
+            in captured.out + captured.err)  # fmt: skip
+    assert "has no run state" not in captured.out + captured.err
+    assert run_io.read_run_state(run_dir / "checkpoints" / "step_000000000192.zip") is not None
+    other = run_dir / "checkpoints" / "step_000000000064.run_state.pkl"
+    state.write_bytes(other.read_bytes())  # another step's
+    assert run_io.checkpoint_problem(state.with_suffix("").with_suffix(".zip"), vecnormalize=False) == (
+        "its run state step_000000000128.run_state.pkl is the state of step 64")
+
+
+def test_a_checkpoint_without_a_run_state_resumes_as_before_with_one_line(monkeypatch, capsys, finished_run, tmp_path):
+    """A checkpoint written before exact resume: the run continues from it, its random streams and episodes anew."""
+    run_dir = copy_run(finished_run, tmp_path)
+    for state in (run_dir / "checkpoints").glob("*.run_state.pkl"):
+        state.unlink()
+    run_in_process(monkeypatch, f"resume={run_dir}", "total_steps=192")
+    captured = capsys.readouterr()
+    assert ("step_000000000128.zip has no run state (it was written before exact resume): the random streams restart "
+            "from the run's seed and the episodes in progress restart") in captured.out + captured.err
+    assert MincPPO.load(run_dir / "checkpoints" / "step_000000000192.zip", device="cpu").num_timesteps == 192
+
+
+def test_a_resume_with_other_env_settings_restarts_the_episodes_and_says_so(monkeypatch, capsys, finished_run, tmp_path):
+    """Saved envs come back only into envs built the same way: 4 envs are not the saved 2 (nor their options)."""
+    run_dir = copy_run(finished_run, tmp_path)
+    run_in_process(monkeypatch, f"resume={run_dir}", "total_steps=256", "n_envs=4")
+    assert ("resuming step_000000000128.zip, not exactly: the episodes of the training env (EnvStateUnavailable: it was "
+            "saved with other n_envs); the evaluation env test (EnvStateUnavailable: it was saved with other n_envs) "
+            "restart") in capsys.readouterr().out  # fmt: skip
+    assert MincPPO.load(run_dir / "checkpoints" / "step_000000000256.zip", device="cpu").num_timesteps == 256
+
+
 def test_a_checkpoint_of_another_run_is_skipped_like_a_damaged_one(monkeypatch, capsys, finished_run, tmp_path):
     """A newer checkpoint that is not this run's (another agent's, copied in) is named and passed over; a config.yaml
     edited to another env fits no checkpoint: one line, nothing written."""
@@ -357,7 +397,8 @@ def test_a_dqn_resume_never_mixes_a_newer_replay_buffer_into_an_older_checkpoint
            "eval.episodes=1", "eval.n_envs=1", "eval.every=1000000", "progress_bar=false", "torch_threads=1"]
     run_in_process(monkeypatch, *dqn, "total_steps=200", "checkpoint.every=100", f"hydra.run.dir={run_dir}")
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert names == ["step_000000000100.zip", "step_000000000200.replay_buffer.pkl", "step_000000000200.zip"]
+    assert names == ["step_000000000100.run_state.pkl", "step_000000000100.zip", "step_000000000200.replay_buffer.pkl",
+                     "step_000000000200.run_state.pkl", "step_000000000200.zip"]  # fmt: skip
     assert OmegaConf.load(run_dir / "config.yaml").aux.source == "td"  # DQN's default, named in the run's config
     assert OmegaConf.load(finished_run / "config.yaml").aux.source is None  # PPO takes pairs of its own
     newest = run_dir / "checkpoints" / "step_000000000200.zip"
@@ -462,11 +503,12 @@ def test_a_full_disk_while_the_learning_curve_is_drawn_is_a_warning_and_the_run_
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_leaves_no_orphan(tmp_path, monkeypatch, one_torch_thread):
     env = VecNormalize(make_vec_env("gym:CartPole-v1", 1), norm_obs=False)  # two files per checkpoint: .pkl and .zip
     model = MincPPO("MlpPolicy", env, encoder="mlp", n_steps=16, batch_size=16)
-    checkpoints = Checkpoints(tmp_path, every=1, replay_buffer=False)
+    checkpoints = Checkpoints(tmp_path, every=1, replay_buffer=False, run_state=RunState({}, {}))
     checkpoints.init_callback(model)
     first = checkpoints.run()
     before = snapshot(tmp_path)
-    assert set(before) == {"checkpoints/step_000000000000.zip", "checkpoints/step_000000000000.vecnormalize.pkl"}
+    assert set(before) == {"checkpoints/step_000000000000.zip", "checkpoints/step_000000000000.vecnormalize.pkl",
+                           "checkpoints/step_000000000000.run_state.pkl"}  # fmt: skip
 
     def disk_full(path, *args, **kwargs):
         Path(path).write_bytes(b"partial")  # the disk fills up half-way through the zip
@@ -480,7 +522,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_leaves_no_or
         "the checkpoint of step 16 was not written (OSError: [Errno 28] No space left on device); "
         f"the last checkpoint, {first}, is intact"
     )
-    assert snapshot(tmp_path) == before  # no step_16 .pkl without its .zip, no temporary file
+    assert snapshot(tmp_path) == before  # no step_16 .pkl files without their .zip, no temporary file
     assert run_io.checkpoint_problem(first, vecnormalize=True) is None
     env.close()
 
@@ -504,7 +546,7 @@ def test_atomic_writes_give_files_the_permissions_of_a_plain_open(tmp_path, umas
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.csv", "b.csv", "one.json", "plain.txt"]
 
 
-# --- a prompt stop: inside a PPO update ----------------------------------------------------------------------------
+# --- a prompt stop: inside a PPO update, rolled back to the rollout's start -------------------------------------------
 
 
 class SignalAtRolloutEnd(BaseCallback):
@@ -523,19 +565,23 @@ class SignalAtRolloutEnd(BaseCallback):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])
-def test_a_signal_stops_a_ppo_update_after_its_current_minibatch(signum, one_torch_thread):
+def test_a_signal_stops_a_ppo_update_after_its_current_minibatch_and_rolls_back(signum, one_torch_thread):
     env = make_vec_env("gym:CartPole-v1", 1)
     # 10 epochs x 8 minibatches: a full update is 80 MINC steps
     model = MincPPO("MlpPolicy", env, aux={"name": "minc", "batch": 8}, encoder="mlp", n_steps=64, batch_size=8, n_epochs=10)
-    stop = StopOnSignal()
+    started = [parameter.detach().clone() for parameter in model.policy.parameters()]
+    stop = StopOnSignal(RunState({}, {}))
     stop.install()
     try:
-        model.learn(128, callback=CallbackList([stop, SignalAtRolloutEnd(signum)]))
+        with pytest.raises(Stopped):  # at the next rollout start, before its first step
+            model.learn(128, callback=CallbackList([stop, SignalAtRolloutEnd(signum)]))
     finally:
         stop.restore()
-    assert stop.signum == signum
-    assert int(model.aux_learner.loss.steps) == 1  # one minibatch, then the update and learn() stopped
-    assert model.num_timesteps == 65  # the next rollout stopped at its first step
+    assert stop.signum == signum and stop.cut
+    assert int(model.aux_learner.loss.steps) == 1 and model.num_timesteps == 64  # one minibatch of the update
+    stop.roll_back()  # to the start of the rollout whose update the stop cut
+    assert model.num_timesteps == 0 and int(model.aux_learner.loss.steps) == 0
+    assert all(torch.equal(a, b) for a, b in zip(started, model.policy.parameters()))
     assert run_io.parameters_finite(model)
     env.close()
 
@@ -592,7 +638,8 @@ def test_a_submitit_sweep_runs_and_a_job_stopped_by_sigterm_or_sigusr2_resumes(t
 @pytest.mark.parametrize("written", ["none", "train_levels"])
 def test_a_resumed_run_makes_up_the_evaluation_a_stop_abandoned(tmp_path, written):
     """A stop during the evaluation due at step 200 leaves no row (or only the first split's); the run resumed from
-    the stop's checkpoint (step 232) evaluates every split at its start, so no run lacks an evaluation point."""
+    the stop's checkpoint (step 232) evaluates every split at its start, so no run lacks an evaluation point. One
+    resumed at its budget leaves it to its final evaluation (at that step), which would otherwise come twice."""
     path = tmp_path / "evaluations.csv"
     row = dict(return_mean=1.0, return_std=0.0, length_mean=9.0, episodes=1)
     for split in ("train_levels", "unseen_levels"):
@@ -600,10 +647,10 @@ def test_a_resumed_run_makes_up_the_evaluation_a_stop_abandoned(tmp_path, writte
     if written != "none":
         run_io.append_evaluation(path, dict(step=200, split=written, **row))
     model = MincPPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), aux="none", n_steps=32, seed=0)
-    model.num_timesteps = 232
+    model.num_timesteps, model._total_timesteps = 232, 1000
     model.set_logger(configure(None, []))
     envs = {split: make_vec_env("gym:CartPole-v1", 1, seed=5) for split in ("train_levels", "unseen_levels")}
-    evaluation = Evaluation(envs, 100, 2, True, path, StopOnSignal())
+    evaluation = Evaluation(envs, 100, 2, True, path, StopOnSignal(RunState(envs, {})))
     evaluation.init_callback(model)
     evaluation.on_training_start({}, {})
     rows = [(int(r["step"]), r["split"]) for r in run_io.read_evaluations(path)]
@@ -612,3 +659,8 @@ def test_a_resumed_run_makes_up_the_evaluation_a_stop_abandoned(tmp_path, writte
 
     evaluation.on_training_start({}, {})  # evaluated: a second start adds nothing
     assert len(run_io.read_evaluations(path)) == 4
+
+    model.num_timesteps = model._total_timesteps = 300
+    run_io.append_evaluation(path, dict(step=300, split="train_levels", **row))
+    evaluation.on_training_start({}, {})
+    assert [int(r["step"]) for r in run_io.read_evaluations(path)] == [100, 100, 232, 232]

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from minc_rl.runs import run_callbacks, train_config, training
+from minc_rl.runs.run_state import RunState
 from minc_rl.ssl.backbones import build_backbone
 from minc_rl.agents import MincDQN, MincPPO
 from minc_rl.ssl.encoders import build_encoder, encoder_file_problem, save_encoder
@@ -436,12 +437,13 @@ def test_an_encoder_the_agents_do_not_take_is_refused_with_a_fix_that_exists(tmp
 
 def test_a_model_with_non_finite_parameters_is_never_checkpointed(tmp_path, one_torch_thread):
     model = MincPPO("MlpPolicy", make_vec_env("gym:CartPole-v1", 1), encoder="mlp", n_steps=16, batch_size=16)
-    checkpoints = run_callbacks.Checkpoints(tmp_path, every=1, replay_buffer=False)
+    checkpoints = run_callbacks.Checkpoints(tmp_path, every=1, replay_buffer=False, run_state=RunState({}, {}))
     checkpoints.init_callback(model)
     healthy = checkpoints.run().read_bytes()  # a healthy model is saved
     with torch.no_grad():
         next(model.policy.parameters())[0].fill_(float("nan"))
     with pytest.raises(RuntimeError, match="non-finite parameters at step 0: not checkpointed"):
         checkpoints.run()
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000000000000.zip"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000000000000.run_state.pkl",
+                                                                         "step_000000000000.zip"]
     assert (tmp_path / "checkpoints" / "step_000000000000.zip").read_bytes() == healthy

@@ -132,7 +132,8 @@ def row_count(observations: Observations) -> int:
 
 class EncoderHealth(BaseCallback):
     """Logs encoder_health of the agent's own features extractor under health/ every `every` environment steps (at
-    the first rollout end at or past each multiple) and at the end of training, also when `every` is past it.
+    the first rollout end at or past each multiple) and at the end of training, also when `every` is past it (not
+    when learn() stops before its total_timesteps).
 
     The probe batch is `probe` observations drawn once, without replacement, from the agent's buffer at the first
     measurement (PPO: the rollout just collected; DQN: the replay buffer so far), with a numpy Generator of its
@@ -173,8 +174,9 @@ class EncoderHealth(BaseCallback):
         self.next_step = (self.num_timesteps // self.every + 1) * self.every
 
     def _on_training_end(self) -> None:
-        """The final measurement, also of a run shorter than `every` (its probe is drawn now)."""
-        if self.measured_step == self.num_timesteps:
+        """The final measurement, also of a run shorter than `every` (its probe is drawn now); none when learn() stopped
+        before its total_timesteps (a signal in minc_rl.train: the run goes on later, with the probe it would draw)."""
+        if self.measured_step == self.num_timesteps or self.num_timesteps < self.model._total_timesteps:
             return
         started = time.perf_counter()
         if self.probe is None and row_count(buffer_rows(self.model)) > 0:

@@ -1,8 +1,10 @@
 """The callbacks of a training run (minc_rl.train): the progress bar, periodic evaluation and checkpoints, and a
-prompt stop on Ctrl-C / SIGTERM; and LatestValues, the logger output that keeps the last value of every key."""
+prompt stop on Ctrl-C / SIGTERM at a point that a resumed run repeats exactly; and LatestValues, the logger output
+that keeps the last value of every key."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import signal
 from pathlib import Path
@@ -12,12 +14,14 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.logger import KVWriter
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm import tqdm
 
 from minc_rl.common.checks import one_line
 from minc_rl.common.run_dir import STOP_SIGNALS
 from minc_rl.runs import run_io
+from minc_rl.runs.run_state import RunState
 
 log = logging.getLogger("minc_rl.train")
 
@@ -56,17 +60,25 @@ class ProgressBar(BaseCallback):
         self.bar.close()
 
 
-class StopOnSignal(BaseCallback):
-    """Ctrl-C (SIGINT), SIGTERM or SIGUSR2 stop the run promptly: learn() returns at the next environment step, and
-    an update in progress ends after its current gradient step (MincPPO / MincDQN's `should_stop`), so that the
-    checkpoint is written within about one minibatch's time. A second signal acts as usual (Ctrl-C twice:
-    KeyboardInterrupt)."""
+class Stopped(Exception):
+    """Raised by StopOnSignal at a rollout start after a signal: learn() ends there, before the rollout's first step."""
 
-    def __init__(self) -> None:
+
+class StopOnSignal(BaseCallback):
+    """Ctrl-C (SIGINT), SIGTERM or SIGUSR2 stop the run where a resumed run repeats it bit for bit. At a rollout start
+    (the last update complete) learn() ends at once (Stopped is raised). An off-policy agent (DQN) gets there by
+    finishing its collection (train_freq steps) and its update; an on-policy agent's rollout (PPO) can take minutes,
+    so it stops at the next environment step, or inside an update after the current gradient step (MincPPO's
+    `should_stop`), and `roll_back` returns it to the latest rollout start, which this callback keeps in memory (its
+    parameters and RunState). A second signal acts as usual (Ctrl-C twice: KeyboardInterrupt)."""
+
+    def __init__(self, run_state: RunState) -> None:
         super().__init__()
+        self.run_state = run_state
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
-        self.stopped_update = False
+        self.cut = False  # whether the stop cut a rollout or an update, so that roll_back has to undo it
+        self.snapshot: tuple[dict[str, Any], bytes] | None = None
 
     def install(self) -> None:
         """Catch STOP_SIGNALS from now on."""
@@ -83,19 +95,39 @@ class StopOnSignal(BaseCallback):
         signal.signal(signum, self.previous[signum])
 
     def _init_callback(self) -> None:
-        self.model.should_stop = self._stop_update  # MincPPO / MincDQN check it after every gradient step
+        self.rolls_back = isinstance(self.model, OnPolicyAlgorithm)
+        if self.rolls_back:
+            self.model.should_stop = self._stop_update  # MincPPO checks it after every gradient step
 
     def _stop_update(self) -> bool:
-        if self.signum is not None and not self.stopped_update:
-            self.stopped_update = True
+        if self.signum is not None and not self.cut:
+            self.cut = True
             log.warning("%s: the update stops after its current gradient step", signal.Signals(self.signum).name)
         return self.signum is not None
 
+    def _on_rollout_start(self) -> None:
+        if self.signum is not None:
+            log.warning("%s: stopping and writing a checkpoint", signal.Signals(self.signum).name)
+            raise Stopped
+        if self.rolls_back:
+            self.snapshot = copy.deepcopy(self.model.get_parameters()), self.run_state.capture(self.model)
+
     def _on_step(self) -> bool:
-        if self.signum is None:
+        if self.signum is None or not self.rolls_back:
             return True
+        self.cut = True
         log.warning("%s: stopping and writing a checkpoint", signal.Signals(self.signum).name)
         return False
+
+    def roll_back(self) -> None:
+        """After a stop that cut a rollout or an update: the run as it was at the latest rollout start."""
+        if not self.cut:
+            return
+        parameters, state = self.snapshot
+        self.model.set_parameters(parameters, exact_match=True)
+        self.run_state.restore(self.model, state)
+        log.warning("rolled back to step %d, the start of the rollout the stop cut (a resumed run repeats it)",
+                    self.model.num_timesteps)
 
 
 class EverySteps(BaseCallback):
@@ -126,7 +158,9 @@ class EvaluationAbandoned(Exception):
 
 
 class Evaluation(EverySteps):
-    """evaluate_policy on each split's env; logged under eval/ and appended to evaluations.csv."""
+    """evaluate_policy on each split's env; logged under eval/ and appended to evaluations.csv. An evaluation that a
+    signal abandons gives back what it drew (the random streams and the envs are as before it), so that the run
+    stops as if it had not started."""
 
     def __init__(
         self, envs: dict[str, VecEnv], every: int, episodes: int, deterministic: bool, path: Path, stop: StopOnSignal
@@ -140,10 +174,12 @@ class Evaluation(EverySteps):
         done = {row["split"] for row in run_io.read_evaluations(self.path) if int(row["step"]) >= due}
         if due > 0 and done != set(self.envs):  # a stop abandoned the evaluation due then: a resumed run makes it up
             run_io.truncate_evaluations(self.path, due - 1)
-            self.run()
+            if self.num_timesteps < self.model._total_timesteps:  # else the run's final evaluation is at this step
+                self.run()
 
     def run(self) -> None:
         """One evaluation of every split at the model's current step; abandoned (no row) on Ctrl-C or SIGTERM."""
+        before = self.stop.run_state.capture(self.model)
         for split, env in self.envs.items():
             try:
                 returns, lengths = evaluate_policy(
@@ -155,6 +191,7 @@ class Evaluation(EverySteps):
                     callback=self._abandon_on_signal,
                 )
             except EvaluationAbandoned:
+                self.stop.run_state.restore(self.model, before)
                 log.warning("evaluation at step %d abandoned", self.model.num_timesteps)
                 return
             row = {
@@ -181,11 +218,12 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpoints(EverySteps):
-    """An atomic checkpoint: model with optimizer and Lambda, step count, reward statistics, DQN's replay buffer."""
+    """An atomic checkpoint: model with optimizer and Lambda, step count, reward statistics, the run state (random
+    streams and env states), DQN's replay buffer."""
 
-    def __init__(self, run_dir: Path, every: int, replay_buffer: bool) -> None:
+    def __init__(self, run_dir: Path, every: int, replay_buffer: bool, run_state: RunState) -> None:
         super().__init__(every)
-        self.run_dir, self.replay_buffer = run_dir, replay_buffer
+        self.run_dir, self.replay_buffer, self.run_state = run_dir, replay_buffer, run_state
 
     def run(self) -> Path:
         """Write the checkpoint of the current step; a model with non-finite parameters is never saved."""
@@ -195,7 +233,8 @@ class Checkpoints(EverySteps):
                 f"the last good checkpoint is {run_io.latest_checkpoint(self.run_dir)}"
             )
         try:
-            return run_io.save_checkpoint(self.model, self.run_dir, self.replay_buffer)
+            state = self.run_state.capture(self.model)
+            return run_io.save_checkpoint(self.model, self.run_dir, self.replay_buffer, state)
         except OSError as error:
             raise CheckpointError(
                 f"the checkpoint of step {self.model.num_timesteps} was not written ({one_line(error)}); "

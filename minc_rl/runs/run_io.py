@@ -6,7 +6,8 @@ Layout of a run directory:
     evaluations.csv                 one row per evaluation and split
     checkpoints/step_<N>.zip        SB3 model: policy (encoder, head, Lambda), optimizer, step count
     checkpoints/step_<N>.vecnormalize.pkl   reward-normalisation statistics, when used
-    checkpoints/replay_buffer.pkl   DQN's replay buffer, when checkpoint.replay_buffer=true
+    checkpoints/step_<N>.run_state.pkl      random streams and env states (minc_rl.runs.run_state)
+    checkpoints/step_<N>.replay_buffer.pkl  DQN's replay buffer, beside the newest checkpoint
     summary.json, learning_curve.png
 """
 
@@ -57,8 +58,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def checkpoint_problem(path: Path, vecnormalize: bool, fits: Callable[[dict[str, Any]], str | None] | None = None,
                        ) -> str | None:
     """Why `path` is not a checkpoint a run can resume from, or None: a zip whose members pass their CRC check,
-    SB3's data and policy weights that load and are finite, (`vecnormalize`) its reward statistics, and (`fits`:
-    SB3's data -> a problem or None) a match with the run that resumes it."""
+    SB3's data and policy weights that load and are finite, (`vecnormalize`) its reward statistics, its run state
+    where it has one, and (`fits`: SB3's data -> a problem or None) a match with the run that resumes it."""
     from stable_baselines3.common.save_util import load_from_zip_file
 
     try:
@@ -77,6 +78,10 @@ def checkpoint_problem(path: Path, vecnormalize: bool, fits: Callable[[dict[str,
         if vecnormalize:
             with open(vecnormalize_path(path), "rb") as file:
                 pickle.load(file)
+        try:
+            read_run_state(path)
+        except ValueError as error:
+            return str(error)
         if fits is not None:
             return fits(data)
     except FileNotFoundError as error:
@@ -144,6 +149,27 @@ def vecnormalize_path(checkpoint: Path) -> Path:
     return checkpoint.with_suffix(".vecnormalize.pkl")
 
 
+def run_state_path(checkpoint: Path) -> Path:
+    """The random streams and env states saved with `checkpoint` (minc_rl.runs.run_state)."""
+    return checkpoint.with_suffix(".run_state.pkl")
+
+
+def read_run_state(checkpoint: Path) -> bytes | None:
+    """The run state saved with `checkpoint`, None for a checkpoint without one (written before exact resume);
+    ValueError naming the file when it cannot be read or belongs to another step."""
+    path = run_state_path(checkpoint)
+    if not path.exists():
+        return None
+    try:
+        saved = path.read_bytes()
+        step = pickle.loads(saved)["step"]
+    except Exception as error:  # noqa: BLE001  a damaged pickle raises anything
+        raise ValueError(f"its run state {path.name} cannot be read ({one_line(error)})") from error
+    if step != checkpoint_step(checkpoint):
+        raise ValueError(f"its run state {path.name} is the state of step {step}")
+    return saved
+
+
 def replay_buffer_path(checkpoint: Path) -> Path:
     """DQN's replay buffer saved with `checkpoint` (only the newest checkpoint keeps one: it can be large)."""
     return checkpoint.with_suffix(".replay_buffer.pkl")
@@ -157,12 +183,13 @@ def parameters_finite(model: BaseAlgorithm) -> bool:
     return all(torch.isfinite(t).all() for t in model.policy.state_dict().values() if t.is_floating_point())
 
 
-def save_checkpoint(model: BaseAlgorithm, run_dir: Path, replay_buffer: bool) -> Path:
-    """Write the checkpoint of the model's current step: every file (replay buffer, reward statistics, the .zip) is
-    written to a temporary file first and renamed only when all are written, the .zip last, which marks the
-    checkpoint complete. A failed write (a full disk) leaves the previous checkpoint and no temporary file."""
+def save_checkpoint(model: BaseAlgorithm, run_dir: Path, replay_buffer: bool, run_state: bytes) -> Path:
+    """Write the checkpoint of the model's current step with its `run_state` (minc_rl.runs.run_state): every file
+    (replay buffer, reward statistics, run state, the .zip) is written to a temporary file first and renamed only
+    when all are written, the .zip last, which marks the checkpoint complete. A failed write (a full disk) leaves
+    the previous checkpoint and no temporary file."""
     path = checkpoint_path(run_dir, model.num_timesteps)
-    writes = []
+    writes = [(run_state_path(path), lambda tmp: Path(tmp).write_bytes(run_state))]
     if replay_buffer and getattr(model, "replay_buffer", None) is not None:
         writes.append((replay_buffer_path(path), model.save_replay_buffer))
     vec_normalize = model.get_vec_normalize_env()

@@ -7,7 +7,8 @@ code 2 and one line, before torch is imported), then calls run(). run() owns the
 finished sweep job or resumes a stopped one, builds the vector envs (minc_rl.envs) and the agent (minc_rl.agents,
 whose train() method holds the gradient step), and runs model.learn() with callbacks for the progress bar,
 evaluation, checkpoints and Ctrl-C / SIGTERM. Then it writes the last checkpoint, summary.json and
-learning_curve.png; minc_rl.runs.run_io holds those file formats.
+learning_curve.png; minc_rl.runs.run_io holds those file formats, minc_rl.runs.run_state what a checkpoint adds to
+SB3's so that a resumed run repeats the run that was never stopped (random streams, env states).
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ from minc_rl.envs import make_eval_env, make_vec_env, parse_spec
 from minc_rl.rl.health import EncoderHealth
 from minc_rl.rl.settings import AuxConfig
 from minc_rl.runs import run_io
-from minc_rl.runs.run_callbacks import CheckpointError, Checkpoints, Evaluation, LatestValues, ProgressBar, StopOnSignal
+from minc_rl.runs.run_callbacks import (
+    CheckpointError, Checkpoints, Evaluation, LatestValues, ProgressBar, StopOnSignal, Stopped,
+)
+from minc_rl.runs.run_state import RunState
 from minc_rl.runs.train_config import (
     EVAL_SEED_OFFSET, GROUPS, RUN_FILES, SCHEDULES, aux_config, fail, ppo_batch_size, resume_hint, resumed_config,
     schedule_start,
@@ -71,6 +75,12 @@ def build_envs(cfg: DictConfig) -> tuple[VecEnv, dict[str, VecEnv]]:
     else:
         eval_envs = {"test": make_eval_env(cfg.env, cfg.eval.n_envs, seed=eval_seed, **options)}
     return env, eval_envs
+
+
+def env_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What build_envs and normalized_rewards build the envs with (a resume restores saved envs only into the same)."""
+    return {"env": cfg.env, "env_options": OmegaConf.to_container(cfg.env_options), "n_envs": cfg.n_envs,
+            "seed": cfg.seed, "normalize_reward": cfg.normalize_reward, "eval.n_envs": cfg.eval.n_envs}
 
 
 def normalized_rewards(cfg: DictConfig, env: VecEnv, checkpoint: Path | None) -> VecEnv:
@@ -247,9 +257,8 @@ def run_training(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, An
     model = build_model(cfg, env) if checkpoint is None else load_model(cfg, env, checkpoint, run_dir)
     start_run(cfg, run_dir)
     wandb_run = start_wandb(cfg, run_dir) if cfg.wandb.enabled else None  # before SB3's TensorBoard writer exists
-    start_step = model.num_timesteps
     latest = set_logger(model, run_dir, resumed=checkpoint is not None)
-    saved, stop, speed = learn(cfg, model, eval_envs, run_dir, start_step)
+    saved, stop, speed = learn(cfg, model, eval_envs, run_dir, checkpoint)
 
     summary = run_summary(cfg, model, run_dir, latest.values, time.time() - started, speed, stop.signum is not None)
     run_io.write_summary(run_dir / "summary.json", summary)
@@ -350,27 +359,38 @@ def set_logger(model: BaseAlgorithm, run_dir: Path, resumed: bool) -> LatestValu
 
 
 def learn(
-    cfg: DictConfig, model: BaseAlgorithm, eval_envs: dict[str, VecEnv], run_dir: Path, start_step: int
+    cfg: DictConfig, model: BaseAlgorithm, eval_envs: dict[str, VecEnv], run_dir: Path, checkpoint: Path | None
 ) -> tuple[Path, StopOnSignal, float]:
     """model.learn() up to cfg.total_steps with evaluations, checkpoints, the progress bar and a stop on Ctrl-C /
-    SIGTERM; then the last checkpoint and, unless stopped, the last evaluation. Returns the last checkpoint, the
-    stop callback (its signum says whether a signal stopped the run) and this session's steps per second."""
+    SIGTERM (a resumed run first gets the random streams and env states of its `checkpoint` back); then the last
+    checkpoint and, unless stopped, the last evaluation. Returns the last checkpoint, the stop callback (its signum
+    says whether a signal stopped the run) and this session's steps per second."""
     deterministic = cfg.eval.deterministic if cfg.eval.deterministic is not None else cfg.agent.name == "dqn"
-    stop = StopOnSignal()
+    run_state = RunState(eval_envs, env_settings(cfg))
+    stop = StopOnSignal(run_state)
     evaluation = Evaluation(eval_envs, cfg.eval.every, cfg.eval.episodes, deterministic, run_dir / "evaluations.csv", stop)
-    checkpoints = Checkpoints(run_dir, cfg.checkpoint.every, cfg.checkpoint.replay_buffer)
-    callbacks = [evaluation, checkpoints, stop] + ([ProgressBar(cfg.total_steps)] if cfg.progress_bar else [])
+    checkpoints = Checkpoints(run_dir, cfg.checkpoint.every, cfg.checkpoint.replay_buffer, run_state)
+    # at a rollout start: the due evaluation, a stop (before anything is written after a signal), the checkpoint
+    callbacks = [evaluation, stop, checkpoints] + ([ProgressBar(cfg.total_steps)] if cfg.progress_bar else [])
     if cfg.get("health") is not None and cfg.health.every > 0:
         callbacks.append(EncoderHealth(cfg.health.every, cfg.health.probe, cfg.seed, run_dir / "health_probe.npz"))
+    callback = CallbackList(callbacks)
+    if checkpoint is not None:  # last: nothing may draw from the random streams between this and learn()
+        continue_run_state(run_state, model, checkpoint)
+    start_step = model.num_timesteps
     stop.install()
     learn_started = time.time()
     try:
-        model.learn(
-            total_timesteps=max(cfg.total_steps - start_step, 0),
-            callback=CallbackList(callbacks),
-            log_interval=cfg.agent.log_interval,
-            reset_num_timesteps=not cfg.resume,
-        )
+        try:
+            model.learn(
+                total_timesteps=max(cfg.total_steps - start_step, 0),
+                callback=callback,
+                log_interval=cfg.agent.log_interval,
+                reset_num_timesteps=not cfg.resume,
+            )
+        except Stopped:  # at a rollout start, where SB3's learn() does not end on its own
+            callback.on_training_end()
+        stop.roll_back()
         learn_time = time.time() - learn_started
         saved = checkpoints.run()
         if stop.signum is None:
@@ -383,6 +403,19 @@ def learn(
     finally:
         stop.restore()
     return saved, stop, (model.num_timesteps - start_step) / learn_time
+
+
+def continue_run_state(run_state: RunState, model: BaseAlgorithm, checkpoint: Path) -> None:
+    """The random streams and env states saved with `checkpoint` back in the run; one logged line where the resume
+    is not exact (a checkpoint without them, written before exact resume, or an env that could not give its state)."""
+    saved = run_io.read_run_state(checkpoint)
+    if saved is None:
+        log.warning("%s has no run state (it was written before exact resume): the random streams restart from the "
+                    "run's seed and the episodes in progress restart", checkpoint.name)  # fmt: skip
+        return
+    missing = run_state.restore(model, saved)
+    if missing:
+        log.warning("resuming %s, not exactly: the episodes of %s restart", checkpoint.name, "; ".join(missing))
 
 
 def run_summary(
