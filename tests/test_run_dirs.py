@@ -5,7 +5,6 @@ a checkpoint, a prompt stop inside a PPO update, and the cluster path through su
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
