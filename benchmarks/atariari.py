@@ -4,6 +4,8 @@ InfoNCE pretrained on consecutive frames, probed beside the majority and random-
     python benchmarks/atariari.py run --commit                 # the main table: 5 games x 3 seeds, resumable
     python benchmarks/atariari.py run --games pong --seeds 0 --frames 3000 --steps 5 --epochs 2 --runs /tmp/r --out /tmp/o
     python benchmarks/atariari.py aggregate                    # table.md and atariari.json from the cells' copies
+    python benchmarks/atariari.py run --batch 512 --games pong bowling --losses minc spectral --commit   # item 5
+    python benchmarks/atariari.py batch                        # batch 64 (the main table) against batch 512
 
 `run` works through the cells seed by seed, then game by game: the baselines cell (python -m minc_rl.probe game=<g>,
 the majority and random-CNN probes) and one cell per loss (python -m minc_rl.pretrain data=atari, then
@@ -48,6 +50,23 @@ PUBLISHED = {
     "supervised": {"pong": 0.87, "breakout": 0.94, "bowling": 0.95, "boxing": 0.83, "mspacman": 0.87},
 }
 COPIED = ("probe.json", "table.md")
+BATCH = 64  # the paper's pretraining batch; --steps counts steps of it
+BATCH_GAMES, BATCH_LOSSES = ("pong", "bowling"), ("minc", "spectral")  # the batch claim's cells (README_atariari.md)
+
+
+def batch_dirs(batch: int) -> tuple[Path, Path]:
+    """(results, runs) of a table pretrained at `batch`: the main table's at the paper's 64, its own folders else."""
+    if batch == BATCH:
+        return RESULTS, RUNS
+    return RESULTS.with_name(f"atariari_batch{batch}"), RUNS.with_name(f"atariari_batch{batch}")
+
+
+def pretraining_steps(steps: int, batch: int) -> int:
+    """The steps at `batch` that see as many pairs (the same epochs) as `steps` steps of 64; ValueError if none do."""
+    if steps * BATCH % batch:
+        raise ValueError(f"--steps {steps} of {BATCH} pairs ({steps * BATCH} pairs) is no whole number of steps at "
+                         f"--batch {batch}; choose a batch that divides {steps * BATCH}")
+    return steps * BATCH // batch
 
 
 def python() -> list[str]:
@@ -65,8 +84,9 @@ def cell_commands(game: str, method: str, seed: int, run_dir: Path, args: argpar
         return [probe]
     pretrain_dir = run_dir / "pretrain"
     pretrain = [*python(), "-m", "minc_rl.pretrain", "data=atari", f"data.game={game}", f"data.frames={args.frames}",
-                f"data.seed={1000 + seed}", f"data.cache_dir={args.cache}", f"loss={method}", f"steps={args.steps}",
-                f"seed={seed}", "eval.at_start=false", "eval.max_samples=2000", "progress=false", "device=cpu"]  # fmt: skip
+                f"data.seed={1000 + seed}", f"data.cache_dir={args.cache}", f"loss={method}",
+                f"steps={pretraining_steps(args.steps, args.batch)}", f"batch_size={args.batch}", f"seed={seed}",
+                "eval.at_start=false", "eval.max_samples=2000", "progress=false", "device=cpu"]  # fmt: skip
     if (pretrain_dir / "checkpoint.pt").exists():
         pretrain = [*python(), "-m", "minc_rl.pretrain", f"resume={pretrain_dir}"]
     else:
@@ -76,8 +96,8 @@ def cell_commands(game: str, method: str, seed: int, run_dir: Path, args: argpar
 
 def cells(args: argparse.Namespace) -> list[tuple[str, str, int]]:
     """(game, method, seed) of every cell asked for, seed by seed so that an unfinished table has whole seeds; the
-    random-CNN cell probes the majority baseline too."""
-    methods = ["random-cnn", *args.losses]
+    random-CNN cell probes the majority baseline too (at the paper's batch only: the baselines do not pretrain)."""
+    methods = ["random-cnn", *args.losses] if args.batch == BATCH else list(args.losses)
     return [(game, method, seed) for seed in args.seeds for game in args.games for method in methods]
 
 
@@ -107,6 +127,11 @@ def run(args: argparse.Namespace) -> None:
     print(f"done; the table: python benchmarks/atariari.py aggregate --results {args.out}", flush=True)
 
 
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean over seeds; nan for fewer than two."""
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
 def collect_scores(results: Path) -> dict[str, dict[str, list[float]]]:
     """method -> game -> the game's F1 (mean of category means) of each finished seed, from the cells' copies."""
     scores: dict[str, dict[str, list[float]]] = {}
@@ -132,7 +157,7 @@ def aggregate(args: argparse.Namespace) -> dict[str, Any]:
         cells_text = []
         for method in methods:
             values = scores[method].get(game, []) if game != "mean" else list(means[method].values())
-            ours = f"{np.mean(values):.2f} +- {np.std(values, ddof=1) / np.sqrt(len(values)):.2f} (n={len(values)})" \
+            ours = f"{np.mean(values):.2f} +- {standard_error(values):.2f} (n={len(values)})" \
                 if len(values) > 1 else (f"{values[0]:.2f} (n=1)" if values else "")
             paper = PUBLISHED.get(method, {})
             published = [paper[g] for g in (games if game == "mean" else [game]) if g in paper]
@@ -155,6 +180,40 @@ def aggregate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def batch_claim(args: argparse.Namespace) -> dict[str, Any]:
+    """The batch claim's table (README_atariari.md): per game and loss the mean F1 over seeds at batch 64 (the main
+    table's cells) and at --batch, and the change from the large batch to 64 with its standard error."""
+    small, large = collect_scores(args.results), collect_scores(args.large)
+    rows, result = [], {}
+    for game in BATCH_GAMES:
+        for loss in BATCH_LOSSES:
+            at_small, at_large = small.get(loss, {}).get(game, []), large.get(loss, {}).get(game, [])
+            if not at_small or not at_large:
+                continue
+            change = float(np.mean(at_small) - np.mean(at_large))
+            error = float(np.hypot(standard_error(at_small), standard_error(at_large)))
+            result.setdefault(game, {})[loss] = {"batch64": at_small, f"batch{args.batch}": at_large,
+                                                 "change": change, "se": error}  # fmt: skip
+            rows.append(f"| {game} | {loss} | {np.mean(at_small):.3f} (n={len(at_small)}) | "
+                        f"{np.mean(at_large):.3f} (n={len(at_large)}) | {change:+.3f} +- {error:.3f} |")
+        if len(result.get(game, {})) == len(BATCH_LOSSES):
+            minc, spectral = (result[game][loss] for loss in BATCH_LOSSES)
+            result[game]["minc_minus_spectral"] = {"change": minc["change"] - spectral["change"],
+                                                   "se": float(np.hypot(minc["se"], spectral["se"]))}  # fmt: skip
+            rows.append(f"| {game} | minc - spectral | | | {minc['change'] - spectral['change']:+.3f} +- "
+                        f"{result[game]['minc_minus_spectral']['se']:.3f} |")
+    if not rows:
+        raise ValueError(f"no (game, loss) of {BATCH_GAMES} x {BATCH_LOSSES} has cells in both {args.results} and "
+                         f"{args.large}")
+    text = "\n".join([f"| game | loss | F1 at batch {BATCH} | F1 at batch {args.batch} | change ({BATCH} - {args.batch}) +- SE |",
+                      "|---|---|---|---|---|", *rows]) + "\n"  # fmt: skip
+    args.large.mkdir(parents=True, exist_ok=True)
+    (args.large / "batch_claim.md").write_text(text)
+    (args.large / "batch_claim.json").write_text(json.dumps(result, indent=2))
+    print(text, flush=True)
+    return result
+
+
 def main() -> None:
     """Parse the command line and run a subcommand."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,15 +227,30 @@ def main() -> None:
     run_parser.add_argument("--steps", type=int_at_least(1), default=200,
                             help="pretraining steps of 64 pairs (paper: 100 epochs of its 100,000 frames)")
     run_parser.add_argument("--epochs", type=int_at_least(1), default=20, help="most probe epochs (paper: 100)")
-    run_parser.add_argument("--runs", type=Path, default=RUNS, help="run directories (checkpoints; not committed)")
-    run_parser.add_argument("--out", type=Path, default=RESULTS, help="where each cell's small files go")
+    run_parser.add_argument("--batch", type=int_at_least(1), default=BATCH,
+                            help="pretraining batch; the steps are scaled to the same pairs (epochs) as --steps of 64")
+    run_parser.add_argument("--runs", type=Path, help="run directories (checkpoints; not committed); default "
+                            "outputs/atariari, or outputs/atariari_batch<B>")
+    run_parser.add_argument("--out", type=Path, help="where each cell's small files go; default "
+                            "benchmarks/results/atariari, or benchmarks/results/atariari_batch<B>")
     run_parser.add_argument("--cache", type=Path, default=RUNS / "frames", help="the collected frames")
     run_parser.add_argument("--commit", action="store_true", help="git commit each cell's files as it finishes")
     aggregate_parser = commands.add_parser("aggregate", help="the table from `run`'s copies")
     aggregate_parser.add_argument("--results", type=Path, default=RESULTS)
+    batch_parser = commands.add_parser("batch", help="the batch claim: batch 64 (the main table) against --batch")
+    batch_parser.add_argument("--batch", type=int_at_least(1), default=512)
+    batch_parser.add_argument("--results", type=Path, default=RESULTS, help="the main table's copies (batch 64)")
+    batch_parser.add_argument("--large", type=Path, help="the large batch's copies; default "
+                              "benchmarks/results/atariari_batch<B>")
     args = parser.parse_args()
     try:
-        run(args) if args.command == "run" else aggregate(args)
+        if args.command == "run":
+            pretraining_steps(args.steps, args.batch)  # a batch that makes no whole number of steps: refused first
+            results, runs = batch_dirs(args.batch)
+            args.out, args.runs = args.out or results, args.runs or runs
+        if args.command == "batch":
+            args.large = args.large or batch_dirs(args.batch)[0]
+        {"run": run, "aggregate": aggregate, "batch": batch_claim}[args.command](args)
     except ValueError as error:
         parser.error(str(error))
 

@@ -1,5 +1,5 @@
-"""`python -m minc_rl.probe game=pong [encoder=<pretraining run>] [agent=<train run>]`: AtariARI's linear probes of
-Atari RAM state for the baselines and the encoders named (minc_rl.atariari).
+"""`python -m minc_rl.probe game=pong [encoder=<pretraining run(s)>] [agent=<train run(s)>]`: AtariARI's linear
+probes of Atari RAM state for the baselines and the encoders named (minc_rl.atariari).
 
 The entry point only: the command line is checked (minc_rl.common.cli) and Hydra answers --help before torch is
 imported; the probes themselves are minc_rl.atariari.run.run.

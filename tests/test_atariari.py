@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from torch import nn
 
 from minc_rl.atariari.probes import LinearProbes, label_scores, summarize
 from minc_rl.atariari.protocol import prepare
-from minc_rl.atariari.run import compose_config, probe
+from minc_rl.atariari.run import compose_config, method_names, probe
 from minc_rl.envs.atariari import (
     ATARIARI_LABELS, Episodes, cache_path, cache_key, collect, game_labels, label_categories, load_or_collect,
 )  # fmt: skip
@@ -172,7 +173,20 @@ def test_a_bad_setting_is_one_line_before_anything_is_collected(tmp_path):
         probe(compose_config(["frames=0"]), tmp_path)
     with pytest.raises(ValueError, match="encoder=.*no pretraining checkpoint"):
         probe(compose_config([f"encoder={tmp_path / 'none'}"]), tmp_path)
+    with pytest.raises(ValueError, match="name= names the one probed encoder; this run probes 2"):
+        probe(compose_config([f"agent=[{tmp_path / 'a'},{tmp_path / 'b'}]", "name=mine"]), tmp_path)
+    with pytest.raises(ValueError, match=r"agent=\[\] must be a run dir or a list of run dirs"):
+        probe(compose_config(["agent=[]"]), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_probed_encoders_are_named_by_their_loss_and_told_apart_by_their_folder():
+    named = [("runs/a/seed0", "agent-none"), ("runs/b/seed0", "agent-minc"), ("runs/c/seed1", "agent-minc")]
+    assert method_names(named) == ["agent-none", "agent-minc (seed0)", "agent-minc (seed1)"]
+    assert method_names([("runs/a", "minc")], "mine") == ["mine"]
+    assert method_names([("runs/x/minc", "random-cnn")]) == ["random-cnn (minc)"]  # never a baseline's column
+    with pytest.raises(ValueError, match=r"both called 'minc \(seed0\)' \(one is other/seed0\)"):
+        method_names([("runs/seed0", "minc"), ("other/seed0", "minc")])
 
 
 def tiny_probe(tmp_path: Path, *overrides: str) -> dict:
@@ -230,5 +244,11 @@ def test_an_agents_encoder_is_probed_through_its_own_preprocessing(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     written = tiny_probe(tmp_path, f"agent={run_dir}")
     assert list(written["methods"]) == ["majority", "random-cnn", "agent-none"]
+    assert written["methods"]["agent-none"]["source"] == str(run_dir)
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir, twin)  # the same weights under another folder: probed side by side, scored alike
+    both = tiny_probe(tmp_path, f"agent=[{run_dir},{twin}]")["methods"]
+    assert list(both) == ["majority", "random-cnn", "agent-none (agent)", "agent-none (twin)"]
+    assert both["agent-none (agent)"]["labels"] == both["agent-none (twin)"]["labels"]
     with pytest.raises(ValueError, match="trained on env=atari:Breakout; this probe's game is pong"):
         probe(compose_config(["game=pong", f"agent={run_dir}"]), tmp_path / "other")

@@ -297,3 +297,40 @@ def test_a_stop_signal_during_a_sweep_run_ends_the_sweep():
     with pytest.raises(SystemExit) as stopped:
         batch_sweep.run_digits(["loss=minc", "batch_size=16"], steps=100_000, lr=3e-4, seed=0, at_start=False)
     assert stopped.value.code == 128 + signal.SIGTERM
+
+
+def write_cell(folder: Path, game: str, method: str, seed: int, f1: float) -> None:
+    """A finished cell's copy as benchmarks/atariari.py run leaves it: probe.json with the method's game F1."""
+    cell = folder / game / method / f"seed{seed}"
+    cell.mkdir(parents=True)
+    (cell / "probe.json").write_text(json.dumps({"methods": {method: {"f1": f1}}}))
+
+
+def test_the_atariari_batch_claim_pretrains_on_the_same_pairs_and_compares_by_hand(tmp_path):
+    """Issue 41 item 5: at --batch 512 a cell pretrains 25 steps (the 12,800 pairs of 200 steps of 64) with no
+    baseline cells; `batch` reports each loss's change from 512 to 64 and MINC's minus the spectral loss's, with
+    standard errors, as computed by hand below."""
+    import atariari
+
+    args = argparse.Namespace(games=["pong"], losses=["minc"], seeds=[0], frames=3000, steps=200, epochs=2,
+                              batch=512, cache=tmp_path / "frames")  # fmt: skip
+    assert atariari.cells(args) == [("pong", "minc", 0)]
+    pretrain, _ = atariari.cell_commands("pong", "minc", 0, tmp_path / "run", args)
+    assert "steps=25" in pretrain and "batch_size=512" in pretrain
+    assert atariari.cells(argparse.Namespace(**{**vars(args), "batch": 64}))[0] == ("pong", "random-cnn", 0)
+    with pytest.raises(ValueError, match="--steps 200 of 64 pairs .* no whole number of steps at --batch 500"):
+        atariari.pretraining_steps(200, 500)
+    small, large = tmp_path / "b64", tmp_path / "b512"
+    for seed, (minc64, spectral64, minc512, spectral512) in enumerate([(0.5, 0.4, 0.4, 0.5), (0.7, 0.4, 0.4, 0.3)]):
+        for folder, method, f1 in ((small, "minc", minc64), (small, "spectral", spectral64),
+                                   (large, "minc", minc512), (large, "spectral", spectral512)):  # fmt: skip
+            write_cell(folder, "pong", method, seed, f1)
+    result = atariari.batch_claim(argparse.Namespace(results=small, large=large, batch=512))
+    # minc: 64 -> (0.5, 0.7), 512 -> (0.4, 0.4): change 0.2, SE sqrt(0.02 / 2 + 0) = 0.1
+    # spectral: 64 -> (0.4, 0.4), 512 -> (0.5, 0.3): change 0.0, SE sqrt(0 + 0.02 / 2) = 0.1
+    assert result["pong"]["minc"]["change"] == pytest.approx(0.2) and result["pong"]["minc"]["se"] == pytest.approx(0.1)
+    assert result["pong"]["spectral"]["change"] == pytest.approx(0.0)
+    assert result["pong"]["minc_minus_spectral"]["change"] == pytest.approx(0.2)
+    assert result["pong"]["minc_minus_spectral"]["se"] == pytest.approx(0.1 * 2**0.5)
+    assert "| pong | minc - spectral | | | +0.200 +- 0.141 |" in (large / "batch_claim.md").read_text()
+    assert "bowling" not in result

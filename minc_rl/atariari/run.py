@@ -1,4 +1,4 @@
-"""The body of `python -m minc_rl.probe game=pong [encoder=<pretraining run>] [agent=<train run>]`: AtariARI's
+"""The body of `python -m minc_rl.probe game=pong [encoder=<pretraining run(s)>] [agent=<train run(s)>]`: AtariARI's
 linear probes of one game for the majority and random-CNN baselines and the encoders asked for, in one run, written
 as probe.json and table.md (the paper's layout: F1 per category and the game's mean of categories, then per label)."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 import time
 from pathlib import Path
 from typing import Any
@@ -38,19 +39,48 @@ def check_config(cfg: DictConfig) -> None:
     check_bool("progress", cfg.progress)
     if cfg.torch_threads is not None:
         check_int("torch_threads", cfg.torch_threads, 1)
-    if cfg.name is not None and (cfg.encoder is None) == (cfg.agent is None):
-        raise ValueError("name= names the one probed encoder: give it with encoder= or agent=, not both or neither")
+    probed = len(paths(cfg, "encoder")) + len(paths(cfg, "agent"))
+    if cfg.name is not None and probed != 1:
+        raise ValueError(f"name= names the one probed encoder; this run probes {probed} (encoder= and agent=): "
+                         "leave name= out to name each by its loss (agent-<aux> for agents)")
 
 
-def encoders(cfg: DictConfig) -> dict[str, Encoder]:
-    """Method name -> encoder: the random CNN, then the pretrained backbone and the agent asked for."""
-    chosen = {"random-cnn": random_cnn(cfg.seed, cfg.progress)}
-    if cfg.encoder is not None:
-        loss, encoder = pretrained(cfg.encoder, cfg.progress)
-        chosen[cfg.name or loss] = encoder
-    if cfg.agent is not None:
-        aux, encoder = agent(cfg.agent, cfg.game, cfg.progress)
-        chosen[cfg.name or f"agent-{aux}"] = encoder
+def paths(cfg: DictConfig, key: str) -> list[str]:
+    """The run dirs of encoder= or agent=: none, one, or a list ([a,b]) to probe side by side."""
+    value = cfg[key]
+    if value is None:
+        return []
+    found = list(value) if OmegaConf.is_list(value) else [value]
+    if not found or not all(isinstance(path, str) and path for path in found):
+        raise ValueError(f"{key}={value} must be a run dir or a list of run dirs ({key}=[dir_a,dir_b])")
+    return found
+
+
+def method_names(named: list[tuple[str, str]], name: str | None = None) -> list[str]:
+    """The columns of probed encoders given as (run dir, its loss or agent-<aux>): `name` for a single one; a name
+    that repeats (or is a baseline's) gets its run dir's folder name after it. ValueError if two still collide."""
+    counts = Counter(base for _, base in named)
+    columns: list[str] = []
+    for path, base in named:
+        column = name or (f"{base} ({Path(path).expanduser().resolve().name})"
+                          if counts[base] > 1 or base in BASELINES else base)  # fmt: skip
+        if column in columns or column in BASELINES:
+            raise ValueError(f"two probed encoders are both called {column!r} (one is {path}): probe them in "
+                             "separate runs")
+        columns.append(column)
+    return columns
+
+
+def encoders(cfg: DictConfig) -> dict[str, tuple[str | None, Encoder]]:
+    """Method name -> (the run dir it comes from, encoder): the random CNN, then the pretrained backbones and agents
+    asked for, named by method_names."""
+    named = [(path, *pretrained(path, cfg.progress)) for path in paths(cfg, "encoder")]
+    for path in paths(cfg, "agent"):
+        aux, encoder = agent(path, cfg.game, cfg.progress)
+        named.append((path, f"agent-{aux}", encoder))
+    columns = method_names([(path, base) for path, base, _ in named], cfg.name)
+    chosen: dict[str, tuple[str | None, Encoder]] = {"random-cnn": (None, random_cnn(cfg.seed, cfg.progress))}
+    chosen.update({column: (path, encoder) for column, (path, _, encoder) in zip(columns, named)})
     return chosen
 
 
@@ -60,9 +90,10 @@ def method_result(predicted: np.ndarray, true: np.ndarray, labels: list[str], **
     return {**summarize(scores), "labels": scores, **extra}
 
 
-def probe_encoder(encode: Encoder, episodes: Episodes, data: ProbeData, y: torch.Tensor, cfg: DictConfig) -> dict[str, Any]:
+def probe_encoder(encode: Encoder, episodes: Episodes, data: ProbeData, y: torch.Tensor, cfg: DictConfig,
+                  source: str | None) -> dict[str, Any]:
     """Features of the train, validation and test frames (computed once each), the probes trained on them, and their
-    test scores."""
+    test scores, with the run dir the encoder came from (`source`; None for the random CNN)."""
     rows = np.concatenate([data.train, data.val, data.test])
     started = time.time()
     features = encode(episodes, rows)
@@ -73,7 +104,8 @@ def probe_encoder(encode: Encoder, episodes: Episodes, data: ProbeData, y: torch
                                   settings, cfg.seed, cfg.progress)  # fmt: skip
     predicted = probes.predict(parts[2]).numpy()
     return method_result(predicted, y[data.test].numpy(), data.labels, epochs=dict(zip(data.labels, epochs.tolist())),
-                         feature_seconds=feature_seconds, probe_seconds=time.time() - started - feature_seconds)
+                         feature_seconds=feature_seconds, probe_seconds=time.time() - started - feature_seconds,
+                         source=source)
 
 
 def probe(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -95,8 +127,8 @@ def probe(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     results = {"majority": method_result(majority_predictions(y[data.train].numpy(), len(data.test)),
                                          y[data.test].numpy(), data.labels)}  # fmt: skip
     data_seconds = time.time() - started
-    for method, encode in chosen.items():
-        results[method] = probe_encoder(encode, episodes, data, y, cfg)
+    for method, (source, encode) in chosen.items():
+        results[method] = probe_encoder(encode, episodes, data, y, cfg, source)
     summary = {
         "game": cfg.game, "config": OmegaConf.to_container(cfg, resolve=True),
         "data": {"frames": len(episodes), "episodes": data.episodes,
