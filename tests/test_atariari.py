@@ -214,6 +214,12 @@ def test_a_tiny_probe_run_writes_its_table_and_json(tmp_path):
     assert set(written["data"]["dropped_labels"]) | set(written["data"]["labels"]) == set(game_labels("breakout"))
     table = (tmp_path / "probe" / "table.md").read_text()
     assert "| category | majority | random-cnn | minc |" in table and "**breakout** (mean of categories)" in table
+    # minc_rl.linear_eval on the same checkpoint: its crops are the whole 210x160 frame, not a 160x160 square
+    done = subprocess.run([sys.executable, "-m", "minc_rl.linear_eval", f"checkpoint={tmp_path / 'pretrain'}", "epochs=1",
+                           "progress=false", "device=cpu", f"hydra.run.dir={tmp_path / 'linear_eval'}"],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 0 <= json.loads((tmp_path / "linear_eval" / "linear_eval.json").read_text())["val_top1"] <= 1
 
 
 @pytest.mark.slow

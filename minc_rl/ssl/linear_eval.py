@@ -202,7 +202,7 @@ def linear_evaluation(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     backbone = backbone_from_checkpoint(checkpoint).to(device).eval().requires_grad_(False)
-    image_size = int(checkpoint["input_shape"][-1])
+    image_size = tuple(int(side) for side in checkpoint["input_shape"][1:])  # (height, width): Atari's are 210x160
     classifier = nn.Linear(backbone.features_dim, data.num_classes)
     if cfg.feature_bn:  # MAE's linear probe: a parameter-free BN standardises the features (still a linear map)
         classifier = nn.Sequential(nn.BatchNorm1d(backbone.features_dim, affine=False), classifier)
@@ -218,7 +218,7 @@ def linear_evaluation(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     total_steps = cfg.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
     augment = nn.Sequential(
-        K.RandomResizedCrop((image_size, image_size), scale=tuple(cfg.crop_scale)), K.RandomHorizontalFlip(p=cfg.flip)
+        K.RandomResizedCrop(image_size, scale=tuple(cfg.crop_scale)), K.RandomHorizontalFlip(p=cfg.flip)
     )
     start = time.time()
     for epoch in range(cfg.epochs):
