@@ -1,5 +1,5 @@
-"""Pretraining data sets (digits, procgen frames, AtariARI frames, CIFAR-10, image folders) as pair batches; nothing
-is downloaded."""
+"""Pretraining data sets (digits, procgen frames, AtariARI frames, CIFAR-10, image folders) as pair batches, and
+AtariARI's episodes as action sequences for loss=selfpred; nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -62,6 +62,41 @@ class PairDataset(Dataset):
         return a[0], b[0], y[0]
 
 
+class SequenceDataset(Dataset):
+    """Frames of episodes in memory; item i is (o_t, a_t..a_t+K-1, o_t+1..o_t+K, held) for t = anchors[i], with
+    `held[k]` true where o_t+k+1 is in o_t's episode (agents.selfpred.sequence_masks, `actions` -1 marking an
+    episode's last frame as minc_rl.envs.atariari.Episodes does). A step that is not held has action 0 and o_t's frame
+    as placeholders. `__getitems__` returns whole batches, as PairDataset's."""
+
+    def __init__(
+        self, images: torch.Tensor, actions: np.ndarray, anchors: np.ndarray, horizon: int, num_actions: int
+    ) -> None:
+        from minc_rl.agents.selfpred import sequence_masks  # the agents (SB3) load only for loss=selfpred
+
+        self.images = images
+        self.num_actions = num_actions
+        self.anchors = torch.as_tensor(anchors, dtype=torch.long)
+        steps = np.asarray(anchors)[:, None] + np.arange(horizon)  # (N, K): transitions t..t+K-1
+        taken = actions[np.minimum(steps, len(images) - 1)]
+        in_data = steps + 1 < len(images)  # the successor o_t+k+1 is among the frames
+        _, held = sequence_masks(in_data, taken < 0, end_successor_missing=True)
+        self.held = torch.from_numpy(held)
+        self.actions = torch.from_numpy(np.where(held, taken, 0))
+        self.successors = torch.from_numpy(np.where(held, steps + 1, steps[:, :1]))
+
+    def __len__(self) -> int:
+        return len(self.anchors)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        successors = self.images[self.successors[index]]
+        return self.images[self.anchors[index]], self.actions[index], successors, self.held[index]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        o, a, successors, held = self.__getitems__([i])
+        return o[0], a[0], successors[0], held[0]
+
+
 class ImageFolderPairs(Dataset):
     """Class folders read with Pillow: shorter side resized to `load_size`, centre-cropped square, uint8 (C, H, W)."""
 
@@ -119,6 +154,7 @@ class SSLData:
     input_shape: tuple[int, int, int]
     num_classes: int
     class_names: list[str]
+    sequences: SequenceDataset | None = None  # loss=selfpred's training items (the train split's episodes), else None
 
 
 def load_data(name: str, **options: Any) -> SSLData:
@@ -222,12 +258,14 @@ def load_atari(
     val_fraction: float = 0.2,
     cache_dir: str | None = None,
     progress: bool = True,
+    horizon: int | None = None,
     **_: Any,
 ) -> SSLData:
     """A random agent's frames of an AtariARI game (minc_rl.envs.atariari, cached in cache_dir) as (x_t, x_t+1) pairs
     of one episode, the episodes split into train and held-out parts. The label, for the run's own probe and kNN, is
-    one RAM label's byte (256 classes): `label`, or the game's first agent-localization label."""
-    from minc_rl.envs.atariari import label_categories, load_or_collect, split_episodes
+    one RAM label's byte (256 classes): `label`, or the game's first agent-localization label. With a `horizon` K
+    (loss=selfpred) the same anchors x_t also make `sequences`: the K actions and frames after each."""
+    from minc_rl.envs.atariari import label_categories, load_or_collect, make_ale_env, split_episodes
 
     episodes = load_or_collect(game, frames, seed, cache_dir, progress)
     names = episodes.label_names
@@ -242,12 +280,18 @@ def load_atari(
     anchors = np.flatnonzero(in_train[:-1] & (episodes.episode[1:] == episodes.episode[:-1]))
     images = torch.from_numpy(episodes.frames).unsqueeze(1)
     labels = torch.from_numpy(episodes.labels[:, names.index(label)].astype(np.int64))
+    sequences = None
+    if horizon is not None:
+        env = make_ale_env(game, seed)  # the game's action set: the agent draws from 1..n-1, a short run may miss one
+        sequences = SequenceDataset(images, episodes.actions, anchors, horizon, int(env.action_space.n))
+        env.close()
     return SSLData(
         PairDataset(images, labels, anchors, anchors + 1),
         PairDataset(images, labels, np.flatnonzero(np.isin(episodes.episode, val))),
         (1, *episodes.frames.shape[1:]),
         256,
         [str(value) for value in range(256)],
+        sequences,
     )
 
 

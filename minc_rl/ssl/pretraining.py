@@ -1,6 +1,7 @@
-"""Image self-supervised pretraining with MINC (or SCL / InfoNCE) on two views, with probe/kNN evaluation and DDP:
-the body of `python -m minc_rl.pretrain` (the entry point checks the command line, then calls `run`), and
-`pretrain(cfg, out_dir)` for scripts.
+"""Image self-supervised pretraining with MINC (or SCL / InfoNCE) on two views, or latent self-prediction along a
+random agent's actions (loss=selfpred, data=atari), with probe/kNN evaluation and DDP: the body of
+`python -m minc_rl.pretrain` (the entry point checks the command line, then calls `run`), and `pretrain(cfg, out_dir)`
+for scripts.
 
     python -m minc_rl.pretrain data=digits loss=minc
     torchrun --nproc_per_node=4 -m minc_rl.pretrain data=cifar10 data.root=/data/cifar backbone=resnet18
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 
 from minc_rl.ssl.augment import TwoViewAugment
 from minc_rl.ssl.backbones import build_backbone
-from minc_rl.common.checks import check_bool, check_choice, check_int, check_nonnegative, check_positive
+from minc_rl.common.checks import check_bool, check_choice, check_fraction, check_int, check_nonnegative, check_positive
 from minc_rl.common.cli import fail
 from minc_rl.configs import config_dir
 from minc_rl.common.run_dir import RunDirError, RunLock, check_fresh, resume_argument, saved_config_with
@@ -51,6 +52,7 @@ from minc_rl.ssl.linear_eval import (
     subsample,
 )
 from minc_rl.losses import build_aux_loss
+from minc_rl.rl.settings import LATENT_LOSSES
 from minc_rl.ssl.metrics import embedding_health, rankme
 from minc_rl.common.run_dir import STOP_SIGNALS
 from minc_rl.common.checks import one_line
@@ -59,6 +61,7 @@ PROGRAM = "minc_rl.pretrain"
 OPTIMIZERS = ("sgd", "lars", "adamw")
 LR_SCALINGS = ("linear", "sqrt", "none")
 PRECISIONS = ("fp32", "bf16")
+SELFPRED_TARGETS = ("online", "ema", "none")  # loss=selfpred: what embeds o_t+k (configs/pretrain/loss/selfpred.yaml)
 EVAL_FIELDS = ("probe_acc", "knn_acc", "feature_rankme", "val_rankme", "val_embedding_std", "collapsed")
 # The files that mark a directory as holding a pretraining run.
 RUN_FILES = ("checkpoint.pt", "metrics.csv", "encoder.pt", "summary.json")
@@ -102,12 +105,13 @@ class LARS(torch.optim.Optimizer):
 
 
 class SSLModel(nn.Module):
-    """Backbone followed by the BN-terminated projection head."""
+    """Backbone followed by the BN-terminated projection head (loss=selfpred: no head, and the latent model)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, latent: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.latent = latent
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings of float images in [0, 1]."""
@@ -281,6 +285,28 @@ def _validate(cfg: DictConfig, world: int) -> None:
         )
     if cfg.target_momentum is not None and not 0.0 <= cfg.target_momentum < 1.0:
         raise ValueError(f"target_momentum must be in [0, 1) or null; got {cfg.target_momentum!r}")
+    if cfg.loss.name == "selfpred":
+        _validate_selfpred(cfg, world)
+
+
+def _validate_selfpred(cfg: DictConfig, world: int) -> None:
+    """loss=selfpred's options, and the data (with actions) and single process it needs."""
+    if cfg.data.name != "atari":
+        raise ValueError(f"loss=selfpred rolls its latent model along the data's actions: it needs data=atari; "
+                         f"data={cfg.data.name} has no actions")
+    if world > 1:
+        raise ValueError(f"loss=selfpred runs in one process (its latent model and latent loss are not synchronised "
+                         f"across ranks); got {world} torchrun processes: run it with python -m minc_rl.pretrain")
+    check_int("loss.horizon", cfg.loss.horizon, 1)
+    check_choice("loss.latent_loss", cfg.loss.latent_loss, LATENT_LOSSES)
+    check_int("loss.hidden", cfg.loss.hidden, 1)
+    check_int("loss.dim", cfg.loss.dim, 1)
+    check_fraction("loss.ema", cfg.loss.ema)
+    check_choice("loss.target", cfg.loss.target, SELFPRED_TARGETS)
+    if (cfg.loss.target == "ema") != (cfg.target_momentum is not None):
+        raise ValueError(f"loss.target={cfg.loss.target} and target_momentum={cfg.target_momentum}: an EMA target "
+                         "needs its momentum (loss.target=ema with target_momentum in [0, 1), e.g. 0.99), and only it "
+                         "takes one")
 
 
 @dataclass
@@ -297,7 +323,7 @@ class Run:
     input_shape: tuple[int, int, int]
     model: SSLModel  # the module whose weights are saved; train_model wraps it (DDP, torch.compile)
     train_model: nn.Module
-    target: SSLModel | None  # BYOL-style EMA copy for the b view (target_momentum), else None
+    target: SSLModel | None  # BYOL-style EMA copy (target_momentum) for the b view (selfpred: o_t+k), else None
     loss_fn: nn.Module
     augment: TwoViewAugment
     sampler: DistributedSampler
@@ -425,21 +451,25 @@ def setup_run(cfg: DictConfig, out_dir: Path) -> Run:
                 lock.release()
             raise ValueError(str(error)) from None
     data, image_size, input_shape = load_images(cfg)
-    model, loss_fn, target = build_ssl_model(cfg, input_shape, world, device)
+    actions = None if data.sequences is None else data.sequences.num_actions
+    model, loss_fn, target = build_ssl_model(cfg, input_shape, world, device, actions)
     augment = TwoViewAugment(image_size=image_size, channels=input_shape[0], **OmegaConf.to_container(cfg.augment))
-    sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    train_set = data.train if data.sequences is None else data.sequences
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = DataLoader(
-        data.train, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True, collate_fn=collate_pairs,
+        train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True, collate_fn=collate_pairs,
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
     )
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(
-            f"batch_size={cfg.batch_size} is larger than the {len(data.train)} training pairs of data {cfg.data.name!r}"
+            f"batch_size={cfg.batch_size} is larger than the {len(train_set)} training pairs of data {cfg.data.name!r}"
         )
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr, cfg.weight_decay, cfg.momentum)
+    # the losses' parameters too: SPR's projection and predictor for loss=selfpred loss.latent_loss=cosine
+    optimizer = build_optimizer(cfg.optimizer, [*model.parameters(), *loss_fn.parameters()], lr, cfg.weight_decay,
+                                cfg.momentum)
     schedule = warmup_cosine(cfg.warmup_epochs * steps_per_epoch, total_steps)
     train_model: nn.Module = model
     if world > 1:
@@ -460,6 +490,8 @@ def load_images(cfg: DictConfig) -> tuple[SSLData, int | tuple[int, int], tuple[
     image, as (height, width)), and the model's input shape."""
     data_options = OmegaConf.to_container(cfg.data, resolve=True)
     image_size = data_options.pop("image_size")
+    if cfg.loss.name == "selfpred":
+        data_options["horizon"] = cfg.loss.horizon
     data = load_data(data_options.pop("name"), **data_options)
     channels, height, width = data.input_shape
     if image_size is None:  # the whole image, square or not (Atari's 210x160 frames)
@@ -471,17 +503,27 @@ def load_images(cfg: DictConfig) -> tuple[SSLData, int | tuple[int, int], tuple[
 
 
 def build_ssl_model(
-    cfg: DictConfig, input_shape: tuple[int, int, int], world: int, device: torch.device
+    cfg: DictConfig, input_shape: tuple[int, int, int], world: int, device: torch.device, actions: int | None = None
 ) -> tuple[SSLModel, nn.Module, SSLModel | None]:
-    """Backbone + projection head (identical initial weights on every rank), the loss, and the EMA target copy."""
+    """Backbone + projection head (identical initial weights on every rank), the loss, and the EMA target copy; for
+    loss=selfpred the backbone's features are the latent (the probe reads them): no head, and the latent model over
+    `actions` actions with the agents' latent loss (minc_rl.agents.selfpred)."""
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg.backbone, input_shape, cfg.features_dim)
-    head = ProjectionHead(backbone.features_dim, cfg.head.out_dim, cfg.head.hidden_dim, cfg.head.final_bn)
-    model = SSLModel(backbone, head).to(device)
+    if cfg.loss.name == "selfpred":
+        from minc_rl.agents.selfpred import LatentModel, build_latent_loss
+
+        latent = LatentModel(backbone.features_dim, actions, cfg.loss.hidden, reward=False)  # frames without rewards
+        model = SSLModel(backbone, nn.Identity(), latent).to(device)
+        loss_fn = build_latent_loss(cfg.loss.latent_loss, backbone.features_dim, cfg.loss.dim, cfg.loss.ema,
+                                    target_has_gradient=cfg.loss.target == "none")
+    else:
+        head = ProjectionHead(backbone.features_dim, cfg.head.out_dim, cfg.head.hidden_dim, cfg.head.final_bn)
+        model = SSLModel(backbone, head).to(device)
+        loss_options = OmegaConf.to_container(cfg.loss, resolve=True)
+        loss_fn = build_aux_loss(loss_options.pop("name"), head.out_dim, gather_distributed=world > 1, **loss_options)
     if world > 1 and cfg.sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    loss_options = OmegaConf.to_container(cfg.loss, resolve=True)
-    loss_fn = build_aux_loss(loss_options.pop("name"), head.out_dim, gather_distributed=world > 1, **loss_options)
     target = None if cfg.target_momentum is None else copy.deepcopy(model).requires_grad_(False)
     return model, loss_fn.to(device), target
 
@@ -527,10 +569,10 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         run.batches_done = run.resume_batches
         if run.resume_rng is not None:
             torch.set_rng_state(run.resume_rng)
-    for raw_images, raw_positives, _ in batches:
+    for batch in batches:
         if run.step >= run.total_steps:
             break
-        loss, embeddings = train_step(run, raw_images, raw_positives)
+        loss, embeddings = train_step(run, batch)
         if loss is not None:
             losses.append(loss)
         run.step += 1
@@ -548,20 +590,11 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def train_step(run: Run, raw_images: torch.Tensor, raw_positives: torch.Tensor) -> tuple[float | None, torch.Tensor]:
-    """One optimizer step on a batch of pairs (skipped on every rank when the loss is not finite); returns the loss
-    (None when skipped) and the batch's a-view embeddings."""
-    images = to_float(raw_images.to(run.device, non_blocking=True))
-    positives = images if raw_positives is raw_images else to_float(raw_positives.to(run.device, non_blocking=True))
-    view_a, view_b = (center_crop(v, run.image_size) for v in run.augment(images, positives))
-    with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=run.cfg.precision == "bf16"):
-        a = run.train_model(torch.cat([view_a, view_b]))
-        if run.target is None:
-            a, b = a.chunk(2)
-        else:
-            with torch.no_grad():
-                b = run.target(torch.cat([view_b, view_a]))
-        loss = run.loss_fn(a, b)
+def train_step(run: Run, batch: tuple[torch.Tensor, ...]) -> tuple[float | None, torch.Tensor]:
+    """One optimizer step on a batch of pairs, or of sequences for loss=selfpred (skipped on every rank when the loss
+    is not finite); returns the loss (None when skipped) and the batch's a-view embeddings (selfpred: o_t's
+    features)."""
+    loss, a = selfpred_loss(run, *batch) if run.cfg.loss.name == "selfpred" else pair_loss(run, *batch[:2])
     flags = torch.stack([torch.isfinite(loss.detach()).float().cpu(), torch.tensor(float(run.stop.signum is None))])
     if run.world > 1:
         flags = flags.to(run.device)
@@ -580,6 +613,51 @@ def train_step(run: Run, raw_images: torch.Tensor, raw_positives: torch.Tensor) 
         run.skipped += 1
     run.scheduler.step()
     return value, a.detach()
+
+
+def pair_loss(run: Run, raw_images: torch.Tensor, raw_positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of a batch of pairs (two augmented views, the b view through the target if there is one) and the a
+    views' embeddings."""
+    images = to_float(raw_images.to(run.device, non_blocking=True))
+    positives = images if raw_positives is raw_images else to_float(raw_positives.to(run.device, non_blocking=True))
+    view_a, view_b = (center_crop(v, run.image_size) for v in run.augment(images, positives))
+    with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=run.cfg.precision == "bf16"):
+        a = run.train_model(torch.cat([view_a, view_b]))
+        if run.target is None:
+            a, b = a.chunk(2)
+        else:
+            with torch.no_grad():
+                b = run.target(torch.cat([view_b, view_a]))
+        loss = run.loss_fn(a, b)
+    return loss, a
+
+
+def selfpred_loss(
+    run: Run, raw_images: torch.Tensor, actions: torch.Tensor, raw_successors: torch.Tensor, held: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent self-prediction on a batch of sequences (data.SequenceDataset), as the agents' aux=selfpred without
+    rewards: the latent model rolled out K steps from o_t's features along a_t..a_t+K-1, each prediction against the
+    target's embedding of o_t+k where held (and of o_t itself, k = 0, under an EMA target, as the agents'); the
+    target is the online network under stop-gradient (loss.target=online), its EMA copy (ema) or the online network
+    with gradient (none). Returns the loss and o_t's features."""
+    kind = run.cfg.loss.target
+    images = to_float(raw_images.to(run.device, non_blocking=True))
+    successors = to_float(raw_successors[held].to(run.device, non_blocking=True))  # the held o_t+k only: (n, C, H, W)
+    held = held.to(run.device, non_blocking=True)
+    with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=run.cfg.precision == "bf16"):
+        features = run.train_model(images)
+        predictions = run.model.latent.rollout(features, actions.to(run.device, non_blocking=True))[held]
+        if kind == "none":
+            targets = run.train_model(successors)
+        elif kind == "online":
+            with torch.no_grad():
+                targets = run.train_model(successors)
+        else:
+            with torch.no_grad():
+                targets = run.target(torch.cat([images, successors]))
+            predictions = torch.cat([features, predictions])
+        loss = run.loss_fn(predictions, targets)
+    return loss, features
 
 
 def ema_update(model: nn.Module, target: nn.Module, momentum: float) -> None:
@@ -661,8 +739,9 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
-# what resume= cannot change (the checkpoint holds these networks) -> where config.yaml keeps it
-FIXED_ON_RESUME = {"data": "data.name", "loss": "loss.name", "backbone": "backbone"}
+# what resume= cannot change (the checkpoint holds these networks) -> where config.yaml keeps it; loss.* for selfpred
+FIXED_ON_RESUME = {"data": "data.name", "loss": "loss.name", "backbone": "backbone",
+                   **{key: key for key in ("loss.latent_loss", "loss.hidden", "loss.dim", "loss.target")}}
 
 
 class CheckpointWriteError(RuntimeError):
