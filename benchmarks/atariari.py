@@ -1,5 +1,6 @@
 """AtariARI under the reduced protocol of benchmarks/README_atariari.md (issue 41): MINC, the spectral loss and
-InfoNCE pretrained on consecutive frames, probed beside the majority and random-CNN baselines, against the paper.
+InfoNCE pretrained on consecutive frames, and latent self-prediction along the random agent's actions, probed beside
+the majority and random-CNN baselines, against the paper.
 
     python benchmarks/atariari.py run --commit                 # the main table: 5 games x 3 seeds, resumable
     python benchmarks/atariari.py run --games pong --seeds 0 --frames 3000 --steps 5 --epochs 2 --runs /tmp/r --out /tmp/o
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "atariari"
 RUNS = ROOT / "outputs" / "atariari"
 GAMES = ("pong", "breakout", "bowling", "boxing", "mspacman")
-LOSSES = ("minc", "spectral", "infonce")
+LOSSES = ("minc", "spectral", "infonce", "selfpred")  # selfpred: latent self-prediction along the actions
 METHODS = ("majority", "random-cnn", *LOSSES)
 # the paper's mean F1 per game with random-agent data (the authors' results notebook,
 # notebooks/summarize_results.ipynb at commit 9a31785 of mila-iqia/atari-representation-learning, the table of the
