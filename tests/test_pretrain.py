@@ -179,6 +179,11 @@ def test_resume_after_a_crash_continues_exactly_where_the_run_stopped(tmp_path, 
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # appended after the crash, one header
     with pytest.raises(ValueError, match="checkpoint has .*'minc'.*this run .*'spectral'"):
         run(tmp_path / "bad", "loss=spectral", "batch_size=256", f"resume={tmp_path / 'crashed'}")
+    # networks of another shape, or an EMA target the checkpoint lacks: one line, not load_state_dict's traceback
+    with pytest.raises(ValueError, match="networks were built with head: .*'out_dim': 64.*; this run asks for .*'out_dim': 32"):
+        run(tmp_path / "bad", *common, "head.out_dim=32", f"resume={tmp_path / 'crashed'}")
+    with pytest.raises(ValueError, match="networks were built with an EMA target: False; this run asks for True"):
+        run(tmp_path / "bad", *common, "target_momentum=0.99", f"resume={tmp_path / 'crashed'}")
 
 
 def test_cli_resume_takes_the_runs_own_settings_not_the_defaults(tmp_path, monkeypatch):
@@ -202,6 +207,9 @@ def test_cli_resume_takes_the_runs_own_settings_not_the_defaults(tmp_path, monke
     refused = cli(f"resume={tmp_path / 'run'}", "loss=spectral")
     assert refused.returncode == 2 and refused.stderr.strip() == (
         f"minc_rl.pretrain: error: resume: the run in {tmp_path / 'run'} has loss=minc; it cannot continue with loss=spectral")
+    refused = cli(f"resume={tmp_path / 'run'}", "head.hidden_dim=128")
+    assert refused.returncode == 2 and refused.stderr.strip().endswith("has head.hidden_dim=256; it cannot continue with "
+                                                                       "head.hidden_dim=128")  # fmt: skip
     elsewhere = cli(f"resume={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'other'}")
     assert elsewhere.returncode == 2 and f"continues in {tmp_path / 'run'}" in elsewhere.stderr
     done = cli(f"resume={tmp_path / 'run'}")

@@ -529,13 +529,23 @@ def build_ssl_model(
 
 
 def restore_checkpoint(run: Run, path: str | Path) -> None:
-    """Continue from a checkpoint of the same backbone, input shape and loss: weights, Lambda, optimizer, schedule."""
+    """Continue from a checkpoint of the same networks (backbone, input shape, loss, features, head, EMA target or
+    none): weights, Lambda, optimizer, schedule."""
     cfg = run.cfg
     checkpoint = read_checkpoint(path)
-    found = (checkpoint["config"]["backbone"], list(checkpoint["input_shape"]), checkpoint["config"]["loss"]["name"])
+    saved = checkpoint["config"]
+    found = (saved["backbone"], list(checkpoint["input_shape"]), saved["loss"]["name"])
     expected = (cfg.backbone, list(run.input_shape), cfg.loss.name)
     if found != expected:
         raise ValueError(f"resume={path}: checkpoint has (backbone, input_shape, loss) = {found}, this run {expected}")
+    built = {"features_dim": saved.get("features_dim"), "head": saved.get("head"),
+             "an EMA target": saved.get("target_momentum") is not None}
+    wanted = {"features_dim": cfg.features_dim, "head": OmegaConf.to_container(cfg.head),
+              "an EMA target": cfg.target_momentum is not None}
+    for key, value in built.items():
+        if value != wanted[key]:
+            raise ValueError(f"resume={path}: the checkpoint's networks were built with {key}: {value}; this run asks "
+                             f"for {wanted[key]}")
     run.model.load_state_dict(checkpoint["model"])
     run.loss_fn.load_state_dict(checkpoint["loss"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -739,9 +749,11 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
-# what resume= cannot change (the checkpoint holds these networks) -> where config.yaml keeps it; loss.* for selfpred
+# what resume= cannot change (the checkpoint holds these networks) -> where config.yaml keeps it; loss.* for
+# selfpred; whether there is an EMA target (target_momentum null or not) is checked by restore_checkpoint
 FIXED_ON_RESUME = {"data": "data.name", "loss": "loss.name", "backbone": "backbone",
-                   **{key: key for key in ("loss.latent_loss", "loss.hidden", "loss.dim", "loss.target")}}
+                   **{key: key for key in ("features_dim", "head.out_dim", "head.hidden_dim", "head.final_bn",
+                                           "loss.latent_loss", "loss.hidden", "loss.dim", "loss.target")}}
 
 
 class CheckpointWriteError(RuntimeError):
