@@ -4,7 +4,6 @@ benchmarks/selfpred_replication.py applies it, on hand-built run dirs whose chec
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -60,7 +59,7 @@ def test_a_part_whose_runs_are_unfinished_gets_no_verdict_and_says_what_is_missi
     assert "Not yet: selfpred: seeds 4, 5, 6, 7, 8, 9 not finished." in text and "Stage 2" not in text
 
 
-def test_the_checks_and_both_stages_follow_the_written_rule(tmp_path):
+def test_the_checks_and_both_stages_follow_the_written_rule(tmp_path, monkeypatch):
     """none 10 + 0.1 seed; selfpred 14 + 0.1 seed (reproduced), its loss falling in exactly 8 runs (passed);
     none-clean 20 on seeds 0-2 (ratio 10.1 / 20 <= 0.75: passed); minc-sg as selfpred (helps; matches it); minc-free
     at 8 + 0.1 seed with RankMe 3 in half its runs (hurts, falls short, collapsed: the poster's claim does not hold)."""
@@ -71,6 +70,7 @@ def test_the_checks_and_both_stages_follow_the_written_rule(tmp_path):
         write_run(tmp_path, "minc-free", seed, 8 + 0.1 * seed, rankme=3.0 if seed % 2 else 40.0)
     for seed in range(3):
         write_run(tmp_path, "none-clean", seed, 20.0)
+    monkeypatch.setattr(replication, "REPS", 200)  # the rule's 2,000 resamples cost a minute; these cases are clear
     summary = replication.summarise(tmp_path)
     assert summary["noise_check"]["ratio"] == pytest.approx(10.1 / 20) and summary["noise_check"]["passed"]
     assert summary["falling_check"]["falls"] == {seed: seed < 8 for seed in range(10)}
@@ -101,13 +101,11 @@ def test_a_run_without_the_latent_loss_is_named(tmp_path):
         replication.summarise(tmp_path)
 
 
-def test_the_command_writes_its_summary_and_refuses_a_folder_without_runs(tmp_path):
+def test_the_command_writes_its_summary_and_refuses_a_folder_without_runs(tmp_path, capsys):
     write_run(tmp_path, "none", 0, 10.0)
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "selfpred_replication.py"), "--results", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    replication.main(["--results", str(tmp_path)])
     assert json.loads((tmp_path / "summary.json").read_text())["stage1"]["missing"][0].startswith("none: seeds 1, 2")
-    assert (tmp_path / "summary.md").read_text() == done.stdout.rstrip("\n") + "\n"
-    refused = subprocess.run([sys.executable, str(BENCHMARKS / "selfpred_replication.py"), "--results",
-                              str(tmp_path / "nothing")], capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert refused.returncode == 2 and "holds no minatar/space_invaders folder of runs" in refused.stderr
+    assert (tmp_path / "summary.md").read_text() == capsys.readouterr().out.rstrip("\n") + "\n"
+    with pytest.raises(SystemExit) as refused:
+        replication.main(["--results", str(tmp_path / "nothing")])
+    assert refused.value.code == 2 and "holds no minatar/space_invaders folder of runs" in capsys.readouterr().err
