@@ -43,7 +43,8 @@ from stable_baselines3.common.vec_env import VecEnv, VecTransposeImage
 from torch import nn
 from torch.nn import functional as F
 
-from minc_rl.agents.selfpred import build_latent_loss, latent_model
+from minc_rl.agents.selfpred import latent_model
+from minc_rl.losses.latent import build_latent_loss
 from minc_rl.ssl.augment import random_shift
 from minc_rl.common.checks import check_choice
 from minc_rl.ssl.encoders import ProjectionHead, load_encoder_weights

@@ -10,7 +10,8 @@ import torch as th
 from stable_baselines3.common.buffers import DictRolloutBuffer, NStepReplayBuffer, ReplayBuffer, RolloutBuffer
 from stable_baselines3.common.type_aliases import DictReplayBufferSamples, ReplayBufferSamples
 
-from minc_rl.agents.selfpred import Sequences, sequence_masks
+from minc_rl.agents.selfpred import Sequences
+from minc_rl.losses.latent import sequence_masks
 
 Observations = np.ndarray | dict[str, np.ndarray]
 

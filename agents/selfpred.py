@@ -1,11 +1,11 @@
-"""Latent self-prediction (aux="selfpred"): an action-conditioned latent model rolled out K steps from the encoder's
-features of o_t along the replayed actions a_t..a_t+K-1, each prediction pulled toward a target encoder's embedding of
-o_t+k, plus reward prediction (Voelcker et al. 2024's MinAtar arm; SPR's K-step rollout).
+"""Latent self-prediction (aux="selfpred") on SB3's side: an action-conditioned latent model rolled out K steps from
+the encoder's features of o_t along the replayed actions a_t..a_t+K-1, each prediction pulled toward a target
+encoder's embedding of o_t+k, plus reward prediction (Voelcker et al. 2024's MinAtar arm; SPR's K-step rollout).
 
 `SequenceReplayBuffer` gives the K transitions after each row of SB3's replay sample, with a mask of the steps that
-belong to the same episode and that the buffer holds; `LatentModel` is the transition and reward model;
-`build_latent_loss` the distance between prediction and target: MSE (Voelcker), cosine with projection and
-predictor (SPR), or MINC with the prediction as phi and the target's embedding as mu.
+belong to the same episode and that the buffer holds; `latent_model` builds the transition and reward model for the
+action space. The model, the latent losses (MSE, SPR's cosine, MINC) and the mask helper are
+minc_rl.losses.latent, which pretraining shares.
 """
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.vec_env import VecNormalize
-from torch import nn
-from torch.nn import functional as F
 
-from minc_rl.losses import MINCLoss
-from minc_rl.rl.settings import LATENT_LOSSES
+from minc_rl.losses.latent import LatentModel, sequence_masks
 
 
 class Sequences(NamedTuple):
@@ -34,14 +31,6 @@ class Sequences(NamedTuple):
     rewards: th.Tensor
     alive: th.Tensor
     held: th.Tensor
-
-
-def sequence_masks(in_buffer: np.ndarray, ends: np.ndarray, end_successor_missing: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Sequences' `alive` and `held` (B, K) from whether transition t+k is in the buffer and whether it ends an
-    episode: alive up to the first end; at an end the successor is held unless the buffer keeps none there."""
-    ended_before = np.cumsum(ends, axis=1) - ends > 0  # an episode end among t..t+k-1
-    alive = in_buffer & ~ended_before
-    return alive, alive & ~ends if end_successor_missing else alive
 
 
 class SequenceReplayBuffer(ReplayBuffer):
@@ -90,32 +79,6 @@ class SequenceReplayBuffer(ReplayBuffer):
         return Sequences(*(self.to_torch(array) for array in data))
 
 
-class LatentModel(nn.Module):
-    """z_t+1 = f(z_t, a_t) and r_t = g(z_t, a_t): each an MLP (hidden units, ELU) on the latent and the one-hot
-    action, as Voelcker et al.'s model (the one-hot's first layer is an embedding of the action: the same map)."""
-
-    def __init__(self, features_dim: int, actions: int, hidden: int, reward: bool) -> None:
-        super().__init__()
-        self.latent_in, self.latent_action = nn.Linear(features_dim, hidden), nn.Embedding(actions, hidden)
-        self.latent_out = nn.Linear(hidden, features_dim)
-        self.reward_in = nn.Linear(features_dim, hidden) if reward else None
-        self.reward_action = nn.Embedding(actions, hidden) if reward else None
-        self.reward_out = nn.Linear(hidden, 1) if reward else None
-
-    def rollout(self, latent: th.Tensor, actions: th.Tensor) -> th.Tensor:
-        """Predicted latents z_t+1..z_t+K (B, K, features) from z_t (B, features) along actions (B, K)."""
-        predictions = []
-        for step in range(actions.shape[1]):
-            latent = self.latent_out(F.elu(self.latent_in(latent) + self.latent_action(actions[:, step])))
-            predictions.append(latent)
-        return th.stack(predictions, dim=1)
-
-    def rewards(self, latents: th.Tensor, actions: th.Tensor) -> th.Tensor:
-        """Predicted rewards r_t..r_t+K-1 (B, K) from the latents z_t..z_t+K-1 (B, K, features) and actions (B, K)."""
-        hidden = F.elu(self.reward_in(latents) + self.reward_action(actions))
-        return self.reward_out(hidden).squeeze(-1)
-
-
 def latent_model(features_dim: int, action_space: gym.Space | None, config: Any) -> LatentModel:
     """The LatentModel of an AuxConfig (aux.head_hidden units, aux.reward) for Discrete actions."""
     if not isinstance(action_space, gym.spaces.Discrete):
@@ -123,33 +86,3 @@ def latent_model(features_dim: int, action_space: gym.Space | None, config: Any)
     return LatentModel(features_dim, int(action_space.n), config.head_hidden, config.reward)
 
 
-class MSELatentLoss(nn.Module):
-    """Mean over rows of the mean squared difference of prediction and target (Voelcker et al.'s byol_mse)."""
-
-    def forward(self, prediction: th.Tensor, target: th.Tensor) -> th.Tensor:
-        return (prediction - target).pow(2).mean()
-
-
-class CosineLatentLoss(nn.Module):
-    """SPR's loss: 2 - 2 cos(q(g(prediction)), g(target)), with a linear projection g (the target's through the same
-    g, without gradient when the target has none) and a linear predictor q on the online side."""
-
-    def __init__(self, features_dim: int, dim: int) -> None:
-        super().__init__()
-        self.projection, self.predictor = nn.Linear(features_dim, dim), nn.Linear(dim, dim)
-
-    def forward(self, prediction: th.Tensor, target: th.Tensor) -> th.Tensor:
-        online = self.predictor(self.projection(prediction))
-        return (2 - 2 * F.cosine_similarity(online, self.projection(target), dim=1)).mean()
-
-
-def build_latent_loss(kind: str, features_dim: int, dim: int, ema: float, target_has_gradient: bool) -> nn.Module:
-    """The latent loss `kind` (mse | cosine | minc). MINC is asymmetric: the prediction is phi, the target's
-    embedding mu, each with its own Lambda over the features; both directions only when the target has a gradient."""
-    if kind == "mse":
-        return MSELatentLoss()
-    if kind == "cosine":
-        return CosineLatentLoss(features_dim, dim)
-    if kind == "minc":
-        return MINCLoss(features_dim, ema=ema, asymmetric=True, symmetric=target_has_gradient)
-    raise ValueError(f"unknown aux.latent_loss {kind!r}; valid: {', '.join(LATENT_LOSSES)}")

@@ -7,7 +7,8 @@ The package is a house of rooms, each a sub-package with one job. A room imports
               checks every entry point shares, run-directory ownership (lock, fresh run, resume)
                                                                                         imports no room
     configs   Hydra YAML of train and pretrain (the top-level configs/ folder)          imports no room
-    losses    the loss core: MINC, the spectral contrastive loss, InfoNCE               imports common
+    losses    the loss core: MINC, the spectral contrastive loss, InfoNCE; latent self-prediction's model and
+              losses                                                                    imports common
     envs      procgen / Atari / MinAtar / gymnasium behind one spec (top-level envs/)   imports common
     ssl       representation learning on images: encoders and the encoder.pt format, backbones,
               augmentations, embedding metrics, data sets, linear evaluation, the pretraining run

@@ -138,12 +138,14 @@ def test_the_light_copies_of_names_agree_with_their_sources():
     """minc_rl.rl.settings and minc_rl.runs.train_config name, without importing them, what torch-side modules define."""
     import minc_rl.configs
     from minc_rl.losses import AUX_LOSSES
-    from minc_rl.rl.settings import AUX_CHOICES, ENCODER_CHOICES, AuxConfig
+    from minc_rl.losses import latent
+    from minc_rl.rl.settings import AUX_CHOICES, ENCODER_CHOICES, LATENT_LOSSES, AuxConfig
     from minc_rl.runs import train_config, training
     from minc_rl.ssl.encoders import ENCODERS
 
     assert AUX_CHOICES == ("none", *AUX_LOSSES, "selfpred") == minc_rl.configs.AUX_GROUP_OPTIONS
     assert ENCODER_CHOICES == ("auto", *ENCODERS)
+    assert LATENT_LOSSES == latent.LATENT_LOSSES
     assert train_config.AGENT_NAMES == tuple(training.AGENTS)
     assert train_config.TD_PAIR_AGENTS == tuple(n for n, agent in training.AGENTS.items() if agent.takes_td_settings)
     for name, agent in training.AGENTS.items():

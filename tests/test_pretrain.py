@@ -126,7 +126,7 @@ def test_entry_point_mistakes_are_one_line_with_exit_code_2(digits_run, tmp_path
         ("minc_rl.linear_eval", f"checkpoint={digits_run / 'encoder.pt'}"): "is an encoder.pt (the backbone's weights",
         ("minc_rl.linear_eval", f"checkpoint={tmp_path / 'agent.zip'}"): "is an SB3 agent (a minc_rl.train checkpoint)",
         ("minc_rl.pretrain", "bach_size=64"): "bach_size is not a key of minc_rl.pretrain's config; did you mean batch_size?",
-        ("minc_rl.pretrain", "loss=minx"): "loss='minx' is not valid; choose one of 'infonce', 'minc', 'spectral'",
+        ("minc_rl.pretrain", "loss=minx"): "loss='minx' is not valid; choose one of 'infonce', 'minc', 'selfpred', 'spectral'",
         ("minc_rl.pretrain", "device=cuda", "steps=1"): "device='cuda', but this torch",
         ("minc_rl.pretrain", "data=procgen", "data.games=[coinrun,nope]", "device=cpu"): "unknown procgen game(s) ['nope']",
     }

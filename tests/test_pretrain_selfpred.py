@@ -16,7 +16,7 @@ from torch import nn
 
 import minc_rl.envs.atariari
 import minc_rl.ssl.pretraining
-from minc_rl.agents.selfpred import LatentModel, build_latent_loss
+from minc_rl.losses.latent import LatentModel, build_latent_loss
 from minc_rl.atariari.features import pretrained
 from minc_rl.envs.atariari import Episodes, load_or_collect, split_episodes
 from minc_rl.ssl.data import load_atari

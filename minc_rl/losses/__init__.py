@@ -1,4 +1,5 @@
-"""The loss core: MINC and its contrastive baselines, shared by the RL agents and image pretraining."""
+"""The loss core: MINC and its contrastive baselines, shared by the RL agents and image pretraining (latent
+self-prediction's model and losses: minc_rl.losses.latent)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 ENCODER_CHOICES = ("auto", "impala", "nature", "minatar", "mlp")  # auto, then minc_rl.ssl.encoders.ENCODERS
-LATENT_LOSSES = ("mse", "cosine", "minc")  # aux=selfpred's latent loss (minc_rl.agents.selfpred)
+LATENT_LOSSES = ("mse", "cosine", "minc")  # aux=selfpred's latent loss: a light copy of minc_rl.losses.latent's
 AUX_CHOICES = ("none", "minc", "spectral", "infonce", "selfpred")  # none, minc_rl.losses.AUX_LOSSES, selfpred
 AUX_MODES = ("joint", "separate", "decoupled")
 AUGMENT_CHOICES = ("none", "shift")

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from minc_rl.common.checks import one_line
 from minc_rl.envs.spec import PROCGEN_GAMES
+from minc_rl.losses.latent import sequence_masks
 
 DATASETS = ("digits", "procgen", "atari", "cifar10", "imagefolder")
 PAIRS = ("augment", "temporal")
@@ -64,15 +65,13 @@ class PairDataset(Dataset):
 
 class SequenceDataset(Dataset):
     """Frames of episodes in memory; item i is (o_t, a_t..a_t+K-1, o_t+1..o_t+K, held) for t = anchors[i], with
-    `held[k]` true where o_t+k+1 is in o_t's episode (agents.selfpred.sequence_masks, `actions` -1 marking an
+    `held[k]` true where o_t+k+1 is in o_t's episode (minc_rl.losses.latent.sequence_masks, `actions` -1 marking an
     episode's last frame as minc_rl.envs.atariari.Episodes does). A step that is not held has action 0 and o_t's frame
     as placeholders. `__getitems__` returns whole batches, as PairDataset's."""
 
     def __init__(
         self, images: torch.Tensor, actions: np.ndarray, anchors: np.ndarray, horizon: int, num_actions: int
     ) -> None:
-        from minc_rl.agents.selfpred import sequence_masks  # the agents (SB3) load only for loss=selfpred
-
         self.images = images
         self.num_actions = num_actions
         self.anchors = torch.as_tensor(anchors, dtype=torch.long)

@@ -52,7 +52,7 @@ from minc_rl.ssl.linear_eval import (
     subsample,
 )
 from minc_rl.losses import build_aux_loss
-from minc_rl.rl.settings import LATENT_LOSSES
+from minc_rl.losses.latent import LATENT_LOSSES, LatentModel, build_latent_loss
 from minc_rl.ssl.metrics import embedding_health, rankme
 from minc_rl.common.run_dir import STOP_SIGNALS
 from minc_rl.common.checks import one_line
@@ -507,12 +507,10 @@ def build_ssl_model(
 ) -> tuple[SSLModel, nn.Module, SSLModel | None]:
     """Backbone + projection head (identical initial weights on every rank), the loss, and the EMA target copy; for
     loss=selfpred the backbone's features are the latent (the probe reads them): no head, and the latent model over
-    `actions` actions with the agents' latent loss (minc_rl.agents.selfpred)."""
+    `actions` actions with the agents' latent loss (minc_rl.losses.latent)."""
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg.backbone, input_shape, cfg.features_dim)
     if cfg.loss.name == "selfpred":
-        from minc_rl.agents.selfpred import LatentModel, build_latent_loss
-
         latent = LatentModel(backbone.features_dim, actions, cfg.loss.hidden, reward=False)  # frames without rewards
         model = SSLModel(backbone, nn.Identity(), latent).to(device)
         loss_fn = build_latent_loss(cfg.loss.latent_loss, backbone.features_dim, cfg.loss.dim, cfg.loss.ema,
