@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -35,3 +36,13 @@ def test_other_flags_are_left_to_hydra(args):
 
 def test_help_with_an_override_the_config_refuses_is_left_to_hydra():
     assert help_text(train.CONFIG_DIR, "config", ["--help", "agent.no_such_key=1"]) is None
+
+
+def test_only_the_train_command_has_the_aux_group():
+    """The aux group lives in Hydra's process-wide ConfigStore; pretrain's --help listed it (and took +aux=...)."""
+    listed = {}
+    for module in ("minc_rl.train", "minc_rl.pretrain"):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        listed[module] = "aux: infonce, minc, none, selfpred, spectral" in done.stdout.splitlines()
+    assert listed == {"minc_rl.train": True, "minc_rl.pretrain": False}

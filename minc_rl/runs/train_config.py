@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
@@ -38,6 +39,9 @@ from minc_rl.rl.settings import ENCODER_CHOICES, AuxConfig
 
 if TYPE_CHECKING:
     import gymnasium
+
+for _name in minc_rl.configs.AUX_GROUP_OPTIONS:  # the train command's aux group (minc_rl.configs says why not YAML)
+    ConfigStore.instance().store(group="aux", name=_name, node={"name": _name})
 
 CONFIG_DIR = config_dir("train")
 AGENT_NAMES = ("ppo", "dqn")  # minc_rl.runs.training.AGENTS: MincPPO, MincDQN
