@@ -29,7 +29,7 @@ import numpy as np
 from scipy.stats import kendalltau
 
 from minc_rl.common.checks import int_at_least
-from rl_evidence import commit_copies, run_training  # the house's commit-as-you-go and signal-forwarding runner
+from rl_evidence import commit_copies, run_or_stop  # the house's commit-as-you-go and signal-forwarding runner
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "atariari"
@@ -113,11 +113,7 @@ def run(args: argparse.Namespace) -> None:
         run_dir = (args.runs / game / method / f"seed{seed}").resolve()
         for command in cell_commands(game, method, seed, run_dir, args):
             print(f"{name}: {' '.join(command[2:])}", flush=True)
-            returncode = run_training(command)
-            if returncode != 0:
-                advice = "run the same command again to continue" if returncode > 128 else "see the error above"
-                print(f"{name}: stopped (exit code {returncode}); {advice}", flush=True)
-                raise SystemExit(returncode)
+            run_or_stop(name, command)
         copy_dir.mkdir(parents=True, exist_ok=True)
         for filename in COPIED:
             shutil.copyfile(run_dir / "probe" / filename, copy_dir / filename)

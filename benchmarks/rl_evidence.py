@@ -188,6 +188,15 @@ def run_training(command: list[str]) -> int:
     return 128 + received[0] if received else returncode
 
 
+def run_or_stop(name: str, command: list[str]) -> None:
+    """run_training(command); if it fails, say so (a stop: run the same command again) and exit with its code."""
+    returncode = run_training(command)
+    if returncode != 0:
+        advice = "run the same command again to continue" if returncode > 128 else "see the error above"
+        print(f"{name}: stopped (exit code {returncode}); {advice}", flush=True)
+        raise SystemExit(returncode)
+
+
 def commit_copies(paths: list[Path], message: str) -> None:
     """git commit exactly `paths` (a sweep commits each run as it finishes); nothing new is no commit, a failure is
     reported, not fatal."""
@@ -269,11 +278,7 @@ def run(args: argparse.Namespace) -> None:
                 print(f"{name}: {run_dir} had no checkpoint; starting afresh", flush=True)
             command = train_command(args.suite, game, grid[aux], seed, run_dir, args)
             print(f"{name}: {' '.join(command[1:])}", flush=True)
-            returncode = run_training(command)
-            if returncode != 0:
-                advice = "run the same command again to continue" if returncode > 128 else "see the error above"
-                print(f"{name}: stopped (exit code {returncode}); {advice}", flush=True)
-                raise SystemExit(returncode)
+            run_or_stop(name, command)
         copy_dir.mkdir(parents=True, exist_ok=True)
         for filename in COPIED:
             shutil.copyfile(run_dir / filename, copy_dir / filename)
