@@ -14,6 +14,8 @@ interleaved.
 
     python benchmarks/aux_overhead.py --agent dqn --variants none minc selfpred selfpred-minc --rounds 4 --threads 1 \
         --out benchmarks/results/aux_overhead_selfpred_dqn.json              # latent self-prediction, K = 5
+    python benchmarks/aux_overhead.py --agent dqn --variants none minc minc-head64 minc-head16 --rounds 6 --threads 1 \
+        --out benchmarks/results/aux_overhead_head_dqn.json                  # a narrower projection head
 
 For DQN, `minc` (and the variants that do not name a source) is MincDQN's default: TD pairs since issue 24. The
 results measured before it, where `minc` is replay pairs, name the code version they ran (docs/benchmarks.md);
@@ -68,6 +70,8 @@ VARIANTS = {
     "minc-separate": dict(name="minc", mode="separate"),
     "minc-decoupled": dict(name="minc", mode="decoupled"),
     "spectral": dict(name="spectral"),
+    "minc-head64": dict(name="minc", head_hidden=64),  # a narrower projection head (issue 40, item 4: its cost)
+    "minc-head16": dict(name="minc", head_hidden=16),
     "minc-state-action": dict(name="minc", pairs="state_action"),  # phi(o_t, a_t) against mu(o_t+1)
     "minc-every4": dict(name="minc", every=4),  # DQN only: the aux loss on every 4th TD step
     "minc-every16": dict(name="minc", every=16),
